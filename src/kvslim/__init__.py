@@ -1,0 +1,40 @@
+"""kvslim: plan, run and measure DeepSeek-V4-style KV-cache compression.
+
+The public API is re-exported here lazily: ``import kvslim`` imports neither torch nor transformers, and has no
+side effects. Attribute access (``kvslim.load``) imports the defining module on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> defining module
+_EXPORTS: dict[str, str] = {
+    "KvslimError": "kvslim.errors",
+    "InvalidInput": "kvslim.errors",
+    "MissingModelPackage": "kvslim.errors",
+    "ContextTooLong": "kvslim.errors",
+    "load": "kvslim.models",
+    "EMBEDDED_MODELS": "kvslim.models",
+    "DEFAULT_MODEL": "kvslim.models",
+    "cache_nbytes": "kvslim.memory",
+    "generate": "kvslim.generation",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvslim' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

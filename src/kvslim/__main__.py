@@ -1,0 +1,3 @@
+from kvslim.cli import main
+
+main()

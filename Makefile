@@ -32,6 +32,7 @@ demo: install
 	$(BIN)/kvslim generate "What is the capital of France?"
 
 test: install
+	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install

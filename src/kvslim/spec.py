@@ -15,7 +15,8 @@ every model kvslim plans for:
 Each layer spec answers, for a context of ``n`` tokens (the tokens visible to the current query, itself included):
 ``streams(n)`` (which vectors it stores), ``state_floats()`` (constant fp32 compressor state), ``attended(n)``
 (entries one decode query reads), ``core_flops(n, absorbed)`` (attention-core FLOPs of one query) and
-``proj_params(hidden)`` (weights multiplied once per token). FLOPs count a multiply-add as 2 (PaLM, Chinchilla).
+``indexer_flops(n)`` (lightning-indexer scoring of one query), ``core_flops_sum(N)`` (the two summed over the
+positions 1..N of a prefill, in closed form) and ``proj_params(hidden)`` (weights multiplied once per token). FLOPs count a multiply-add as 2 (PaLM, Chinchilla).
 Biases, norms, RoPE, softmax and top-k selection are not counted. Presets live in :mod:`kvslim.presets`;
 specs from transformers configs in :mod:`kvslim.spec_hf`.
 """
@@ -38,7 +39,37 @@ __all__ = [
     "V4Layer",
     "from_config",
     "preset",
+    "sum_floor",
+    "sum_min",
+    "sum_min_floor",
+    "sum_n",
 ]
+
+
+def sum_n(big_n: int) -> int:
+    """sum_{n=1}^{N} n."""
+    return big_n * (big_n + 1) // 2
+
+
+def sum_min(big_n: int, w: int) -> int:
+    """sum_{n=1}^{N} min(n, w)."""
+    if big_n <= w:
+        return sum_n(big_n)
+    return sum_n(w) + (big_n - w) * w
+
+
+def sum_floor(big_n: int, m: int) -> int:
+    """sum_{n=1}^{N} floor(n / m)."""
+    q, r = divmod(big_n, m)
+    return m * q * (q - 1) // 2 + q * (r + 1)
+
+
+def sum_min_floor(big_n: int, m: int, k: int) -> int:
+    """sum_{n=1}^{N} min(floor(n / m), k)."""
+    cut = k * m - 1  # floor(n/m) < k exactly for n <= cut
+    if big_n <= cut:
+        return sum_floor(big_n, m)
+    return sum_floor(cut, m) + (big_n - cut) * k
 
 
 class Stream(NamedTuple):
@@ -107,6 +138,13 @@ class GQALayer:
     def core_flops(self, n: int, absorbed: bool = True) -> int:
         return 2 * self.n_heads * self.stored_tokens(n) * (self.head_dim + self.dv)
 
+    def indexer_flops(self, n: int) -> int:
+        return 0
+
+    def core_flops_sum(self, big_n: int) -> int:
+        seen = sum_n(big_n) if self.window is None else sum_min(big_n, self.window + self.sinks)
+        return 2 * self.n_heads * (self.head_dim + self.dv) * seen
+
     def proj_params(self, hidden: int) -> int:
         qkv = hidden * (self.n_heads * self.head_dim + self.n_kv_heads * (self.head_dim + self.dv))
         return qkv + self.n_heads * self.dv * hidden
@@ -151,10 +189,18 @@ class MLALayer:
             per_key = (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
         else:
             per_key = self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim
-        flops = 2 * self.n_heads * att * per_key
-        if self.indexer is not None:
-            flops += self.indexer.score_flops(n)
-        return flops
+        return 2 * self.n_heads * att * per_key
+
+    def indexer_flops(self, n: int) -> int:
+        return 0 if self.indexer is None else self.indexer.score_flops(n)
+
+    def core_flops_sum(self, big_n: int) -> int:
+        """Prefill runs in MHA mode (d_k = nope + rope, d_v = v_head_dim); DSA selects top-k per query."""
+        per_key = self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim
+        if self.indexer is None:
+            return 2 * self.n_heads * per_key * sum_n(big_n)
+        core = 2 * self.n_heads * per_key * sum_min(big_n, self.indexer.topk)
+        return core + self.indexer.score_flops(1) * sum_n(big_n)
 
     def proj_params(self, hidden: int) -> int:
         qk = self.qk_nope_head_dim + self.qk_rope_head_dim
@@ -233,10 +279,21 @@ class V4Layer:
         return {"kv": window + min(self.entries(n), self.indexer.topk), "index": self.entries(n)}
 
     def core_flops(self, n: int, absorbed: bool = True) -> int:
-        flops = 2 * self.n_heads * self.attended(n)["kv"] * 2 * self.head_dim  # scores + values, K = V
+        return 2 * self.n_heads * self.attended(n)["kv"] * 2 * self.head_dim  # scores + values, K = V
+
+    def indexer_flops(self, n: int) -> int:
+        return 0 if self.indexer is None else self.indexer.score_flops(self.entries(n))
+
+    def core_flops_sum(self, big_n: int) -> int:
+        seen = sum_min(big_n, self.window)
+        if self.kind == "hca":
+            seen += sum_floor(big_n, self.compress_rate)
         if self.indexer is not None:
-            flops += self.indexer.score_flops(self.entries(n))
-        return flops
+            seen += sum_min_floor(big_n, self.compress_rate, self.indexer.topk)
+        core = 2 * self.n_heads * 2 * self.head_dim * seen
+        if self.indexer is None:
+            return core
+        return core + self.indexer.score_flops(1) * sum_floor(big_n, self.compress_rate)
 
     def proj_params(self, hidden: int) -> int:
         hd = self.n_heads * self.head_dim

@@ -170,6 +170,9 @@ def register(app: typer.Typer) -> None:
                     cells += [fmt_bytes(f["weights_bytes"]), fits]
                 table.add_row(*cells)
             out_console.print(table)
+        if any(layer.state_floats() for sp in specs for layer in sp.layers):
+            out_console.print("[dim]KV includes the V4 compressors' fp32 state (constant per sequence); "
+                              "read/step = KV bytes one decode step reads[/]")  # fmt: skip
         if mem is not None:
             out_console.print(f"[dim]fit: {fmt_bytes(mem)} minus {weights_format} weights; activations and runtime "
                           "overheads not counted[/]")  # fmt: skip

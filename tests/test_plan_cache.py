@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvslim.memory import cache_nbytes
-from kvslim.plan import expected_cache_bytes
+from kvslim.plan import check_cache, expected_cache_bytes
 from kvslim.spec import from_config
 
 
@@ -68,3 +68,19 @@ def test_presets_equal_loaded_configs(name: str) -> None:
     assert got.mlps == want.mlps
     assert (got.hidden_size, got.vocab_size, got.max_context, got.tie_embeddings) == (
         want.hidden_size, want.vocab_size, want.max_context, want.tie_embeddings)  # fmt: skip
+
+
+def test_check_cache_reports_mismatching_layers() -> None:
+    import torch
+    from transformers import DynamicCache
+
+    from kvslim.testing import tiny_gemma3
+
+    model = tiny_gemma3()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 128, (1, 20)), cache=cache, use_cache=True)
+    spec = from_config(model.config)
+    assert check_cache(cache, spec, 20, "fp32") == []
+    wrong = check_cache(cache, spec, 21, "fp32")  # only the full layer (index 3) grows with n
+    assert [(i, got) for i, got, _ in wrong] == [(3, 20 * 2 * 16 * 4)] and wrong[0][2] == 21 * 2 * 16 * 4

@@ -28,6 +28,7 @@ from .spec import ArchSpec, GQALayer, MLALayer, Stream, V4Layer
 
 __all__ = [
     "GiB",
+    "check_cache",
     "check_context",
     "decode_flops",
     "decode_read_bytes",
@@ -221,3 +222,23 @@ def expected_cache_bytes(spec: ArchSpec, n_tokens: int, fmt: KVFormat | str = "f
     ``expected_cache_bytes(from_config(model.config), n, fmt=<model dtype>)``; a kvslim cache built from a spec
     equals it with ``layout="plan"`` (after subtracting codec ``state_nbytes()``)."""
     return sum(expected_layer_bytes(layer, n_tokens, fmt, batch, layout) for layer in spec.layers)
+
+
+def check_cache(cache: Any, spec: ArchSpec, n_tokens: int, fmt: KVFormat | str = "fp32", batch: int = 1,
+                layout: str = "hf") -> list[tuple[int, int, int]]:  # fmt: skip
+    """Per cache layer ``(index, measured, expected)`` for every layer whose bytes differ from the planner's (empty
+    when the cache agrees). Measured = ``kvslim.memory.layer_nbytes`` minus the layer's ``state_nbytes()`` (codec
+    constants) when it has one; expected = :func:`expected_layer_bytes`. A test asserts ``check_cache(...) == []``."""
+    from .memory import layer_nbytes
+
+    layers = list(getattr(cache, "layers", []))
+    if len(layers) != spec.n_layers:
+        raise InvalidInput(f"the cache has {len(layers)} layers but the spec {spec.n_layers}")
+    out = []
+    for i, (held, layer) in enumerate(zip(layers, spec.layers, strict=True)):
+        state = getattr(held, "state_nbytes", None)
+        measured = layer_nbytes(held) - (int(state()) if callable(state) else 0)
+        expected = expected_layer_bytes(layer, n_tokens, fmt, batch, layout)
+        if measured != expected:
+            out.append((i, measured, expected))
+    return out

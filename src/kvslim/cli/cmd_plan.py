@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
     @app.command("plan")
     @one_line_errors
     def plan_cmd(
-        model: str = typer.Argument(..., help="Preset name (e.g. deepseek-v4-pro; see --help) or a config.json path / model folder."),
+        model: str = typer.Argument(..., help="Preset name (listed above) or a config.json path / model folder."),
         baseline: str | None = typer.Option(None, "--baseline", "-b", help="Model to compare against: adds KV and FLOPs ratios."),
         context: str | None = typer.Option(
             None, "--context", "-c",

@@ -10,6 +10,7 @@ from kvslim.errors import ContextTooLong, InvalidInput
 from kvslim.formats import KVFormat
 from kvslim.plan import (
     GiB,
+    bytes_per_token,
     check_context,
     decode_flops,
     decode_read_bytes,
@@ -42,6 +43,14 @@ def test_gqa_bytes_by_hand() -> None:
     # KIVI-2, d = 128, 1 head, 300 tokens: keys 256 quantised + 44 fp16, values 172 quantised + 128 fp16
     kivi = one_layer(GQALayer(1, 1, 128))
     assert kv_bytes(kivi, 300, "kivi2") == (256 * 32 + 8 * 512 + 44 * 256) + (172 * 48 + 128 * 256)
+
+
+def test_bytes_per_token() -> None:
+    gemma = preset("gemma3-270m")  # full layers: 2 x 256 x 2 B per token; sliding layers: 512 tokens total
+    per = bytes_per_token(gemma, 4096, per_layer=True)
+    assert per[5] == 1024 and per[0] == 512 * 1024 / 4096
+    assert bytes_per_token(gemma, 4096) == sum(per)
+    assert bytes_per_token(preset("deepseek-v3"), 10) == 61 * 1152
 
 
 def test_mla_dsa_bytes_by_hand() -> None:

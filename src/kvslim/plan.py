@@ -11,7 +11,8 @@ Conventions (all functions):
 * FLOPs: a multiply-add is 2 FLOPs. Decode FLOPs per token = 2 x active weight parameters (attention projections,
   active + shared experts, router, output head) + attention core over the entries attended + indexer scoring over
   every indexer key. MLA decode is counted in absorbed MQA mode, MLA prefill in MHA mode. Norms, biases, RoPE,
-  softmax, top-k selection, compressor pooling and V4's hyper-connection mixing are not counted (each < 1 %).
+  softmax, top-k selection, compressor pooling and V4's hyper-connection mixing are not counted (each well under
+  1 % of the total for the presets).
 * Sizes are per sequence (batch 1) unless ``batch`` says otherwise; GiB = 2^30 bytes.
 
 :func:`expected_cache_bytes` is the hook that checks real caches against this arithmetic (see its docstring).
@@ -28,6 +29,7 @@ from .spec import ArchSpec, GQALayer, MLALayer, Stream, V4Layer
 
 __all__ = [
     "GiB",
+    "bytes_per_token",
     "check_cache",
     "check_context",
     "decode_flops",
@@ -94,6 +96,14 @@ def kv_bytes(spec: ArchSpec, n: int, fmt: KVFormat | str = "bf16", include_state
     """Total KV-cache bytes at context ``n`` (see :func:`kv_breakdown`)."""
     b = kv_breakdown(spec, n, fmt, batch)
     return b["kv"] + b["index"] + (b["state"] if include_state else 0)
+
+
+def bytes_per_token(spec: ArchSpec, n: int, fmt: KVFormat | str = "bf16",
+                    per_layer: bool = False) -> float | list[float]:  # fmt: skip
+    """KV bytes per token at context ``n`` (total / n, state included), for the model or (``per_layer``) per layer."""
+    if per_layer:
+        return [expected_layer_bytes(layer, n, fmt) / n for layer in spec.layers]
+    return kv_bytes(spec, n, fmt) / n
 
 
 def decode_read_bytes(spec: ArchSpec, n: int, fmt: KVFormat | str = "bf16") -> int:

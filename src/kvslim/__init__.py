@@ -22,6 +22,18 @@ _EXPORTS: dict[str, str] = {
     "DEFAULT_MODEL": "kvslim.models",
     "cache_nbytes": "kvslim.memory",
     "generate": "kvslim.generation",
+    "ArchSpec": "kvslim.spec",
+    "preset": "kvslim.spec",
+    "from_config": "kvslim.spec",
+    "bytes_per_vector": "kvslim.formats",
+    "vectors_nbytes": "kvslim.formats",
+    "kv_bytes": "kvslim.plan",
+    "kv_breakdown": "kvslim.plan",
+    "decode_flops": "kvslim.plan",
+    "decode_read_bytes": "kvslim.plan",
+    "prefill_flops": "kvslim.plan",
+    "fit": "kvslim.plan",
+    "expected_cache_bytes": "kvslim.plan",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -14,7 +14,7 @@ import typer
 
 __all__ = ["app", "main", "COMMANDS"]
 
-COMMANDS: tuple[str, ...] = ("models", "generate")
+COMMANDS: tuple[str, ...] = ("models", "generate", "plan")
 
 app = typer.Typer(
     name="kvslim",

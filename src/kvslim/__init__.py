@@ -22,6 +22,8 @@ _EXPORTS: dict[str, str] = {
     "DEFAULT_MODEL": "kvslim.models",
     "cache_nbytes": "kvslim.memory",
     "generate": "kvslim.generation",
+    "make_codec": "kvslim.quant",
+    "CODEC_NAMES": "kvslim.quant",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

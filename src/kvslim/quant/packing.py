@@ -74,7 +74,9 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def _le_bytes(word: torch.Tensor) -> torch.Tensor:
     """int64 ``[M]`` -> its 8 little-endian bytes ``uint8 [M, 8]``."""
     if _LITTLE_ENDIAN:
-        return word.contiguous().view(torch.uint8).reshape(-1, 8)
+        w = torch.empty(word.shape, dtype=torch.int64, device=word.device)  # unit stride even for one element
+        w.copy_(word)
+        return w.view(torch.uint8).reshape(-1, 8)
     shifts = torch.arange(0, 64, 8, dtype=torch.int64, device=word.device)
     return ((word.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8)
 

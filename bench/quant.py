@@ -108,7 +108,7 @@ def bench_tqlite(bits: int, x: torch.Tensor, q: torch.Tensor, repeats: int) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dims", default="64,128,256")
-    ap.add_argument("--n", type=int, default=16384, help="vectors per measurement")
+    ap.add_argument("--n", type=int, default=8192, help="vectors per measurement")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="n=2048, repeats=1")
     ap.add_argument("--out", default="results/quant.json")

@@ -61,6 +61,9 @@ def test_cat_and_slice_along_tokens_without_reencoding(name: str) -> None:
     assert codec.decode(joined).dtype == torch.float16
     assert codec.nbytes(joined) == codec.nbytes(whole)
     assert torch.equal(codec.decode(whole.slice_tokens(32, 64)), codec.decode(parts[1]))
+    if not whole.grouped:
+        idx = torch.tensor([5, 0, 77])
+        assert torch.equal(codec.decode(whole.select_tokens(idx)), codec.decode(whole)[:, idx])
 
 
 def test_any_leading_shape_and_single_vectors() -> None:

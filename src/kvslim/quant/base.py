@@ -72,6 +72,16 @@ class Packed:
         n = len(range(*slice(start, stop).indices(self.tokens)))
         return replace(self, shape=(*self.shape[:-2], n, self.shape[-1]), fields=out)
 
+    def select_tokens(self, index: torch.Tensor) -> Packed:
+        """Gather tokens ``index`` (int64 ``[K]``) along the token axis, e.g. the top-k entries a selector picked."""
+        if self.grouped:
+            raise InvalidInput(f"{self.codec} keys share scales per {self.group} tokens; gather decoded tokens instead")
+        if len(self.shape) < 2:
+            raise InvalidInput("a packed single vector has no token axis to select from")
+        index = index.to(device=self.device, dtype=torch.long)
+        out = {k: v.index_select(-2, index) for k, v in self.fields.items()}
+        return replace(self, shape=(*self.shape[:-2], index.numel(), self.shape[-1]), fields=out)
+
     @staticmethod
     def cat(parts: list[Packed]) -> Packed:
         """Concatenate along the token axis (axis -2 of the logical shape); no re-encoding."""

@@ -10,7 +10,9 @@ stored bytes per vector (measured ``codec.nbytes`` / N), relative distortion ``s
 ``sum(<q,x~><q,x>) / sum(<q,x>^2)`` over 64 random queries (1 = unbiased; MSE-optimal codes shrink it to ~1 - D_mse).
 External rows (same vectors): ``pyturboquant-cpu`` (NumPy + SciPy; MSE and prod) and ``turbo-quant-lite`` (NumPy,
 MSE only, codebook fixed for d = 512). Each is skipped with a message when not installed:
-``pip install pyturboquant-cpu turbo-quant-lite``. Prints a table, then one JSON line; writes results/quant.json.
+``pip install pyturboquant-cpu turbo-quant-lite``. Also: ``codec.score`` vs decode-then-matmul on 4096 keys, and
+the distortion on real keys/values of the embedded models (SmolLM2 d=64, Gemma 3 d=256; ``--no-real`` skips).
+Prints tables, then one JSON line; writes results/quant.json.
 """
 
 from __future__ import annotations
@@ -105,6 +107,65 @@ def bench_tqlite(bits: int, x: torch.Tensor, q: torch.Tensor, repeats: int) -> d
     }
 
 
+def bench_score(name: str, d: int, tokens: int, queries: int, repeats: int) -> dict:
+    """``codec.score`` (from the codes) vs decode-then-matmul, same packed keys, one head."""
+    g = torch.Generator().manual_seed(1)
+    codec = make_codec(name, d, seed=0)
+    packed = codec.encode(torch.randn(tokens, d, generator=g))
+    q = torch.randn(queries, d, generator=g)
+    t_score, s = best_time(lambda: codec.score(q, packed), repeats)
+    t_dec, ref = best_time(lambda: q @ codec.decode(packed).T, repeats)
+    return {"codec": name, "d": d, "tokens": tokens, "queries": queries, "score_ms": 1e3 * t_score,
+            "decode_matmul_ms": 1e3 * t_dec, "speedup": t_dec / t_score,
+            "max_abs_diff": float((s - ref).abs().max())}
+
+
+REAL_CODECS = ("fp8", "fp4", "tq2", "tq2.5", "tq3", "tq3.5", "tq4", "tqprod3", "kivi2", "kivi4")
+
+
+def real_kv(model_name: str, tokens: int) -> list[tuple[int, torch.Tensor, torch.Tensor]] | None:
+    """Keys and values ``[heads, tokens, d]`` of every 6th layer of an embedded model on natural text."""
+    try:
+        import pydoc_data.topics
+
+        from kvslim.models import load
+
+        model, tok = load(model_name)
+    except Exception as exc:  # model package missing: the section is skipped, with the reason
+        print(f"skipped real KV of {model_name}: {exc}", file=sys.stderr)
+        return None
+    text = " ".join(list(pydoc_data.topics.topics.values())[:4])
+    ids = tok(text, return_tensors="pt").input_ids[:, :tokens]
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    return [(i, layer.keys[0].float(), layer.values[0].float()) for i, layer in enumerate(cache.layers) if i % 6 == 0]
+
+
+def bench_real(model_name: str, tokens: int) -> list[dict]:
+    """Relative distortion on real keys/values; tq2.5/tq3.5 calibrated on the first half, measured on the second."""
+    layers = real_kv(model_name, tokens)
+    if layers is None:
+        return []
+    rows = []
+    d = layers[0][1].shape[-1]
+    for name in REAL_CODECS + ("tq2.5+cal", "tq3.5+cal"):
+        errs = {"key": [], "value": []}
+        for _, k, v in layers:
+            for role, x in (("key", k), ("value", v)):
+                half = x.shape[-2] // 2
+                calib, test = x[:, :half], x[:, half : half + (x.shape[-2] - half) // 32 * 32]
+                codec = make_codec(name.removesuffix("+cal"), d, seed=0, role=role)
+                if name.endswith("+cal"):
+                    codec.calibrate(calib)
+                xh = codec.decode(codec.encode(test))
+                errs[role].append(float(((xh - test) ** 2).sum() / (test**2).sum()))
+        rows.append({"model": model_name, "d": d, "codec": name,
+                     "bytes_per_vector_key": make_codec(name.removesuffix("+cal"), d).bytes_per_vector(),
+                     "rel_mse_key": sum(errs["key"]) / len(errs["key"]),
+                     "rel_mse_value": sum(errs["value"]) / len(errs["value"])})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dims", default="64,128,256")
@@ -112,6 +173,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="n=2048, repeats=1")
     ap.add_argument("--out", default="results/quant.json")
+    ap.add_argument("--no-real", action="store_true", help="skip the real-KV section (embedded models)")
     args = ap.parse_args()
     if args.quick:
         args.n, args.repeats = 2048, 1
@@ -176,8 +238,26 @@ def main() -> None:
             print(f"{c['d']:>4} {c['codec']:<9} vs {c['vs']:<17} encode x{c['encode_speedup']:7.2f}  "
                   f"decode x{c['decode_speedup']:7.2f}  rel MSE {c['rel_mse_ours']:.5f} vs {c['rel_mse_theirs']:.5f}  "
                   f"B/vec {c['bytes_ours']:.1f} vs {c['bytes_theirs']:.1f}")
+    score_rows = []
+    for d in dims:
+        for name in ("tq3", "tq2.5", "tqprod3", "fp8", "kivi4"):
+            score_rows.append(bench_score(name, d, 4096 if not args.quick else 1024, 8, args.repeats))
+    print("\nscore(q, packed) vs decode-then-matmul (one head, 8 queries)")
+    for r in score_rows:
+        print(f"{r['d']:>4} {r['codec']:<9} T={r['tokens']:<5} score {r['score_ms']:8.2f} ms   decode+matmul "
+              f"{r['decode_matmul_ms']:8.2f} ms   speedup x{r['speedup']:5.2f}   max |diff| {r['max_abs_diff']:.1e}")
+    real_rows = []
+    if not args.no_real:
+        for model_name in ("smollm2-135m", "gemma3-270m"):
+            real_rows += bench_real(model_name, 512 if not args.quick else 256)
+    if real_rows:
+        print("\nreal KV (every 6th layer, natural text; calibrated variants fit on the first half of the tokens)")
+        for r in real_rows:
+            print(f"{r['model']:<13} d={r['d']:<4} {r['codec']:<10} B/vec {r['bytes_per_vector_key']:6.1f}  "
+                  f"rel MSE keys {r['rel_mse_key']:.5f}  values {r['rel_mse_value']:.5f}")
     result = {"bench": "quant", "n": args.n, "repeats": args.repeats, "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "skipped": missing, "rows": rows, "comparison": comparison}
+              "torch": torch.__version__, "skipped": missing, "rows": rows, "comparison": comparison,
+              "score": score_rows, "real_kv": real_rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, separators=(",", ":")))

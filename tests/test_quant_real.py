@@ -4,6 +4,7 @@ data-oblivious distortion. Slow: loads the embedded model."""
 from __future__ import annotations
 
 import pydoc_data.topics
+
 import pytest
 import torch
 

@@ -55,7 +55,7 @@ class FP4Codec(Codec):
         e = torch.ceil(torch.log2(torch.where(amax > 0, amax / 6.0, torch.ones_like(amax)))).clamp(-127, 127)
         v = xb / torch.exp2(e).unsqueeze(-1)
         mag = bucket(v.abs(), list(_MIDPOINTS))
-        code = (mag | ((v < 0).to(torch.uint8) << 3)).reshape(*x.shape[:-1], -1)[..., : self.dim]
+        code = (mag | ((v < 0).to(torch.uint8) << 3)).reshape(*x.shape[:-1], self.nblocks * self.block)[..., : self.dim]
         fields = {"codes": pack_bits(code, 4), "scale": (e + 127).to(torch.uint8)}
         return Packed(self.name, tuple(x.shape), x.dtype, fields)
 
@@ -65,4 +65,4 @@ class FP4Codec(Codec):
         vals = self.values[code & 7] * (1 - 2 * (code >> 3)).to(torch.float32)
         e = packed.fields["scale"].to(torch.float32) - 127
         vb = self._blocks(vals) * torch.exp2(e).unsqueeze(-1)
-        return vb.reshape(*vals.shape[:-1], -1)[..., : self.dim].to(packed.dtype)
+        return vb.reshape(*vals.shape[:-1], self.nblocks * self.block)[..., : self.dim].to(packed.dtype)

@@ -47,11 +47,11 @@ class FP8Codec(Codec):
         amax = xb.abs().amax(dim=-1)
         scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
         q = (xb / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-        codes = q.reshape(*x.shape[:-1], -1)[..., : self.dim].contiguous().view(torch.uint8)
+        codes = q.reshape(*x.shape[:-1], self.nblocks * self.block)[..., : self.dim].contiguous().view(torch.uint8)
         return Packed(self.name, tuple(x.shape), x.dtype, {"codes": codes, "scale": scale})
 
     def decode(self, packed: Packed) -> torch.Tensor:
         self._check_packed(packed)
         vals = packed.fields["codes"].view(torch.float8_e4m3fn).to(torch.float32)
         vb = self._blocks(vals) * packed.fields["scale"].unsqueeze(-1)
-        return vb.reshape(*vals.shape[:-1], -1)[..., : self.dim].to(packed.dtype)
+        return vb.reshape(*vals.shape[:-1], self.nblocks * self.block)[..., : self.dim].to(packed.dtype)

@@ -46,7 +46,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         pad = (-n) % per
         if pad:
             c = torch.cat([c, c.new_zeros(*lead, pad)], dim=-1)
-        c = c.reshape(*lead, -1, per)
+        c = c.reshape(*lead, (n + pad) // per, per)
         out = c[..., 0].clone()
         for k in range(1, per):
             out |= c[..., k] << (k * bits)
@@ -56,7 +56,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-n) % 8
     if pad:
         c = torch.cat([c, c.new_zeros(*lead, pad)], dim=-1)
-    g = c.reshape(-1, 8)
+    g = c.reshape(c.numel() // 8, 8)
     if bits <= 6:
         # float32 is exact for 3-bit words (< 2^24); 5-6-bit words need float64 (< 2^48)
         ftype = torch.float32 if bits == 3 else torch.float64
@@ -68,7 +68,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         for k in range(1, 8):
             word |= g[:, k] << (k * bits)
     out = _le_bytes(word)[:, :bits]
-    return out.reshape(*lead, -1)[..., : packed_len(n, bits)]
+    return out.reshape(*lead, (n + pad) // 8 * bits)[..., : packed_len(n, bits)]
 
 
 def _le_bytes(word: torch.Tensor) -> torch.Tensor:
@@ -76,7 +76,7 @@ def _le_bytes(word: torch.Tensor) -> torch.Tensor:
     if _LITTLE_ENDIAN:
         w = torch.empty(word.shape, dtype=torch.int64, device=word.device)  # unit stride even for one element
         w.copy_(word)
-        return w.view(torch.uint8).reshape(-1, 8)
+        return w.view(torch.uint8).reshape(w.numel(), 8)
     shifts = torch.arange(0, 64, 8, dtype=torch.int64, device=word.device)
     return ((word.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8)
 
@@ -99,12 +99,13 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if 8 % bits == 0:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
         codes = (packed.unsqueeze(-1) >> shifts) & mask
-        return codes.reshape(*lead, -1)[..., :n]
+        return codes.reshape(*lead, packed.shape[-1] * (8 // bits))[..., :n]
     groups = -(-n // 8)
-    b = torch.nn.functional.pad(packed, (0, groups * bits - packed.shape[-1])).reshape(-1, bits)
+    b = torch.nn.functional.pad(packed, (0, groups * bits - packed.shape[-1]))
+    b = b.reshape(b.numel() // bits, bits)
     wide, width = (torch.int32, 4) if bits == 3 else (torch.int64, 8)  # int32 shifts are ~2x faster on CPU
     if _LITTLE_ENDIAN:
-        word = torch.nn.functional.pad(b, (0, width - bits)).contiguous().view(wide).reshape(-1)
+        word = torch.nn.functional.pad(b, (0, width - bits)).contiguous().view(wide).reshape(b.shape[0])
     else:
         b = b.to(wide)
         word = b[:, 0].clone()
@@ -112,4 +113,4 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
             word |= b[:, j] << (8 * j)
     shifts = torch.arange(0, 8 * bits, bits, dtype=wide, device=packed.device)
     codes = ((word.unsqueeze(-1) >> shifts) & mask).to(torch.uint8)
-    return codes.reshape(*lead, -1)[..., :n]
+    return codes.reshape(*lead, groups * 8)[..., :n]

@@ -64,7 +64,7 @@ def _fwht(x: torch.Tensor) -> torch.Tensor:
     """Unnormalised Walsh-Hadamard transform along the last axis (length a power of two)."""
     d = x.shape[-1]
     lead = x.shape[:-1]
-    y = x.reshape(-1, d)
+    y = x.reshape(x.numel() // d, d)
     h = 1
     while h < d:
         y = y.view(-1, d // (2 * h), 2, h)

@@ -54,7 +54,7 @@ class TurboQuantSplit(Codec):
         check_input(x, self.dim, self.name, self.device, "calibration data")
         if x.numel() == 0:
             raise InvalidInput(f"{self.name}: calibration data is empty")
-        energy = x.to(torch.float32).reshape(-1, self.dim).pow(2).mean(dim=0)
+        energy = x.to(torch.float32).reshape(x.numel() // self.dim, self.dim).pow(2).mean(dim=0)
         self._set_channels(torch.topk(energy, self.n_hi).indices)
         self.calibrated = True
         return self

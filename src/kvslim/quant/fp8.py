@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from kvslim.errors import InvalidInput
 from kvslim.quant.base import Codec, Packed
 
 __all__ = ["FP8Codec", "E4M3_MAX"]
@@ -22,8 +23,6 @@ class FP8Codec(Codec):
     bits_per_value = 8.0
 
     def __init__(self, dim: int, block: int = 128) -> None:
-        from kvslim.errors import InvalidInput
-
         if not isinstance(dim, int) or dim < 1:
             raise InvalidInput(f"fp8 needs a positive integer dimension, got {dim!r}")
         if not hasattr(torch, "float8_e4m3fn"):

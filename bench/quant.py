@@ -10,7 +10,8 @@ stored bytes per vector (measured ``codec.nbytes`` / N), relative distortion ``s
 ``sum(<q,x~><q,x>) / sum(<q,x>^2)`` over 64 random queries (1 = unbiased; MSE-optimal codes shrink it to ~1 - D_mse).
 External rows (same vectors): ``pyturboquant-cpu`` (NumPy + SciPy; MSE and prod) and ``turbo-quant-lite`` (NumPy,
 MSE only, codebook fixed for d = 512). Each is skipped with a message when not installed:
-``pip install pyturboquant-cpu turbo-quant-lite``. Also: ``codec.score`` vs decode-then-matmul on 4096 keys, and
+``pip install pyturboquant-cpu turbo-quant-lite``. Also: ``codec.score`` / ``codec.weighted_sum`` vs
+decode-then-matmul on 4096 keys / values, and
 the distortion on real keys/values of the embedded models (SmolLM2 d=64, Gemma 3 d=256; ``--no-real`` skips).
 Prints tables, then one JSON line; writes results/quant.json.
 """
@@ -113,11 +114,16 @@ def bench_score(name: str, d: int, tokens: int, queries: int, repeats: int) -> d
     codec = make_codec(name, d, seed=0)
     packed = codec.encode(torch.randn(tokens, d, generator=g))
     q = torch.randn(queries, d, generator=g)
+    w = torch.softmax(torch.randn(queries, tokens, generator=g), dim=-1)
     t_score, s = best_time(lambda: codec.score(q, packed), repeats)
     t_dec, ref = best_time(lambda: q @ codec.decode(packed).T, repeats)
+    t_mix, m = best_time(lambda: codec.weighted_sum(w, packed), repeats)
+    t_dmix, mref = best_time(lambda: w @ codec.decode(packed), repeats)
     return {"codec": name, "d": d, "tokens": tokens, "queries": queries, "score_ms": 1e3 * t_score,
             "decode_matmul_ms": 1e3 * t_dec, "speedup": t_dec / t_score,
-            "max_abs_diff": float((s - ref).abs().max())}
+            "max_abs_diff": float((s - ref).abs().max()),
+            "weighted_sum_ms": 1e3 * t_mix, "decode_mix_ms": 1e3 * t_dmix, "mix_speedup": t_dmix / t_mix,
+            "mix_max_abs_diff": float((m - mref).abs().max())}
 
 
 REAL_CODECS = ("fp8", "fp4", "tq2", "tq2.5", "tq3", "tq3.5", "tq4", "tqprod3", "kivi2", "kivi4")
@@ -242,10 +248,11 @@ def main() -> None:
     for d in dims:
         for name in ("tq3", "tq2.5", "tqprod3", "fp8", "kivi4"):
             score_rows.append(bench_score(name, d, 4096 if not args.quick else 1024, 8, args.repeats))
-    print("\nscore(q, packed) vs decode-then-matmul (one head, 8 queries)")
+    print("\nfrom the codes vs decode-then-matmul (one head, 8 queries): score(q, keys), weighted_sum(p, values)")
     for r in score_rows:
-        print(f"{r['d']:>4} {r['codec']:<9} T={r['tokens']:<5} score {r['score_ms']:8.2f} ms   decode+matmul "
-              f"{r['decode_matmul_ms']:8.2f} ms   speedup x{r['speedup']:5.2f}   max |diff| {r['max_abs_diff']:.1e}")
+        print(f"{r['d']:>4} {r['codec']:<9} T={r['tokens']:<5} score {r['score_ms']:7.2f} ms vs {r['decode_matmul_ms']:7.2f} "
+              f"(x{r['speedup']:4.2f})   weighted_sum {r['weighted_sum_ms']:7.2f} ms vs {r['decode_mix_ms']:7.2f} "
+              f"(x{r['mix_speedup']:4.2f})   max |diff| {max(r['max_abs_diff'], r['mix_max_abs_diff']):.1e}")
     real_rows = []
     if not args.no_real:
         for model_name in ("smollm2-135m", "gemma3-270m"):

@@ -7,7 +7,8 @@ Per vector ``x [d]``: ``n = ||x||`` (stored as **float16**), ``u = x / n``, ``y 
 Stored bytes per vector: ``ceil(d*b/8) + 2``. Fields: ``codes uint8 [..., T, ceil(d*b/8)]``, ``norm fp16 [..., T, 1]``.
 
 ``score(q, packed)`` never forms ``x~``: it rotates the queries once (``Pi q``) and takes inner products with the
-looked-up centroids in the rotated basis, ``<q, x~> = n * <Pi q, c[idx]>``.
+looked-up centroids in the rotated basis, ``<q, x~> = n * <Pi q, c[idx]>``. ``weighted_sum(w, packed)`` (attention
+over values) mixes in the rotated basis and rotates back once per query row: ``Pi^T sum_t w_t n_t c[idx_t]``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import math
 import torch
 
 from kvslim.errors import InvalidInput
-from kvslim.quant.base import Codec, Packed, check_query
+from kvslim.quant.base import Codec, Packed, check_query, check_weights
 from kvslim.quant.codebooks import bucket, lloyd_max
 from kvslim.quant.packing import pack_bits, packed_len, unpack_bits
 from kvslim.quant.rotation import make_rotation
@@ -112,3 +113,12 @@ class TurboQuantMSE(Codec):
         y = self.lookup(packed.fields["codes"])
         s = qr @ y.transpose(-1, -2)
         return (s * packed.fields["norm"].to(torch.float32).transpose(-1, -2)).to(q.dtype)
+
+    def weighted_sum(self, w: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """``w [..., Q, T]`` x packed ``[..., T, d]`` -> ``[..., Q, d]``: mix the centroids in the rotated basis
+        (``sum_t w_t n_t c[idx_t]``), then one inverse rotation per query row."""
+        self._check_packed(packed)
+        check_weights(w, packed, self.name)
+        wn = w.to(torch.float32) * packed.fields["norm"].to(torch.float32).transpose(-1, -2)
+        mixed = wn @ self.lookup(packed.fields["codes"])
+        return self.rotation.inverse(mixed).to(w.dtype)

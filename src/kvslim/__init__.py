@@ -34,6 +34,8 @@ _EXPORTS: dict[str, str] = {
     "prefill_flops": "kvslim.plan",
     "fit": "kvslim.plan",
     "expected_cache_bytes": "kvslim.plan",
+    "make_codec": "kvslim.quant",
+    "CODEC_NAMES": "kvslim.quant",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

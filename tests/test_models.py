@@ -70,3 +70,12 @@ def test_describe_llama_and_gemma3(tiny_llama, tiny_gemma3):
     g = models.describe(tiny_gemma3.config)
     assert g.kv_heads == 1 and g.layer_kinds == ("sliding(16)",) * 3 + ("full",)
     assert g.kinds_summary == "3 sliding(16) + 1 full"
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_embedded_facts_without_loading(name):
+    f = models.embedded_facts(name)
+    expected = {"smollm2-135m": (30, 9, 3, 64, 8192), "gemma3-270m": (18, 4, 1, 256, 32768)}[name]
+    assert (f.layers, f.query_heads, f.kv_heads, f.head_dim, f.max_context) == expected
+    if name == "gemma3-270m":
+        assert f.kinds_summary == "15 sliding(512) + 3 full" and f.layer_kinds[5] == "full"

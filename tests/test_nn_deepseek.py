@@ -190,3 +190,26 @@ def test_mla_dsa_refuse_bad_configs() -> None:
 def test_from_transformers_refuses_other_modules() -> None:
     with pytest.raises(InvalidInput, match="not a DeepSeek"):
         from_transformers(torch.nn.Linear(2, 2))
+
+
+def test_transplanted_transformers_cache_decodes_like_transformers() -> None:
+    """bench/native_v4.py times transformers' decode on a cache copied from kvslim's state; that cache must decode
+    exactly as transformers' own prefill-then-decode does."""
+    from kvslim.nn.hf_reference import hf_v4_cache_from_states
+
+    cfg = tiny_v4_config(num_layers=3, layer_types=["sliding_attention", "compressed_sparse_attention",
+                                                    "heavily_compressed_attention"])
+    hf = [hf_attention(cfg, i, seed=20 + i) for i in range(3)]
+    ours = [from_transformers(m) for m in hf]
+    x = hidden(2, 27, seed=8)
+    own = hf_v4_cache(cfg)
+    hf_v4_step(hf, x[:, :23], own, 0)
+    states = [m.new_state() for m in ours]
+    h = x[:, :23]
+    for m, st in zip(ours, states):
+        h = h + m(h, st)
+    moved = hf_v4_cache_from_states(cfg, states)
+    for t in range(23, 27):
+        a = hf_v4_step(hf, x[:, t : t + 1], own, t)
+        b = hf_v4_step(hf, x[:, t : t + 1], moved, t)
+        assert rel(b, a) <= TOL

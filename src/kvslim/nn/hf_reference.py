@@ -20,6 +20,7 @@ __all__ = [
     "hf_prefill",
     "hf_v4_cache",
     "hf_v4_step",
+    "hf_v4_cache_from_states",
     "randomize_",
 ]
 
@@ -165,3 +166,37 @@ def hf_v4_step(modules: list[torch.nn.Module], hidden: torch.Tensor, cache: Any,
     for m in modules:
         x = x + m(x, position_embeddings=pe, position_ids=pos, attention_mask=mask, cache=cache)[0]
     return x
+
+
+@torch.no_grad()
+def hf_v4_cache_from_states(config: Any, states: list[Any]) -> Any:
+    """A transformers V4 ``DynamicCache`` holding exactly what kvslim's :class:`~kvslim.nn.V4State` s hold.
+
+    Lets a benchmark time transformers' decode at contexts whose transformers prefill would take too long: the
+    window (transformers keeps the last W-1 K=V vectors), compressed entries, open-window buffers, overlap carries
+    and entry counts are copied over. ``tests/test_nn_deepseek.py`` checks that decoding from it equals
+    transformers' own prefill-then-decode.
+    """
+    cache = hf_v4_cache(config)
+    for layer, st in zip(cache.layers, states):
+        order = torch.argsort(st.win_pos)
+        pos = st.win_pos[order]
+        kv = st.win_kv[:, order][:, pos >= 0][:, -(config.sliding_window - 1) :]
+        kv = kv.unsqueeze(1).contiguous()  # [B, 1, <=W-1, d]
+        layer.lazy_initialization(kv, kv)
+        layer.keys = kv
+        layer.values = kv
+        layer.cumulative_length = st.seen
+        if not hasattr(layer, "compressed_kv"):
+            continue
+        for name, cst in (("compressor", st.compressor), ("indexer", st.indexer)):
+            if name not in layer.compressed_kv:
+                continue
+            layer.compressed_kv[name] = cst.entries.view().clone()
+            layer.entry_count[name] = cst.count
+            layer.buffer_kv[name] = cst.buf_kv[:, : cst.fill].clone()
+            layer.buffer_gate[name] = cst.buf_gate[:, : cst.fill].clone()
+            if hasattr(layer, "overlap_kv") and cst.carry_kv is not None:
+                layer.overlap_kv[name] = cst.carry_kv.clone()
+                layer.overlap_gate[name] = cst.carry_gate.clone()
+    return cache

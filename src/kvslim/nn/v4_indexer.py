@@ -55,12 +55,16 @@ class Indexer(nn.Module):
         out = []
         for c0 in range(0, s, chunk):
             c1 = min(s, c0 + chunk)
-            scores = torch.matmul(q[:, c0:c1], keys_t)  # [B, C, H, N]
-            scores = torch.relu(scores) * self.softmax_scale
-            scores = (scores * w[:, c0:c1].unsqueeze(-1)).sum(dim=2)  # [B, C, N]
             thr = threshold[c0:c1].view(1, -1, 1)
-            future = torch.arange(n).view(1, 1, -1) >= thr
-            scores = scores.masked_fill(future, float("-inf"))
-            idx = scores.topk(k, dim=-1).indices
-            out.append(torch.where(idx >= thr, torch.full_like(idx, -1), idx))
+            n_vis = int(threshold[c1 - 1])  # entries closed for the block's last query; later ones score -inf
+            pad = torch.full((b, c1 - c0, k), -1, dtype=torch.long)
+            if n_vis == 0:
+                out.append(pad)
+                continue
+            scores = torch.matmul(q[:, c0:c1], keys_t[..., :n_vis])  # [B, C, H, n_vis]
+            scores = scores.relu_().mul_(self.softmax_scale).mul_(w[:, c0:c1].unsqueeze(-1)).sum(dim=2)
+            scores = scores.masked_fill_(torch.arange(n_vis).view(1, 1, -1) >= thr, float("-inf"))
+            idx = scores.topk(min(k, n_vis), dim=-1).indices
+            pad[..., : idx.shape[-1]] = torch.where(idx >= thr, torch.full_like(idx, -1), idx)
+            out.append(pad)
         return torch.cat(out, 1)

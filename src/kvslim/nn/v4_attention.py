@@ -21,7 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvslim.errors import InvalidInput
 from kvslim.nn._common import RMSNorm, Rotary, rope_interleaved
+from kvslim.nn.storage import Fp4, Fp8DsV4
 from kvslim.nn.v4_compressor import Compressor, CompressorState
 from kvslim.nn.v4_config import V4Config
 from kvslim.nn.v4_indexer import Indexer
@@ -29,15 +31,34 @@ from kvslim.nn.v4_indexer import Indexer
 __all__ = ["V4Attention", "V4State"]
 
 
-class V4State:
-    """Decode state of one V4 layer for one batch of sequences (all at the same position)."""
+STORAGES = ("float", "v4")
 
-    def __init__(self) -> None:
+
+class V4State:
+    """Decode state of one V4 layer for one batch of sequences (all at the same position).
+
+    ``storage="float"`` keeps rows in the module's dtype; ``storage="v4"`` stores window and compressed K=V rows
+    as FP8 e4m3 NoPE dims (ue8m0 block-64 scales) + bf16 RoPE dims and indexer keys as FP4 e2m1 (ue8m0 block-32
+    scales), in packed uint8 rows (:mod:`kvslim.nn.storage`). Attention then always reads the stored (decoded) rows,
+    also for the tokens of the current call, as the V4 reference's quant-dequant simulation does.
+    """
+
+    def __init__(self, storage: str = "float") -> None:
+        if storage not in STORAGES:
+            raise InvalidInput(f"V4 state storage must be one of {STORAGES}, got {storage!r}")
+        self.storage = storage
         self.seen = 0
-        self.win_kv: torch.Tensor | None = None  # [B, W, d] ring buffer, slot = position % W
+        self.win_kv: torch.Tensor | None = None  # [B, W, d] (or packed [B, W, bytes]) ring, slot = position % W
         self.win_pos: torch.Tensor | None = None  # [W] position in each slot, -1 = empty
+        self.kv_codec = None
         self.compressor = CompressorState()
         self.indexer = CompressorState()
+
+    def _setup(self, config: V4Config) -> None:
+        if self.storage == "v4" and self.kv_codec is None:
+            self.kv_codec = Fp8DsV4(config.head_dim, config.rope_dim)
+            self.compressor = CompressorState(self.kv_codec)
+            self.indexer = CompressorState(Fp4(config.index_head_dim))
 
     def nbytes(self) -> int:
         """Bytes held: window ring + compressed entries + indexer keys + compressor buffers and carries."""
@@ -75,8 +96,9 @@ class V4Attention(nn.Module):
             self.indexer = Indexer(c.hidden_size, c.q_lora_rank, c.index_n_heads, c.index_head_dim, c.index_topk,
                                    c.compress_rate, compress_rotary, c.eps)
 
-    def new_state(self) -> V4State:
-        return V4State()
+    def new_state(self, storage: str = "float") -> V4State:
+        """An empty decode state; ``storage`` is ``"float"`` or ``"v4"`` (packed FP8 / BF16 / FP4 rows)."""
+        return V4State(storage)
 
     @torch.no_grad()
     def forward(self, hidden: torch.Tensor, state: V4State | None = None) -> torch.Tensor:
@@ -86,6 +108,8 @@ class V4Attention(nn.Module):
         """
         c = self.config
         state = state if state is not None else V4State()
+        if state.seen == 0:
+            state._setup(c)
         b, s, _ = hidden.shape
         positions = torch.arange(state.seen, state.seen + s, device=hidden.device)
         cos, sin = self.rotary.cos_sin(positions)  # [S, r/2]
@@ -94,23 +118,29 @@ class V4Attention(nn.Module):
         q = self.q_b_norm(self.q_b_proj(q_res).view(b, s, c.num_heads, c.head_dim))
         q = rope_interleaved(q, cos[:, None], sin[:, None])  # [B, S, H, d]
         kv = rope_interleaved(self.kv_norm(self.kv_proj(hidden)), cos, sin)  # [B, S, d]
+        kv_stored = kv
+        if state.kv_codec is not None:  # attend to exactly what is stored
+            kv_stored = state.kv_codec.encode(kv)
+            kv = state.kv_codec.decode(kv_stored).to(kv.dtype)
 
         entries = None
         picks = None
         if self.compressor is not None:
-            entries = self.compressor.update(hidden, state.compressor)  # [B, N, d]
+            self.compressor.update(hidden, state.compressor)
         if self.indexer is not None:
             picks = self.indexer.select(hidden, q_res, positions, state.indexer, c.query_chunk)  # [B, S, k']
 
+        if self.compressor is not None and picks is None:  # HCA reads every entry: O(N / m')
+            entries = state.compressor.read_all(b, c.head_dim).to(q.dtype)
         if state.win_kv is None:
-            state.win_kv = kv.new_zeros((b, c.window, c.head_dim))
+            state.win_kv = kv_stored.new_zeros((b, c.window, kv_stored.shape[-1]))
             state.win_pos = torch.full((c.window,), -1, dtype=torch.long)
         out = torch.empty_like(q)
         for c0 in range(0, s, c.query_chunk):
             c1 = min(s, c0 + c.query_chunk)
             out[:, c0:c1] = self._attend(q[:, c0:c1], positions[c0:c1], kv, positions, state, entries,
                                          None if picks is None else picks[:, c0:c1])
-        self._push_window(kv, positions, state)
+        self._push_window(kv_stored, positions, state)
         state.seen += s
 
         out = rope_interleaved(out, cos[:, None], -sin[:, None])  # undo RoPE carried by V
@@ -125,7 +155,8 @@ class V4Attention(nn.Module):
         c = self.config
         lo = max(0, int(qpos[0]) - c.window + 1 - int(kvpos[0]))
         hi = int(qpos[-1]) - int(kvpos[0]) + 1
-        keys = torch.cat((state.win_kv, kv[:, lo:hi]), 1)  # ring (older tokens) + this call's tokens
+        ring = state.win_kv if state.kv_codec is None else state.kv_codec.decode(state.win_kv).to(kv.dtype)
+        keys = torch.cat((ring, kv[:, lo:hi]), 1)  # ring (older tokens) + this call's tokens
         kpos = torch.cat((state.win_pos, kvpos[lo:hi]))
         allowed = (kpos[None] <= qpos[:, None]) & (kpos[None] > qpos[:, None] - c.window) & (kpos[None] >= 0)
         logits = [torch.einsum("bshd,bkd->bhsk", q, keys) * self.scaling
@@ -140,9 +171,7 @@ class V4Attention(nn.Module):
             values.append(ent)
         sel = None
         if picks is not None and picks.shape[-1]:  # CSA: gather the top-k entries of each query
-            idx = picks.clamp(min=0)
-            bi = torch.arange(q.shape[0]).view(-1, 1, 1)
-            sel = entries[bi, idx]  # [B, C, k, d]
+            sel = state.compressor.gather(picks).to(q.dtype)  # [B, C, k, d]
             bias = torch.zeros(picks.shape, dtype=q.dtype).masked_fill(picks < 0, float("-inf"))
             logits.append(torch.einsum("bshd,bskd->bhsk", q, sel) * self.scaling + bias[:, None])
         sinks = self.sinks.view(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[1], 1).to(q.dtype)

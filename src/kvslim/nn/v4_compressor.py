@@ -22,16 +22,38 @@ __all__ = ["Compressor", "CompressorState"]
 
 
 class CompressorState:
-    """Running state of one compressor for one batch: open-window buffer, overlap carry, emitted entries."""
+    """Running state of one compressor for one batch: open-window buffer, overlap carry, emitted entries.
 
-    def __init__(self) -> None:
+    ``codec`` (``None`` = float rows) packs each entry on append (see :mod:`kvslim.nn.storage`); readers go through
+    :meth:`read_all` (every entry, decoded) or :meth:`gather` (only the given entries, decoded after the gather).
+    """
+
+    def __init__(self, codec: object | None = None) -> None:
+        self.codec = codec
         self.buf_kv: torch.Tensor | None = None  # [B, m, width] (fp32 projections of the open window)
         self.buf_gate: torch.Tensor | None = None
         self.fill = 0
         self.carry_kv: torch.Tensor | None = None  # [B, m, d] Ca of the last closed window (overlap only)
         self.carry_gate: torch.Tensor | None = None
-        self.entries = GrowBuffer()  # [B, n_entries, d]
+        self.entries = GrowBuffer(torch.uint8 if codec is not None else torch.float32)  # [B, n, d or bytes]
         self.count = 0
+
+    def append(self, rows: torch.Tensor) -> None:
+        self.entries.append(rows if self.codec is None else self.codec.encode(rows))
+
+    def read_all(self, b: int, d: int) -> torch.Tensor:
+        """Every entry so far [B, N, d] (decoded when packed): O(N) work."""
+        if self.entries.data is None:
+            return torch.zeros((b, 0, d))
+        rows = self.entries.view()
+        return rows if self.codec is None else self.codec.decode(rows)
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """Entries ``idx`` [B, S, k] (clamped to >= 0) -> [B, S, k, d]: O(k) rows read per query."""
+        rows = self.entries.view()
+        bi = torch.arange(idx.shape[0]).view(-1, 1, 1)
+        picked = rows[bi, idx.clamp(min=0)]
+        return picked if self.codec is None else self.codec.decode(picked)
 
     def nbytes(self) -> int:
         """Bytes of the entries plus the fixed-size buffer and carry."""
@@ -57,8 +79,8 @@ class Compressor(nn.Module):
         self.rotary = rotary
 
     @torch.no_grad()
-    def update(self, hidden: torch.Tensor, state: CompressorState) -> torch.Tensor:
-        """Feed ``hidden`` [B, S, D]; emit the entries of every window that closes; return all entries [B, N, d]."""
+    def update(self, hidden: torch.Tensor, state: CompressorState) -> None:
+        """Feed ``hidden`` [B, S, D]; emit (append to ``state``) the entry of every window that closes."""
         b, s, _ = hidden.shape
         kv, gate = self.kv_proj(hidden), self.gate_proj(hidden)
         m = self.rate
@@ -69,7 +91,7 @@ class Compressor(nn.Module):
             state.buf_kv[:, state.fill : state.fill + s] = kv
             state.buf_gate[:, state.fill : state.fill + s] = gate
             state.fill += s
-            return state.entries.view(b, self.dim)
+            return
         if state.fill:
             kv = torch.cat((state.buf_kv[:, : state.fill], kv), 1)
             gate = torch.cat((state.buf_gate[:, : state.fill], gate), 1)
@@ -100,6 +122,5 @@ class Compressor(nn.Module):
         pooled = self.kv_norm(pooled)
         positions = torch.arange(nw, device=pooled.device) * m + state.count * m
         cos, sin = self.rotary.cos_sin(positions)
-        state.entries.append(rope_interleaved(pooled, cos, sin))
+        state.append(rope_interleaved(pooled, cos, sin))
         state.count += nw
-        return state.entries.view(b, self.dim)

@@ -41,7 +41,8 @@ class Indexer(nn.Module):
         ``k' = min(topk, N)`` with N the number of keys after the update. Work per query: O(N * H_I * d_I).
         """
         b, s, _ = hidden.shape
-        keys = self.compressor.update(hidden, state).float()  # [B, N, d_I]
+        self.compressor.update(hidden, state)
+        keys = state.read_all(b, self.head_dim).float()  # [B, N, d_I]
         n = keys.shape[1]
         k = min(self.topk, n)
         if k == 0:

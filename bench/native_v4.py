@@ -40,6 +40,7 @@ from kvslim.nn.hf_reference import (  # noqa: E402
     hf_v4_step,
     tiny_v4_config,
 )
+from kvslim.nn.storage import Fp4, Fp8DsV4  # noqa: E402
 
 KINDS = {"swa": "sliding_attention", "csa": "compressed_sparse_attention", "hca": "heavily_compressed_attention"}
 
@@ -58,24 +59,27 @@ def build(layers: list[str], topk: int):
 
 def ours_step(mods, states, x):
     with torch.no_grad():
-        for m, st in zip(mods, states):
+        for m, st in zip(mods, states, strict=True):
             x = x + m(x, st)
     return x
 
 
-def expected_bytes(cfg, layers: list[str], n: int) -> int:
-    """Closed-form bytes of kvslim's state after n tokens (fp32): window + entries + indexer keys + buffers."""
+def expected_bytes(cfg, layers: list[str], n: int, storage: str) -> int:
+    """Closed-form bytes of kvslim's state after n tokens: window + entries + indexer keys (each row 4*d bytes, or
+    the packed FP8-ds / FP4 row sizes) + the fp32 compressor buffers and overlap carries."""
     d, w, di = cfg.head_dim, cfg.sliding_window, cfg.index_head_dim
+    row = Fp8DsV4(d, int(cfg.qk_rope_head_dim)).bytes_per_vector if storage == "v4" else 4 * d
+    key = Fp4(di).bytes_per_vector if storage == "v4" else 4 * di
     total = 0
     for kind in layers:
-        total += w * d
+        total += w * row
         if kind == "csa":
             m = cfg.compress_rates["compressed_sparse_attention"]
-            total += (n // m) * (d + di) + 2 * m * (2 * d + 2 * di) + 2 * m * (d + di)
+            total += (n // m) * (row + key) + 4 * (2 * m * (2 * d + 2 * di) + 2 * m * (d + di))
         elif kind == "hca":
             m = cfg.compress_rates["heavily_compressed_attention"]
-            total += (n // m) * d + 2 * m * d
-    return 4 * total
+            total += (n // m) * row + 4 * 2 * m * d
+    return total
 
 
 def rel(a, b) -> float:
@@ -91,6 +95,8 @@ def main() -> None:
     ap.add_argument("--hf-prefill-max", type=int, default=4096,
                     help="largest context at which transformers' prefill is run (it grows quadratically)")
     ap.add_argument("--hf-decode-max", type=int, default=1 << 30, help="largest context for transformers' decode")
+    ap.add_argument("--storage", default="float", choices=["float", "v4"],
+                    help="kvslim row storage: float (fp32, equal to transformers) or v4 (FP8-ds rows, FP4 keys)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="results/native_v4.json")
     args = ap.parse_args()
@@ -103,12 +109,12 @@ def main() -> None:
     for n in contexts:
         x = torch.randn(1, n + args.decode_tokens, cfg.hidden_size, generator=gen)
         row: dict = {"context": n}
-        states = [m.new_state() for m in ours]
+        states = [m.new_state(args.storage) for m in ours]
         t0 = time.perf_counter()
         ours_step(ours, states, x[:, :n])
         row["kvslim_prefill_s"] = time.perf_counter() - t0
         row["kvslim_bytes_per_token"] = sum(s.nbytes() for s in states) / n
-        row["expected_bytes_per_token"] = expected_bytes(cfg, layers, n) / n
+        row["expected_bytes_per_token"] = expected_bytes(cfg, layers, n, args.storage) / n
         hf_cache = None
         row["hf_prefill_s"] = None
         if n <= args.hf_prefill_max:
@@ -147,7 +153,7 @@ def main() -> None:
         row["hf_decode_ms"] = 1000 * t_hf / timed if hf_cache is not None else None
         row["decode_speedup"] = row["hf_decode_ms"] / row["kvslim_decode_ms"] if hf_cache is not None else None
         row["prefill_speedup"] = (row["hf_prefill_s"] / row["kvslim_prefill_s"]) if row["hf_prefill_s"] else None
-        row["decode_max_rel_diff"] = (max(rel(a, b) for a, b in zip(outs_ours, outs_hf)) if outs_hf else None)
+        row["decode_max_rel_diff"] = (max(rel(a, b) for a, b in zip(outs_ours, outs_hf, strict=True)) if outs_hf else None)
         rows.append(row)
         print(f"  done N={n}", file=sys.stderr, flush=True)
 
@@ -155,7 +161,7 @@ def main() -> None:
         return "-" if v is None else format(v, fmt)
 
     print(f"layers={args.layers} hidden=256 heads=4x64 window=128 m=4 m'=128 topk={args.topk} "
-          f"threads={args.threads} decode_tokens={args.decode_tokens}")
+          f"storage={args.storage} threads={args.threads} decode_tokens={args.decode_tokens}")
     print(f"{'N':>7} | {'kvslim dec ms':>13} {'hf dec ms':>10} {'x':>6} | {'kvslim pre s':>12} {'hf pre s':>9} "
           f"{'x':>6} | {'B/tok':>7} {'expect':>7} {'hf B/tok':>8} | {'max rel':>8}  hf cache")
     for r in rows:
@@ -165,7 +171,7 @@ def main() -> None:
               f"{r['expected_bytes_per_token']:>7.0f} {f(r.get('hf_bytes_per_token'), '8.0f')} | "
               f"{f(r['decode_max_rel_diff'], '8.1e')}  {r['hf_cache']}")
     result = {
-        "bench": "native_v4", "layers": layers, "topk": args.topk, "threads": args.threads,
+        "bench": "native_v4", "layers": layers, "topk": args.topk, "storage": args.storage, "threads": args.threads,
         "decode_tokens": args.decode_tokens, "torch": torch.__version__, "machine": platform.machine(),
         "rows": rows,
     }

@@ -135,7 +135,7 @@ def test_v4_decode_equals_transformers_decode() -> None:
     x = hidden(2, 30, seed=7)
 
     def run(chunk: torch.Tensor) -> torch.Tensor:
-        for m, st in zip(ours, states):
+        for m, st in zip(ours, states, strict=True):
             chunk = chunk + m(chunk, st)
         return chunk
 
@@ -206,7 +206,7 @@ def test_transplanted_transformers_cache_decodes_like_transformers() -> None:
     hf_v4_step(hf, x[:, :23], own, 0)
     states = [m.new_state() for m in ours]
     h = x[:, :23]
-    for m, st in zip(ours, states):
+    for m, st in zip(ours, states, strict=True):
         h = h + m(h, st)
     moved = hf_v4_cache_from_states(cfg, states)
     for t in range(23, 27):

@@ -81,13 +81,14 @@ def rope_deinterleave(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 
 
 def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """V4 RoPE: interleaved pairs on the trailing ``2 * cos.shape[-1]`` dims of ``x``, in fp32, pairs kept in place."""
+    """V4 RoPE: interleaved pairs on the trailing ``2 * cos.shape[-1]`` dims of ``x``, in fp32, pairs kept in place.
+
+    Same arithmetic as transformers' ``x * cos + rotate_half(x) * sin`` per element (a + (-b) == a - b in IEEE).
+    """
     rd = 2 * cos.shape[-1]
-    nope, rope = x[..., :-rd], x[..., -rd:]
-    c = cos.repeat_interleave(2, dim=-1)
-    s = sin.repeat_interleave(2, dim=-1)
-    rot = torch.stack((-rope[..., 1::2], rope[..., 0::2]), dim=-1).flatten(-2)
-    out = (rope.float() * c + rot.float() * s).to(x.dtype)
+    nope, rope = x[..., :-rd], x[..., -rd:].float()
+    x0, x1 = rope[..., 0::2], rope[..., 1::2]
+    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), -1).flatten(-2).to(x.dtype)
     return torch.cat((nope, out), -1)
 
 

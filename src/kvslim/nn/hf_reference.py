@@ -174,14 +174,15 @@ def hf_v4_cache_from_states(config: Any, states: list[Any]) -> Any:
 
     Lets a benchmark time transformers' decode at contexts whose transformers prefill would take too long: the
     window (transformers keeps the last W-1 K=V vectors), compressed entries, open-window buffers, overlap carries
-    and entry counts are copied over. ``tests/test_nn_deepseek.py`` checks that decoding from it equals
+    and entry counts are copied over (packed rows are decoded to floats). ``tests/test_nn_deepseek.py`` checks that decoding from it equals
     transformers' own prefill-then-decode.
     """
     cache = hf_v4_cache(config)
-    for layer, st in zip(cache.layers, states):
+    for layer, st in zip(cache.layers, states, strict=True):
         order = torch.argsort(st.win_pos)
         pos = st.win_pos[order]
-        kv = st.win_kv[:, order][:, pos >= 0][:, -(config.sliding_window - 1) :]
+        ring = st.win_kv if st.kv_codec is None else st.kv_codec.decode(st.win_kv)
+        kv = ring[:, order][:, pos >= 0][:, -(config.sliding_window - 1) :]
         kv = kv.unsqueeze(1).contiguous()  # [B, 1, <=W-1, d]
         layer.lazy_initialization(kv, kv)
         layer.keys = kv
@@ -192,7 +193,7 @@ def hf_v4_cache_from_states(config: Any, states: list[Any]) -> Any:
         for name, cst in (("compressor", st.compressor), ("indexer", st.indexer)):
             if name not in layer.compressed_kv:
                 continue
-            layer.compressed_kv[name] = cst.entries.view().clone()
+            layer.compressed_kv[name] = cst.read_all(kv.shape[0], 0).clone()
             layer.entry_count[name] = cst.count
             layer.buffer_kv[name] = cst.buf_kv[:, : cst.fill].clone()
             layer.buffer_gate[name] = cst.buf_gate[:, : cst.fill].clone()

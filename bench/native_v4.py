@@ -1,7 +1,7 @@
 """Native V4 attention (kvslim.nn) vs transformers 5.24's DeepseekV4Attention: decode ms/token, prefill s, bytes.
 
 A stack of V4 attention layers (default: hidden 256, 4 heads of 64 with 16 RoPE dims, q_lora 128, 2 output
-groups of rank 64, window 128, layers SWA + CSA (m=4, indexer 4 heads x 32, top-k 512) + HCA (m'=128)), joined by
+groups of rank 64, window 128, layers SWA + CSA (m=4, indexer 16 heads x 16, top-k 512) + HCA (m'=128)), joined by
 residual sums, random weights, fp32, batch 1. kvslim's modules are built with ``from_transformers`` from the very
 transformers modules they are timed against, in the same process, one after the other.
 
@@ -50,7 +50,7 @@ def build(layers: list[str], topk: int):
         num_layers=len(layers), layer_types=[KINDS[k] for k in layers], hidden_size=256, num_attention_heads=4,
         head_dim=64, partial_rotary_factor=0.25, q_lora_rank=128, o_groups=2, o_lora_rank=64, sliding_window=128,
         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
-        index_n_heads=4, index_head_dim=32, index_topk=topk,
+        index_n_heads=16, index_head_dim=16, index_topk=topk,
     )
     hf = [hf_attention(cfg, i, seed=100 + i) for i in range(len(layers))]
     ours = [from_transformers(m) for m in hf]

@@ -81,3 +81,17 @@ def test_v4_fp8_rows_alone_stay_close() -> None:
     ours = from_transformers(hf_attention(tiny_v4_config("heavily_compressed_attention"), seed=6))
     x = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(4))
     assert 1e-3 < rel(ours(x, ours.new_state("v4")), ours(x)) < 0.06
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(0, 2**31 - 1), st.integers(0, 8))
+def test_topk_first_picks_earliest_among_ties_at_any_width(n: int, k: int, seed: int, extra: int) -> None:
+    from kvslim.nn._common import topk_first
+
+    k = min(k, n)
+    scores = torch.randint(0, 4, (3, n), generator=torch.Generator().manual_seed(seed)).float()  # many ties
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    expect = torch.sort(order, dim=-1).values
+    assert torch.equal(topk_first(scores, k), expect)
+    wider = torch.cat((scores, torch.full((3, extra), float("-inf"))), -1)
+    assert torch.equal(topk_first(wider, k), expect)

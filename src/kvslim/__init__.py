@@ -22,6 +22,11 @@ _EXPORTS: dict[str, str] = {
     "DEFAULT_MODEL": "kvslim.models",
     "cache_nbytes": "kvslim.memory",
     "generate": "kvslim.generation",
+    "MLA": "kvslim.nn.mla",
+    "DSA": "kvslim.nn.dsa",
+    "V4Attention": "kvslim.nn.v4_attention",
+    "V4Config": "kvslim.nn.v4_config",
+    "from_transformers": "kvslim.nn.loading",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["RMSNorm", "Rotary", "rope_half", "rope_deinterleave", "rope_interleaved", "GrowBuffer"]
+__all__ = ["RMSNorm", "Rotary", "rope_half", "rope_deinterleave", "rope_interleaved", "GrowBuffer", "topk_first"]
 
 
 class RMSNorm(nn.Module):
@@ -90,6 +90,22 @@ def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     x0, x1 = rope[..., 0::2], rope[..., 1::2]
     out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), -1).flatten(-2).to(x.dtype)
     return torch.cat((nope, out), -1)
+
+
+def topk_first(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores of each row [..., n] -> [..., k] (ascending index order); among scores equal
+    to the k-th largest, the earliest entries win.
+
+    ``torch.topk`` breaks such ties in an order that depends on the row's width, so a decode step (one row of the
+    entries so far) and a prefill (rows as wide as the whole call) could pick different entries. Exact ties are
+    common in lightning-indexer scores: ``sum_h w_h ReLU(.)`` is exactly 0 for every entry whose ReLUs all vanish,
+    which with few indexer heads and random weights often reaches the top-k boundary.
+    """
+    kth = scores.topk(k, dim=-1).values[..., -1:]
+    above = scores > kth
+    tie = scores == kth
+    take = above | (tie & (tie.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
+    return take.nonzero()[:, -1].view(*scores.shape[:-1], k)
 
 
 class GrowBuffer:

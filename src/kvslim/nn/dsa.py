@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kvslim.errors import InvalidInput
-from kvslim.nn._common import GrowBuffer, Rotary, rope_half
+from kvslim.nn._common import GrowBuffer, Rotary, rope_half, topk_first
 from kvslim.nn.mla import MLA, MLACache, MLAConfig
 
 __all__ = ["DSAConfig", "DSA", "DSACache", "DSAIndexer"]
@@ -90,7 +90,7 @@ class DSAIndexer(nn.Module):
             scores = torch.relu(torch.matmul(q[:, c0:c1], kt) * self.softmax_scale)  # [B, C, H, T]
             scores = torch.matmul(w[:, c0:c1].unsqueeze(-2), scores).squeeze(-2)  # [B, C, T]
             future = torch.arange(keys.shape[1])[None] > positions[c0:c1, None]
-            out.append(scores.masked_fill(future, float("-inf")).topk(k, dim=-1).indices)
+            out.append(topk_first(scores.masked_fill(future, float("-inf")), k))
         return torch.cat(out, 1)
 
 
@@ -112,6 +112,8 @@ class DSA(MLA):
             raise InvalidInput(f"DSA mode must be 'absorbed' or 'naive', got {mode!r}")
         cache = cache if cache is not None else DSACache()
         b, s, _ = hidden.shape
+        if s == 0:
+            return hidden.new_zeros((b, 0, self.config.hidden_size))
         positions = torch.arange(cache.seen, cache.seen + s)
         q_nope, q_rope, q_res, latent, k_rope = self.project(hidden, positions)
         cos, sin = self.rotary.cos_sin(positions)

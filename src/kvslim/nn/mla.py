@@ -129,6 +129,8 @@ class MLA(nn.Module):
             raise InvalidInput(f"MLA mode must be 'absorbed' or 'naive', got {mode!r}")
         cache = cache if cache is not None else MLACache()
         b, s, _ = hidden.shape
+        if s == 0:
+            return hidden.new_zeros((b, 0, self.config.hidden_size))
         start = cache.seen
         positions = torch.arange(start, start + s)
         q_nope, q_rope, _, latent, k_rope = self.project(hidden, positions)

@@ -111,6 +111,8 @@ class V4Attention(nn.Module):
         if state.seen == 0:
             state._setup(c)
         b, s, _ = hidden.shape
+        if s == 0:
+            return hidden.new_zeros((b, 0, c.hidden_size))
         positions = torch.arange(state.seen, state.seen + s, device=hidden.device)
         cos, sin = self.rotary.cos_sin(positions)  # [S, r/2]
 

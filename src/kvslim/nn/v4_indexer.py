@@ -5,6 +5,8 @@ context (that is the indexer cache: N/m keys). Queries: ``q_b_proj(q_residual)``
 (compress table) at the query position. Score ``I(t, s) = sum_h w_{t,h} * ReLU(q_{t,h} . k_s) / sqrt(d_I)`` with
 ``w = weights_proj(x) / sqrt(H_I)``; entries not yet closed (``s >= (t+1) // m``) score -inf; the top
 ``min(k, N)`` are returned, with -1 marking picks that are not causal (early queries with fewer than k entries).
+Exact ties at the top-k boundary go to the earliest entries (:func:`~kvslim.nn._common.topk_first`), so decode and
+prefill pick alike; transformers' ``torch.topk`` breaks such ties in a width-dependent order.
 The FP4 / Hadamard simulation of the reference kernels is not applied (transformers does not either).
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvslim.nn._common import Rotary, rope_interleaved
+from kvslim.nn._common import Rotary, rope_interleaved, topk_first
 from kvslim.nn.v4_compressor import Compressor, CompressorState
 
 __all__ = ["Indexer"]
@@ -65,7 +67,7 @@ class Indexer(nn.Module):
             scores = torch.matmul(q[:, c0:c1], keys_t[..., :n_vis])  # [B, C, H, n_vis]
             scores = scores.relu_().mul_(self.softmax_scale).mul_(w[:, c0:c1].unsqueeze(-1)).sum(dim=2)
             scores = scores.masked_fill_(torch.arange(n_vis).view(1, 1, -1) >= thr, float("-inf"))
-            idx = scores.topk(min(k, n_vis), dim=-1).indices
+            idx = topk_first(scores, min(k, n_vis))
             pad[..., : idx.shape[-1]] = torch.where(idx >= thr, torch.full_like(idx, -1), idx)
             out.append(pad)
         return torch.cat(out, 1)

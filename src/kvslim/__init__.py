@@ -27,6 +27,18 @@ _EXPORTS: dict[str, str] = {
     "V4Attention": "kvslim.nn.v4_attention",
     "V4Config": "kvslim.nn.v4_config",
     "from_transformers": "kvslim.nn.loading",
+    "ArchSpec": "kvslim.spec",
+    "preset": "kvslim.spec",
+    "from_config": "kvslim.spec",
+    "bytes_per_vector": "kvslim.formats",
+    "vectors_nbytes": "kvslim.formats",
+    "kv_bytes": "kvslim.plan",
+    "kv_breakdown": "kvslim.plan",
+    "decode_flops": "kvslim.plan",
+    "decode_read_bytes": "kvslim.plan",
+    "prefill_flops": "kvslim.plan",
+    "fit": "kvslim.plan",
+    "expected_cache_bytes": "kvslim.plan",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -10,7 +10,9 @@ skipped and said so), then both decode ``--decode-tokens`` tokens (timed after 2
 transformers' prefill was skipped, its decode runs on a cache copied from kvslim's state
 (``hf_v4_cache_from_states``; tested to decode exactly like transformers' own cache), and the decode outputs of the
 two are compared. Bytes: kvslim's ``V4State.nbytes()`` per token against the closed form
-W*d + N/m*(d + d_I) + N/m'*d values (fp32), and transformers' cache bytes measured by ``kvslim.cache_nbytes``.
+W*d + N/m*(d + d_I) + N/m'*d values + compressor state, checked against the planner
+(``kvslim.plan.expected_cache_bytes(..., layout="plan")``, fp32 rows only: its fp8_ds_v4 layout assumes 64 RoPE
+dims), and transformers' cache bytes measured by ``kvslim.cache_nbytes``.
 
     python bench/native_v4.py                                     # default: 1k, 2k, 4k (a few minutes, 1 thread)
     python bench/native_v4.py --contexts 2048,8192,32768,131072 --hf-prefill-max 8192   # the full list
@@ -41,6 +43,8 @@ from kvslim.nn.hf_reference import (  # noqa: E402
     tiny_v4_config,
 )
 from kvslim.nn.storage import Fp4, Fp8DsV4  # noqa: E402
+from kvslim.plan import expected_cache_bytes  # noqa: E402
+from kvslim.spec_hf import spec_from_config  # noqa: E402
 
 KINDS = {"swa": "sliding_attention", "csa": "compressed_sparse_attention", "hca": "heavily_compressed_attention"}
 
@@ -104,6 +108,7 @@ def main() -> None:
     layers = args.layers.split(",")
     contexts = [int(c) for c in args.contexts.split(",")]
     cfg, hf, ours = build(layers, args.topk)
+    spec = spec_from_config(cfg)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for n in contexts:
@@ -115,6 +120,9 @@ def main() -> None:
         row["kvslim_prefill_s"] = time.perf_counter() - t0
         row["kvslim_bytes_per_token"] = sum(s.nbytes() for s in states) / n
         row["expected_bytes_per_token"] = expected_bytes(cfg, layers, n, args.storage) / n
+        # the planner prices fp32 rows; its fp8_ds_v4 layout assumes 64 RoPE dims (this stack has 16)
+        row["planner_bytes_per_token"] = (expected_cache_bytes(spec, n, "fp32", layout="plan") / n
+                                          if args.storage == "float" else None)
         hf_cache = None
         row["hf_prefill_s"] = None
         if n <= args.hf_prefill_max:
@@ -163,12 +171,12 @@ def main() -> None:
     print(f"layers={args.layers} hidden=256 heads=4x64 window=128 m=4 m'=128 topk={args.topk} "
           f"storage={args.storage} threads={args.threads} decode_tokens={args.decode_tokens}")
     print(f"{'N':>7} | {'kvslim dec ms':>13} {'hf dec ms':>10} {'x':>6} | {'kvslim pre s':>12} {'hf pre s':>9} "
-          f"{'x':>6} | {'B/tok':>7} {'expect':>7} {'hf B/tok':>8} | {'max rel':>8}  hf cache")
+          f"{'x':>6} | {'B/tok':>7} {'planner':>7} {'hf B/tok':>8} | {'max rel':>8}  hf cache")
     for r in rows:
         print(f"{r['context']:>7} | {r['kvslim_decode_ms']:>13.2f} {f(r['hf_decode_ms'], '10.2f')} "
               f"{f(r['decode_speedup'], '6.1f')} | {r['kvslim_prefill_s']:>12.2f} {f(r['hf_prefill_s'], '9.2f')} "
-              f"{f(r['prefill_speedup'], '6.1f')} | {r['kvslim_bytes_per_token']:>7.0f} "
-              f"{r['expected_bytes_per_token']:>7.0f} {f(r.get('hf_bytes_per_token'), '8.0f')} | "
+              f"{f(r['prefill_speedup'], '6.1f')} | {r['kvslim_bytes_per_token']:>7.1f} "
+              f"{f(r['planner_bytes_per_token'], '7.1f')} {f(r.get('hf_bytes_per_token'), '8.1f')} | "
               f"{f(r['decode_max_rel_diff'], '8.1e')}  {r['hf_cache']}")
     result = {
         "bench": "native_v4", "layers": layers, "topk": args.topk, "storage": args.storage, "threads": args.threads,

@@ -95,3 +95,20 @@ def test_topk_first_picks_earliest_among_ties_at_any_width(n: int, k: int, seed:
     assert torch.equal(topk_first(scores, k), expect)
     wider = torch.cat((scores, torch.full((3, extra), float("-inf"))), -1)
     assert torch.equal(topk_first(wider, k), expect)
+
+
+def test_v4_state_bytes_equal_the_planner() -> None:
+    """V4State.nbytes() == the planner's expected bytes (layout "plan"): fp32 rows, and packed fp8_ds_v4 rows + fp4
+    indexer keys (the planner's fp8_ds_v4 needs 64 RoPE dims, so this config has head_dim 128 with 64 RoPE dims)."""
+    from kvslim.plan import expected_cache_bytes
+    from kvslim.spec_hf import spec_from_config
+
+    for kind in ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"):
+        cfg = tiny_v4_config(kind, head_dim=128, partial_rotary_factor=0.5, index_head_dim=64, o_groups=2)
+        ours = from_transformers(hf_attention(cfg, seed=2))
+        spec = spec_from_config(cfg)
+        x = torch.randn(2, 37, 64, generator=torch.Generator().manual_seed(1))
+        for storage, fmt in (("float", "fp32"), ("v4", "kv=fp8_ds_v4,index=fp4")):
+            state = ours.new_state(storage)
+            ours(x, state)
+            assert state.nbytes() == expected_cache_bytes(spec, 37, fmt, batch=2, layout="plan"), (kind, storage)

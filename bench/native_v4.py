@@ -14,8 +14,8 @@ W*d + N/m*(d + d_I) + N/m'*d values + compressor state, checked against the plan
 (``kvslim.plan.expected_cache_bytes(..., layout="plan")``, fp32 rows only: its fp8_ds_v4 layout assumes 64 RoPE
 dims), and transformers' cache bytes measured by ``kvslim.cache_nbytes``.
 
-    python bench/native_v4.py                                     # default: 1k, 2k, 4k (a few minutes, 1 thread)
-    python bench/native_v4.py --contexts 2048,8192,32768,131072 --hf-prefill-max 8192   # the full list
+    python bench/native_v4.py                  # default: 2k, 8k (about a minute idle, a few on busy cores)
+    python bench/native_v4.py --contexts 2048,8192,32768,131072 --out results/native_v4_full.json   # ~10 min
 
 Prints a table, then one JSON line; writes results/native_v4.json.
 """
@@ -92,11 +92,11 @@ def rel(a, b) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--contexts", default="1024,2048,4096", help="comma-separated context lengths")
+    ap.add_argument("--contexts", default="2048,8192", help="comma-separated context lengths")
     ap.add_argument("--layers", default="swa,csa,hca", help="layer kinds, comma-separated (swa, csa, hca)")
     ap.add_argument("--topk", type=int, default=512, help="CSA indexer top-k (V4-Flash: 512)")
     ap.add_argument("--decode-tokens", type=int, default=16)
-    ap.add_argument("--hf-prefill-max", type=int, default=4096,
+    ap.add_argument("--hf-prefill-max", type=int, default=8192,
                     help="largest context at which transformers' prefill is run (it grows quadratically)")
     ap.add_argument("--hf-decode-max", type=int, default=1 << 30, help="largest context for transformers' decode")
     ap.add_argument("--storage", default="float", choices=["float", "v4"],

@@ -93,15 +93,18 @@ def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 def topk_first(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores of each row [..., n] -> [..., k] (ascending index order); among scores equal
-    to the k-th largest, the earliest entries win.
+    """Indices of the k largest scores of each row [..., n] -> [..., k]; among scores equal to the k-th largest,
+    the earliest entries win (the order of the returned indices is unspecified).
 
     ``torch.topk`` breaks such ties in an order that depends on the row's width, so a decode step (one row of the
     entries so far) and a prefill (rows as wide as the whole call) could pick different entries. Exact ties are
     common in lightning-indexer scores: ``sum_h w_h ReLU(.)`` is exactly 0 for every entry whose ReLUs all vanish,
     which with few indexer heads and random weights often reaches the top-k boundary.
     """
-    kth = scores.topk(k, dim=-1).values[..., -1:]
+    values, indices = scores.topk(k, dim=-1)
+    kth = values[..., -1:]
+    if not bool(((scores >= kth).sum(-1) > k).any()):  # no tie at the boundary: the set is already unique
+        return indices
     above = scores > kth
     tie = scores == kth
     take = above | (tie & (tie.cumsum(-1) <= k - above.sum(-1, keepdim=True)))

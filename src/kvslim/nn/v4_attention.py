@@ -137,12 +137,16 @@ class V4Attention(nn.Module):
         if state.win_kv is None:
             state.win_kv = kv_stored.new_zeros((b, c.window, kv_stored.shape[-1]))
             state.win_pos = torch.full((c.window,), -1, dtype=torch.long)
-        out = torch.empty_like(q)
-        for c0 in range(0, s, c.query_chunk):
-            c1 = min(s, c0 + c.query_chunk)
-            out[:, c0:c1] = self._attend(q[:, c0:c1], positions[c0:c1], kv, positions, state, entries,
-                                         None if picks is None else picks[:, c0:c1])
-        self._push_window(kv_stored, positions, state)
+        if s == 1:  # decode: the ring, after taking this token, is exactly the window
+            self._push_window(kv_stored, positions, state)
+            out = self._decode_attend(q[:, 0], state, entries, picks).unsqueeze(1)
+        else:
+            out = torch.empty_like(q)
+            for c0 in range(0, s, c.query_chunk):
+                c1 = min(s, c0 + c.query_chunk)
+                out[:, c0:c1] = self._attend(q[:, c0:c1], positions[c0:c1], kv, positions, state, entries,
+                                             None if picks is None else picks[:, c0:c1])
+            self._push_window(kv_stored, positions, state)
         state.seen += s
 
         out = rope_interleaved(out, cos[:, None], -sin[:, None])  # undo RoPE carried by V
@@ -189,9 +193,40 @@ class V4Attention(nn.Module):
             out = out + torch.einsum("bhsk,bskd->bshd", parts[-1], sel)
         return out
 
+    def _decode_attend(self, q: torch.Tensor, state: V4State, entries: torch.Tensor | None,
+                       picks: torch.Tensor | None) -> torch.Tensor:
+        """One query per sequence q [B, H, d] -> [B, H, d]: W window rows + k gathered (CSA) or N/m' (HCA) entries."""
+        ring = state.win_kv if state.kv_codec is None else state.kv_codec.decode(state.win_kv).to(q.dtype)
+        logits = [torch.bmm(q, ring.transpose(1, 2)).mul_(self.scaling)]  # [B, H, W]
+        if state.seen + 1 < ring.shape[1]:  # ring not full yet: empty slots
+            logits[0].masked_fill_((state.win_pos < 0).view(1, 1, -1), float("-inf"))
+        values = [ring]
+        if entries is not None and entries.shape[1]:  # HCA: every entry is closed at decode time
+            logits.append(torch.bmm(q, entries.transpose(1, 2)).mul_(self.scaling))
+            values.append(entries)
+        if picks is not None and picks.shape[-1]:
+            sel = state.compressor.gather(picks)[:, 0].to(q.dtype)  # [B, k, d], a real gather
+            lg = torch.bmm(q, sel.transpose(1, 2)).mul_(self.scaling)
+            logits.append(lg.masked_fill_((picks[:, 0] < 0).unsqueeze(1), float("-inf")))
+            values.append(sel)
+        sinks = self.sinks.to(q.dtype).view(1, -1, 1).expand(q.shape[0], -1, 1)
+        probs = torch.softmax(torch.cat([*logits, sinks], -1), dim=-1)
+        out = None
+        start = 0
+        for lg, v in zip(logits, values, strict=True):
+            part = torch.bmm(probs[..., start : start + lg.shape[-1]], v)
+            out = part if out is None else out + part
+            start += lg.shape[-1]
+        return out
+
     @staticmethod
     def _push_window(kv: torch.Tensor, positions: torch.Tensor, state: V4State) -> None:
         w = state.win_kv.shape[1]
+        if kv.shape[1] == 1:
+            slot = state.seen % w  # positions[0] == state.seen
+            state.win_kv[:, slot] = kv[:, 0]
+            state.win_pos[slot] = state.seen
+            return
         kv, positions = kv[:, -w:], positions[-w:]
         slots = positions % w
         state.win_kv[:, slots] = kv

@@ -241,3 +241,12 @@ def test_empty_call_is_a_no_op() -> None:
     for m in (from_transformers(hf_attention(tiny_v3_config())), from_transformers(hf_attention(tiny_v32_config()))):
         cache = m.new_cache()
         assert m(hidden(2, 0), cache).shape == (2, 0, 64) and cache.seen == 0
+
+
+def test_from_transformers_keeps_each_parameter_dtype() -> None:
+    hf = hf_attention(tiny_v4_config("compressed_sparse_attention"), seed=1).to(torch.bfloat16)
+    with torch.no_grad():
+        hf.sinks.data = hf.sinks.data.float()
+    ours = from_transformers(hf)
+    assert ours.q_a_proj.weight.dtype == torch.bfloat16 and ours.sinks.dtype == torch.float32
+    assert ours.rotary.inv_freq.dtype == torch.float32

@@ -78,5 +78,9 @@ def from_transformers(module: torch.nn.Module) -> torch.nn.Module:
         raise InvalidInput(f"from_transformers: {name} is not a DeepSeek V3 / V3.2 / V4 attention module; pass "
                            "e.g. model.model.layers[i].self_attn of a DeepSeek model")
     ours.load_state_dict(state, strict=True)
-    param = next(module.parameters())
-    return ours.to(dtype=param.dtype, device=param.device).eval()
+    device = next(module.parameters()).device
+    ours.to(device)
+    with torch.no_grad():  # each parameter keeps its source's dtype (V4 keeps norms, sinks, biases in fp32)
+        for name, p in ours.named_parameters():
+            p.data = p.data.to(state[name].dtype)
+    return ours.eval()  # RoPE tables stay fp32 like transformers'; tested in fp32

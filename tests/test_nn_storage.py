@@ -112,3 +112,11 @@ def test_v4_state_bytes_equal_the_planner() -> None:
             state = ours.new_state(storage)
             ours(x, state)
             assert state.nbytes() == expected_cache_bytes(spec, 37, fmt, batch=2, layout="plan"), (kind, storage)
+
+
+def test_reserved_bytes_bound_the_stored_bytes() -> None:
+    ours = from_transformers(hf_attention(tiny_v4_config("compressed_sparse_attention"), seed=2))
+    state = ours.new_state()
+    ours(torch.randn(2, 600, 64), state)
+    entries = state.compressor.entries.nbytes() + state.indexer.entries.nbytes()
+    assert state.nbytes() <= state.reserved_nbytes() <= state.nbytes() + entries

@@ -72,6 +72,10 @@ class MLACache:
     def nbytes(self) -> int:
         return self.latent.nbytes() + self.rope_key.nbytes()
 
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated (capacity doubles as tokens arrive; at most twice :meth:`nbytes` beyond 64 tokens)."""
+        return sum(b.reserved_nbytes() for b in vars(self).values() if isinstance(b, GrowBuffer))
+
 
 class MLA(nn.Module):
     """One MLA layer. Parameter names follow transformers' ``DeepseekV3Attention``."""

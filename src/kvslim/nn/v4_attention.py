@@ -65,6 +65,11 @@ class V4State:
         win = 0 if self.win_kv is None else self.win_kv.numel() * self.win_kv.element_size()
         return win + self.compressor.nbytes() + self.indexer.nbytes()
 
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated: as :meth:`nbytes`, with the entry stores' capacity (at most twice their rows)."""
+        win = 0 if self.win_kv is None else self.win_kv.numel() * self.win_kv.element_size()
+        return win + self.compressor.reserved_nbytes() + self.indexer.reserved_nbytes()
+
 
 class V4Attention(nn.Module):
     """One V4 attention layer; parameter names follow transformers so weights load one to one."""

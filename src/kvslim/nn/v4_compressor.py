@@ -61,6 +61,10 @@ class CompressorState:
                                                           self.carry_gate) if t is not None)
         return self.entries.nbytes() + extra
 
+    def reserved_nbytes(self) -> int:
+        """Like :meth:`nbytes` but with the entries' allocated capacity (it doubles as entries arrive)."""
+        return self.nbytes() - self.entries.nbytes() + self.entries.reserved_nbytes()
+
 
 class Compressor(nn.Module):
     """Gated pooling of every ``rate`` tokens into one ``dim``-wide entry; ``overlap=True`` is the CSA variant.

@@ -250,3 +250,16 @@ def test_from_transformers_keeps_each_parameter_dtype() -> None:
     ours = from_transformers(hf)
     assert ours.q_a_proj.weight.dtype == torch.bfloat16 and ours.sinks.dtype == torch.float32
     assert ours.rotary.inv_freq.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["v3", "v32"])
+def test_mla_dsa_chunked_prefill_equals_prefill(kind: str) -> None:
+    cfg = tiny_v3_config() if kind == "v3" else tiny_v32_config(index_topk=5)
+    ours = from_transformers(hf_attention(cfg, seed=9))
+    x = hidden(2, 33, seed=4)
+    full = ours(x)
+    cache = ours.new_cache()
+    chunks = torch.cat([ours(x[:, a:b], cache) for a, b in ((0, 9), (9, 10), (10, 33))], 1)
+    assert rel(chunks, full) <= TOL
+    ours.config.query_chunk = 4
+    assert rel(ours(x), full) <= TOL

@@ -10,7 +10,7 @@ A recipe is ``STRUCTURE[:key=value,...][+CODEC]``, for example::
     latent:r=64               MLA-like: keys and values stored as r-dim projections on a calibrated basis
     v4+tq3                    any structure, entries stored with a kvslim.quant codec
 
-``full_first=n`` (any structure) keeps the first n model layers exact. Named presets (``list_recipes()``) are
+``full_first=n`` (any structure) keeps the first n global (full-attention) layers exact. Named presets (``list_recipes()``) are
 recipe strings under a short name. ``parse_recipe`` validates everything it can without a model; ``kvslim.make_cache``
 checks what needs the model (head dim vs rank, codec availability) before allocating anything.
 """
@@ -54,7 +54,7 @@ POOLS = ("mean", "norm", "attn")
 
 # parameter: (type, default, one-line meaning)
 _COMMON: dict[str, tuple[type, Any, str]] = {
-    "full_first": (int, 0, "keep the first n model layers exact"),
+    "full_first": (int, 0, "keep the first n global (full-attention) layers exact"),
 }
 _WINDOW = {"w": (int, 256, "exact recent tokens"), "sinks": (int, 4, "exact first tokens")}
 _BLOCKS = {
@@ -161,8 +161,6 @@ class Recipe:
                 raise InvalidInput(f"{self.kind}: {key} must be >= 0, got {p[key]}")
         if "pool" in p and p["pool"] not in POOLS:
             raise InvalidInput(f"{self.kind}: pool must be one of {', '.join(POOLS)}, got {p['pool']!r}")
-        if "overlap" in p and "m" in p and p["overlap"] > p["w"]:
-            raise InvalidInput(f"{self.kind}: overlap ({p['overlap']}) cannot exceed the window w ({p['w']})")
 
     def get(self, key: str) -> Any:
         return dict(self.params)[key]
@@ -177,19 +175,23 @@ class Recipe:
 
     def layer_specs(self, layer_types: list[str], sliding_window: int | None) -> list[LayerSpec]:
         """One ``LayerSpec`` per model layer. Local (sliding) layers keep their native window exactly and only take
-        the codec; ``full_first`` layers are exact; the structure applies to the remaining global layers."""
+        the codec; the first ``full_first`` global layers are exact (for models without local layers: the first
+        ``full_first`` layers); the structure applies to the remaining global layers."""
         p = dict(self.params)
         specs: list[LayerSpec] = []
-        n_global = 0
+        n_global = 0  # compressed global layers so far (v4 alternates on it)
+        n_seen_global = 0
         for i, lt in enumerate(layer_types):
             if lt in ("sliding_attention", "chunked_attention"):
                 specs.append(LayerSpec(window=sliding_window, sliding=sliding_window, codec=self.codec, label="local"))
                 continue
             if lt != "full_attention":
                 raise InvalidInput(f"layer {i} has type {lt!r}, which kvslim caches do not support (full/sliding only)")
-            if i < self.full_first or self.kind == "full":
+            if n_seen_global < self.full_first or self.kind == "full":
+                n_seen_global += 1
                 specs.append(LayerSpec(codec=self.codec, label="full"))
                 continue
+            n_seen_global += 1
             if self.kind == "window":
                 specs.append(LayerSpec(window=p["w"], sinks=p["sinks"], codec=self.codec, label="window"))
             elif self.kind in ("blocks", "heavy"):

@@ -75,12 +75,12 @@ def head_dim(cfg: Any) -> int:
 def check_recipe(model: Any, recipe: str | Recipe) -> tuple[Recipe, list[LayerSpec]]:
     """Validate ``recipe`` against ``model``; returns the parsed recipe and one ``LayerSpec`` per layer."""
     r = parse_recipe(recipe)
-    cfg = _text_config(model)
     if not hasattr(model, "set_attn_implementation") or not model._can_set_attn_implementation():
         raise InvalidInput(
             f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, "
             "so kvslim caches cannot plug into it; use a Llama/Qwen/Mistral/Gemma-family model"
         )
+    cfg = _text_config(model)
     types = _layer_types(cfg)
     specs = r.layer_specs(types, getattr(cfg, "sliding_window", None))
     d = head_dim(cfg)

@@ -17,6 +17,8 @@ LOSSY = [
     "v4:w=8,m=2,k=3,hm=6",
     "latent:r=6",
     "window:w=8+fp8",
+    "v4:w=8,m=2,k=3,hm=6+tq3",
+    "blocks:m=4,k=2,w=8+fp4",  # (tq2.5 calibrates outliers on the first chunk, KIVI groups: not chunk-invariant)
 ]
 
 
@@ -107,6 +109,11 @@ def test_bytes_held_match_the_layout(tiny_models):
     with compressed(model, "full+fp8") as cache, torch.inference_mode():
         model(ids, cache=cache)
         assert cache.layers[0].nbytes() == 50 * 2 * 2 * (d + 4 * 1) + 50
+    with compressed(model, "full+tq3") as cache, torch.inference_mode():
+        model(ids, cache=cache)
+        layer = cache.layers[0]
+        state = sum(c.state_nbytes() for c in layer.codecs)
+        assert layer.nbytes() == 50 * 2 * 2 * ((d * 3 + 7) // 8 + 2) + 50 + state
 
 
 def test_refusals_before_allocation(tiny_models):

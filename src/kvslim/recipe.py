@@ -38,7 +38,7 @@ CODECS: dict[str, str] = {
     "fp32": "float32",
     "fp16": "float16",
     "bf16": "bfloat16",
-    "fp8": "e4m3 codes + one fp32 scale per 128 values",
+    "fp8": "e4m3 codes + one fp32 scale per 128 values (kvslim.quant)",
     "fp4": "e2m1 codes + ue8m0 scale per 32 values (kvslim.quant)",
     "tq1": "TurboQuant-MSE 1 bit (kvslim.quant)",
     "tq2": "TurboQuant-MSE 2 bits (kvslim.quant)",
@@ -46,6 +46,9 @@ CODECS: dict[str, str] = {
     "tq3": "TurboQuant-MSE 3 bits (kvslim.quant)",
     "tq3.5": "TurboQuant-MSE 3.5 bits, outlier channels at 4 (kvslim.quant)",
     "tq4": "TurboQuant-MSE 4 bits (kvslim.quant)",
+    "tqprod2": "TurboQuant-prod 2 bits: 1-bit MSE + 1-bit QJL residual sketch (kvslim.quant)",
+    "tqprod3": "TurboQuant-prod 3 bits (kvslim.quant)",
+    "tqprod4": "TurboQuant-prod 4 bits (kvslim.quant)",
     "kivi2": "KIVI 2 bits, keys per channel, values per token (kvslim.quant)",
     "kivi4": "KIVI 4 bits (kvslim.quant)",
 }

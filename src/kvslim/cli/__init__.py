@@ -12,7 +12,7 @@ import typer
 
 __all__ = ["app", "main", "COMMANDS"]
 
-COMMANDS: tuple[str, ...] = ("models", "generate")
+COMMANDS: tuple[str, ...] = ("models", "generate", "recipes")
 
 app = typer.Typer(
     name="kvslim",

@@ -102,7 +102,7 @@ PRESETS: dict[str, tuple[str, str]] = {
     "hca": ("heavy:m=64,w=128", "HCA-like 64:1 pooling, dense over entries"),
     "v4-fp8": ("v4+fp8", "V4 interleave with FP8 entries (DeepSeek's production format)"),
     "v4-tq3": ("v4+tq3", "V4 interleave with 3-bit TurboQuant entries"),
-    "latent64": ("latent:r=64", "rank-64 latent keys and values"),
+    "latent32": ("latent:r=32", "rank-32 latent keys and values (half of SmolLM2's head dim, 1/8 of Gemma 3's)"),
     "full-kivi2": ("full+kivi2", "every token kept, KIVI 2-bit"),
 }
 

@@ -125,3 +125,18 @@ def test_refusals_before_allocation(tiny_models):
     with pytest.raises(kvslim.InvalidInput, match="AttentionInterface"):
         kvslim.make_cache(torch.nn.Linear(2, 2), "full")
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_observed_attention_pooling_uses_the_queries(tiny_models):
+    model = tiny_models["llama"]
+    ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(11))
+    outs = {}
+    for pool in ("mean", "attn"):
+        with compressed(model, f"blocks:m=4,k=0,w=8,sinks=2,pool={pool}") as cache, torch.inference_mode():
+            outs[pool] = model(ids, cache=cache).logits
+            layer = cache.layers[0]
+            if pool == "attn":
+                # every window token has received attention mass from the queries seen so far
+                assert layer.obs.shape[-1] == layer.tail_k.n and bool((layer.obs > 0).all())
+    assert torch.isfinite(outs["attn"]).all()
+    assert not torch.allclose(outs["attn"], outs["mean"])

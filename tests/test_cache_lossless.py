@@ -18,6 +18,7 @@ LOSSLESS = [
     "v4:w=1000",
     "full+fp32",
     "v4:w=1000,full_first=1",
+    "blocks:m=4,k=8,w=1000,pool=attn",  # explicit-softmax attention path
 ]
 FLOAT_EXACT = ["latent:r=16", "blocks:m=1,k=0,w=4,sinks=0"]  # exact up to float rounding (r = head dim, m = 1)
 

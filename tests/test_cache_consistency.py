@@ -113,7 +113,11 @@ def test_bytes_held_match_the_layout(tiny_models):
         model(ids, cache=cache)
         layer = cache.layers[0]
         state = sum(c.state_nbytes() for c in layer.codecs)
-        assert layer.nbytes() == 50 * 2 * 2 * ((d * 3 + 7) // 8 + 2) + 50 + state
+        data = 50 * 2 * 2 * ((d * 3 + 7) // 8 + 2) + 50
+        assert layer.nbytes() == data + state
+        # one codec (rotation, codebook) serves both layers and both streams: its constants are held once
+        assert cache.layers[1].codecs[0] is layer.codecs[0] and len(layer.codecs) == 1
+        assert cache.layer_nbytes() == [data + state, data] and cache.nbytes() == 2 * data + state
 
 
 def test_refusals_before_allocation(tiny_models):

@@ -81,7 +81,7 @@ class KvslimLayer(CacheLayerMixin):
         vec = self.spec.rank if self.spec.mode == "latent" else d
         # one codec per stream (keys, values): KIVI differs by role, fractional TurboQuant calibrates per stream
         ck, cv = self.codec_factory(vec, "key"), self.codec_factory(vec, "value")
-        self.codecs = [ck, cv]
+        self.codecs = [ck] if cv is ck else [ck, cv]
         self.sink_k, self.sink_v = Store(ck, dt), Store(cv, dt)
         self.blk_k, self.blk_v = Store(ck, dt), Store(cv, dt)
         if self.spec.window is not None and type(ck).__name__ == "KiviCodec":
@@ -90,6 +90,7 @@ class KvslimLayer(CacheLayerMixin):
             from .storage import make_storage_codec
 
             ck = cv = make_storage_codec("fp16", vec)
+            self.codecs.append(ck)
         self.tail_k, self.tail_v = Store(ck, dt), Store(cv, dt)
         self.sink_valid = torch.zeros(b, 0, dtype=torch.bool, device=dev)
         self.tail_valid = torch.zeros(b, 0, dtype=torch.bool, device=dev)
@@ -158,16 +159,17 @@ class KvslimLayer(CacheLayerMixin):
         return None
 
     # ---- bytes -----------------------------------------------------------------------------------------------
-    def nbytes(self) -> int:
-        """Bytes held: packed K/V of sinks, blocks and tail, validity/position/score side tensors, and the
-        per-layer constants (codec state, latent basis) once."""
+    def nbytes(self, include_codec_state: bool = True) -> int:
+        """Bytes held: packed K/V of sinks, blocks and tail, validity/position/score side tensors, the latent basis,
+        and (unless the cache counts shared codecs itself) the constants of this layer's codecs."""
         if not self.is_initialized:
             return 0
         total = sum(s.nbytes() for s in (self.sink_k, self.sink_v, self.tail_k, self.tail_v, self.blk_k, self.blk_v))
         for t in (self.sink_valid, self.tail_valid, self.blk_valid, self.tail_pos, self.obs):
             if t is not None:
                 total += t.numel() * t.element_size()
-        total += sum(int(c.state_nbytes()) for c in self.codecs)
+        if include_codec_state:
+            total += sum(int(c.state_nbytes()) for c in self.codecs)
         if self.basis is not None:
             total += sum(u.numel() * u.element_size() for u in self.basis)
         return total

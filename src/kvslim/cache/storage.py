@@ -21,6 +21,8 @@ from ..memory import tensor_nbytes
 
 __all__ = ["Store", "make_storage_codec", "packed_nbytes"]
 
+# codecs fitted to the data they first store (outlier channels): never shared between layers or streams
+CALIBRATED_CODECS = ("tq2.5", "tq3.5")
 _CASTS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _E4M3_MAX = 448.0
 

@@ -144,3 +144,13 @@ def test_observed_attention_pooling_uses_the_queries(tiny_models):
                 assert layer.obs.shape[-1] == layer.tail_k.n and bool((layer.obs > 0).all())
     assert torch.isfinite(outs["attn"]).all()
     assert not torch.allclose(outs["attn"], outs["mean"])
+
+
+@pytest.mark.parametrize("recipe", ["blocks:m=4,k=5,w=8,sinks=2", "full", "latent:r=8"])
+def test_long_prefill_crosses_query_chunks(tiny_models, recipe):
+    """A 700-token one-shot prefill is attended in several query chunks; it must equal feeding 100 at a time."""
+    model = tiny_models["llama"]
+    ids = torch.randint(1, 128, (1, 700), generator=torch.Generator().manual_seed(12))
+    one = _logits_in_chunks(model, recipe, ids, [700])
+    chunked = _logits_in_chunks(model, recipe, ids, [100] * 7)
+    torch.testing.assert_close(chunked, one, atol=2e-4, rtol=1e-4)

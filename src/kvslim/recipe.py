@@ -177,8 +177,9 @@ class Recipe:
         return text + (f"+{self.codec}" if self.codec != "none" else "")
 
     def layer_specs(self, layer_types: list[str], sliding_window: int | None) -> list[LayerSpec]:
-        """One ``LayerSpec`` per model layer. Local (sliding) layers keep their native window exactly and only take
-        the codec; the first ``full_first`` global layers are exact (for models without local layers: the first
+        """One ``LayerSpec`` per model layer. Local (sliding) layers keep their native window exactly: in the model
+        dtype with codec ``none``, else in 16 bits (their size is bounded by the window; quantizing them costs Gemma 3
+        270M far more accuracy than it saves memory at long context). The first ``full_first`` global layers are exact (for models without local layers: the first
         ``full_first`` layers); the structure applies to the remaining global layers."""
         p = dict(self.params)
         specs: list[LayerSpec] = []
@@ -186,7 +187,8 @@ class Recipe:
         n_seen_global = 0
         for i, lt in enumerate(layer_types):
             if lt in ("sliding_attention", "chunked_attention"):
-                specs.append(LayerSpec(window=sliding_window, sliding=sliding_window, codec=self.codec, label="local"))
+                local_codec = "none" if self.codec == "none" else "fp16"
+                specs.append(LayerSpec(window=sliding_window, sliding=sliding_window, codec=local_codec, label="local"))
                 continue
             if lt != "full_attention":
                 raise InvalidInput(f"layer {i} has type {lt!r}, which kvslim caches do not support (full/sliding only)")

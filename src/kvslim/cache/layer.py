@@ -82,13 +82,15 @@ class KvslimLayer(CacheLayerMixin):
         # one codec per stream (keys, values): KIVI differs by role, fractional TurboQuant calibrates per stream
         ck, cv = self.codec_factory(vec, "key"), self.codec_factory(vec, "value")
         self.codecs = [ck] if cv is ck else [ck, cv]
-        self.sink_k, self.sink_v = Store(ck, dt), Store(cv, dt)
+        # sinks (a handful of attention-sink tokens, the outliers softmax leans on) stay exact in the model dtype
+        from .storage import make_storage_codec
+
+        exact = make_storage_codec("none", vec)
+        self.sink_k, self.sink_v = Store(exact, dt), Store(exact, dt)
         self.blk_k, self.blk_v = Store(ck, dt), Store(cv, dt)
         if self.spec.window is not None and type(ck).__name__ == "KiviCodec":
             # KIVI is append-only (groups of 32 tokens share key scales): a sliding window stays 16-bit, as
             # KIVI's own recent-token residual does
-            from .storage import make_storage_codec
-
             ck = cv = make_storage_codec("fp16", vec)
             self.codecs.append(ck)
         self.tail_k, self.tail_v = Store(ck, dt), Store(cv, dt)
@@ -100,6 +102,7 @@ class KvslimLayer(CacheLayerMixin):
         self.obs = torch.zeros(b, h, 0, dtype=torch.float32, device=dev) if self.spec.pool == "attn" else None
         self.tail_start = self.spec.sinks
         self.n_blocks = 0
+        self.has_padding = False
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
@@ -201,6 +204,7 @@ class KvslimLayer(CacheLayerMixin):
 
     def _ingest(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> None:
         p0 = self.seen - k.shape[2]
+        self.has_padding = self.has_padding or not bool(valid.all())
         ns = max(0, min(self.spec.sinks - p0, k.shape[2]))
         if ns:
             ks, vs = self._encode_tail(k[:, :, :ns], v[:, :, :ns], pos[:, :ns])
@@ -262,6 +266,19 @@ class KvslimLayer(CacheLayerMixin):
             self.tail_start += drop
 
     # ---- attention -------------------------------------------------------------------------------------------
+    def _plain_causal(self, q: int, p0: int) -> bool:
+        return (
+            p0 == 0 and q > 1 and self.spec.window is None and self.spec.sinks == 0 and not self.has_padding
+            and self.obs is None and self.tail_k.n == q
+        )
+
+    def _query_chunk(self) -> int:
+        """Queries per attention call: a chunk sees about ``chunk + W + m`` exact tokens, so windowed layers use
+        chunks near their window (less work per query), unbounded layers 1024."""
+        if self.spec.window is None:
+            return _QUERY_CHUNK
+        return max(256, min(_QUERY_CHUNK, self.spec.window + self.m + self.spec.overlap))
+
     def attend(
         self, query: torch.Tensor, positions: torch.Tensor | None, valid_new: torch.Tensor | None,
         scaling: float, softcap: float | None,
@@ -287,9 +304,16 @@ class KvslimLayer(CacheLayerMixin):
             self._pool_blocks(n_next, tail_k, tail_v)
         sink_k, sink_v = self.sink_k.decode(), self.sink_v.decode()
         blk_k, blk_v = self.blk_k.decode(), self.blk_v.decode()
+        if softcap is None and self._plain_causal(q, p0):  # fresh unpadded prefill of an unbounded layer: stock causal sdpa
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, tail_k, tail_v, is_causal=True, scale=scaling, enable_gqa=True
+            )
+            self._trim(n_next)
+            return out.transpose(1, 2)
         out = query.new_empty(b, q, hq, d)
-        for a in range(0, q, _QUERY_CHUNK):
-            e = min(q, a + _QUERY_CHUNK)
+        chunk = self._query_chunk()
+        for a in range(0, q, chunk):
+            e = min(q, a + chunk)
             t_cols = torch.arange(p0 + a, p0 + e, device=query.device)
             out[:, a:e] = attend_chunk(
                 self, query[:, :, a:e], t_cols, (sink_k, sink_v), (blk_k, blk_v), (tail_k, tail_v), scaling, softcap

@@ -113,11 +113,12 @@ def attend_chunk(
             ms.append(vis[:, None])
             obs_slice = (a, e)
     n_before_tail = sum(k.shape[2] for k in ks[:-1]) if obs_slice else 0
-    heads = max(m.shape[1] for m in ms)
-    mask = torch.cat([m.expand(b, heads, s, m.shape[-1]) for m in ms], dim=-1)
-    K, V = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
-    if s == 1 and bool(mask.all()):
-        mask = None
+    if s == 1 and not layer.has_padding:
+        mask = None  # one query, no padding: everything assembled above is visible by construction
+    else:
+        heads = max(m.shape[1] for m in ms)
+        mask = torch.cat([m.expand(b, heads, s, m.shape[-1]) for m in ms], dim=-1)
+    K, V = (ks[0], vs[0]) if len(ks) == 1 else (torch.cat(ks, dim=2), torch.cat(vs, dim=2))
     want = layer.obs is not None
     out, probs = grouped_attention(q, K, V, mask, scaling, softcap, want_probs=want, may_be_empty=layer.has_padding)
     if want and obs_slice is not None:

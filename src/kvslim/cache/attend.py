@@ -77,7 +77,8 @@ def attend_chunk(
         ms.append(vis[:, None])
     n_last = int(n_t[-1])
     if n_last > 0 and blocks[0] is not None:
-        bk, bv = blocks[0][:, :, :n_last], blocks[1][:, :, :n_last]
+        bk = blocks[0][:, :, :n_last]
+        bv = blocks[1] if callable(blocks[1]) else blocks[1][:, :, :n_last]  # callable: decodes chosen rows
         j = torch.arange(n_last, device=dev)
         vis = (j[None, :] < n_t[:, None])[None] & layer.blk_valid[:, None, :n_last]  # [b, s, n]
         vis = vis[:, None].expand(b, h, s, n_last)
@@ -89,7 +90,8 @@ def attend_chunk(
             if s == 1:  # decode: gather the selected entries only
                 idx = top.indices[:, :, 0]  # [b, h, k]
                 gather = idx[..., None].expand(b, h, spec.topk, d)
-                bk, bv = bk.gather(2, gather), bv.gather(2, gather)
+                bk = bk.gather(2, gather)
+                bv = bv(idx) if callable(bv) else bv.gather(2, gather)
                 vis = torch.isfinite(top.values)  # [b, h, 1, k]
             else:
                 sel = torch.zeros_like(vis).scatter_(-1, top.indices, True)

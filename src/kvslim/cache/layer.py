@@ -303,7 +303,10 @@ class KvslimLayer(CacheLayerMixin):
         if self.spec.mode == "blocks" and n_next > self.n_blocks:
             self._pool_blocks(n_next, tail_k, tail_v)
         sink_k, sink_v = self.sink_k.decode(), self.sink_v.decode()
-        blk_k, blk_v = self.blk_k.decode(), self.blk_v.decode()
+        blk_k = self.blk_k.decode()
+        lazy_values = q == 1 and self.spec.topk and self.n_out(p0) > self.spec.topk and self.blk_v.can_gather()
+        # at decode with top-k selection, only the selected entries' values are decoded
+        blk_v = self.blk_v.decode_rows if lazy_values else self.blk_v.decode()
         if softcap is None and self._plain_causal(q, p0):  # fresh unpadded prefill of an unbounded layer: stock causal sdpa
             out = torch.nn.functional.scaled_dot_product_attention(
                 query, tail_k, tail_v, is_causal=True, scale=scaling, enable_gqa=True

@@ -154,3 +154,17 @@ def test_long_prefill_crosses_query_chunks(tiny_models, recipe):
     one = _logits_in_chunks(model, recipe, ids, [700])
     chunked = _logits_in_chunks(model, recipe, ids, [100] * 7)
     torch.testing.assert_close(chunked, one, atol=2e-4, rtol=1e-4)
+
+
+def test_window_storage_follows_wq(tiny_models):
+    """Compressed layers keep their exact window 16-bit unless wq=1; entries always go through the codec."""
+    model = tiny_models["llama"]
+    ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(13))
+    names = {}
+    for wq in (0, 1):
+        with compressed(model, f"blocks:m=4,k=2,w=8,wq={wq}+tq3") as cache, torch.inference_mode():
+            model(ids, cache=cache)
+            layer = cache.layers[0]
+            names[wq] = (type(layer.tail_k.codec).__name__, type(layer.blk_k.codec).__name__)
+            assert layer.tail_k.decode().dtype == torch.float32 and layer.n_blocks > 0
+    assert names[0] == ("PlainCodec", "TurboQuantMSE") and names[1] == ("TurboQuantMSE", "TurboQuantMSE")

@@ -88,10 +88,13 @@ class KvslimLayer(CacheLayerMixin):
         exact = make_storage_codec("none", vec)
         self.sink_k, self.sink_v = Store(exact, dt), Store(exact, dt)
         self.blk_k, self.blk_v = Store(ck, dt), Store(cv, dt)
+        wcodec = self.spec.window_codec
         if self.spec.window is not None and type(ck).__name__ == "KiviCodec":
             # KIVI is append-only (groups of 32 tokens share key scales): a sliding window stays 16-bit, as
             # KIVI's own recent-token residual does
-            ck = cv = make_storage_codec("fp16", vec)
+            wcodec = "fp16"
+        if self.spec.window is not None and wcodec and wcodec != self.spec.codec:
+            ck = cv = make_storage_codec(wcodec, vec)
             self.codecs.append(ck)
         self.tail_k, self.tail_v = Store(ck, dt), Store(cv, dt)
         self.sink_valid = torch.zeros(b, 0, dtype=torch.bool, device=dev)

@@ -32,13 +32,14 @@ demo: install
 	$(BIN)/kvslim generate "What is the capital of France?"
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,10 +1,57 @@
+"""Shared fixtures: tiny random models (no downloads) and a tiny model folder with a word-level tokenizer."""
+
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
+WORDS = ["<unk>", "<pad>", "<eos>"] + [f"w{i}" for i in range(125)]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Unit tests never write into the user's ~/.cache/kvslim (slow real-model tests opt out)."""
+    if "KVSLIM_TEST_KEEP_CACHE" not in __import__("os").environ:
+        monkeypatch.setenv("KVSLIM_CACHE", str(tmp_path_factory.mktemp("kvslim-cache")))
+
 
 @pytest.fixture(scope="session")
-def tiny_models():
-    from kvslim.testing import tiny_gemma3, tiny_llama
+def tiny_llama():
+    from kvslim.testing import tiny_llama as build
 
-    return {"llama": tiny_llama(), "gemma3": tiny_gemma3()}
+    return build()
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3():
+    from kvslim.testing import tiny_gemma3 as build
+
+    return build()
+
+
+def make_word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A local HF model folder: tiny random Llama (vocab 128) + a word-level tokenizer over w0..w124."""
+    from kvslim.testing import tiny_llama as build
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = build(max_position_embeddings=64)
+    model.save_pretrained(folder)
+    make_word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_llama, tiny_gemma3):
+    """Both tiny architectures by name, for tests parametrized over ``arch``."""
+    return {"llama": tiny_llama, "gemma3": tiny_gemma3}

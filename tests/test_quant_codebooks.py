@@ -70,3 +70,15 @@ def test_bad_codebook_requests() -> None:
         lloyd_max(2, 2, "beta")
     with pytest.raises(InvalidInput, match="law"):
         lloyd_max(2, 128, "laplace")
+
+
+def test_bucket_equals_torch_bucketize_including_ties() -> None:
+    import torch
+
+    from kvslim.quant.codebooks import bucket
+
+    thr = torch.tensor(lloyd_max(4, 64).thresholds, dtype=torch.float32)
+    y = torch.randn(300, 64) * 2
+    y[0, :15] = thr
+    y[1, :2] = torch.tensor([0.0, -0.0])
+    assert torch.equal(bucket(y, thr.tolist()), torch.bucketize(y, thr).to(torch.uint8))

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvslim.errors import InvalidInput
 from kvslim.quant import CODEC_NAMES, KiviStore, Packed, bytes_per_vector, kivi_store_nbytes, make_codec
@@ -61,6 +63,9 @@ def test_cat_and_slice_along_tokens_without_reencoding(name: str) -> None:
     assert codec.decode(joined).dtype == torch.float16
     assert codec.nbytes(joined) == codec.nbytes(whole)
     assert torch.equal(codec.decode(whole.slice_tokens(32, 64)), codec.decode(parts[1]))
+    if not whole.grouped:
+        idx = torch.tensor([5, 0, 77])
+        assert torch.equal(codec.decode(whole.select_tokens(idx)), codec.decode(whole)[:, idx])
 
 
 def test_any_leading_shape_and_single_vectors() -> None:
@@ -194,3 +199,24 @@ def test_plain_codecs_are_lossless_for_their_dtype() -> None:
     assert math.isclose(make_codec("tq2.5", 128).effective_bits, 2.5)
     assert math.isclose(make_codec("tq3.5", 128).bits_per_value, 3.5)
     assert math.isclose(make_codec("tq3.5", 128).effective_bits, 60 * 8 / 128)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    name=st.sampled_from(CODEC_NAMES),
+    dim=st.integers(12, 72),
+    tokens=st.integers(0, 37),
+    lead=st.lists(st.integers(0, 2), max_size=2),
+)
+def test_bytes_exact_at_odd_sizes(name: str, dim: int, tokens: int, lead: list[int]) -> None:
+    if (name == "tq2.5" and dim % 4) or (name == "tq3.5" and dim % 2):
+        with pytest.raises(InvalidInput, match="divisible"):
+            make_codec(name, dim)
+        return
+    codec = make_codec(name, dim, seed=3, role="value")  # value role: KIVI takes any token count
+    x = torch.randn(*lead, tokens, dim)
+    p = codec.encode(x)
+    n = math.prod(lead) * tokens
+    assert codec.nbytes(p) == n * bytes_per_vector(name, dim, role="value")
+    y = codec.decode(p)
+    assert y.shape == x.shape and y.dtype == x.dtype and bool(torch.isfinite(y).all())

@@ -146,3 +146,16 @@ def test_fractional_rates_mix_the_two_distortions() -> None:
         c = make_codec(name, 128, seed=2)
         errs[name] = ((c.decode(c.encode(x)) - x) ** 2).sum(-1).mean().item()
     assert errs["tq2"] > errs["tq2.5"] > errs["tq3"] > errs["tq3.5"] > errs["tq4"]
+
+
+@pytest.mark.parametrize("name", ["tq2", "tq4", "tq2.5", "tq3.5", "tqprod3", "fp8", "kivi4"])
+def test_weighted_sum_equals_weights_times_decoded_values(name: str) -> None:
+    codec = make_codec(name, 64, seed=4, role="value")
+    x = torch.randn(2, 3, 50, 64)
+    w = torch.softmax(torch.randn(2, 3, 7, 50), dim=-1)
+    p = codec.encode(x)
+    out = codec.weighted_sum(w, p)
+    assert out.shape == (2, 3, 7, 64)
+    torch.testing.assert_close(out, w @ codec.decode(p), atol=2e-5, rtol=1e-4)
+    with pytest.raises(InvalidInput, match=r"\[..., Q, 50\]"):
+        codec.weighted_sum(w[..., :49], p)

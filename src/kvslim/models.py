@@ -347,3 +347,34 @@ def embedded_config(name: str) -> Any | None:
     if (folder / "config.json").is_file():
         return AutoConfig.from_pretrained(str(folder), local_files_only=True)
     return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+
+
+def facts_from_spec(arch: Any) -> ModelFacts:
+    """Architecture facts of a planner ``ArchSpec`` made of GQA layers (the embedded models' presets)."""
+    first = arch.layers[0]
+    kinds = tuple("full" if layer.window is None else f"sliding({layer.window})" for layer in arch.layers)
+    return ModelFacts(
+        model_type=arch.name,
+        layers=len(arch.layers),
+        query_heads=first.n_heads,
+        kv_heads=first.n_kv_heads,
+        head_dim=first.head_dim,
+        hidden_size=arch.hidden_size,
+        max_context=arch.max_context,
+        layer_kinds=kinds,
+    )
+
+
+def embedded_facts(name: str) -> ModelFacts:
+    """Facts of an embedded model without loading it: its cached config when it has been loaded before, else its
+    planner preset (tests check that each preset equals the loaded model's config)."""
+    from .spec import preset
+
+    spec = resolve_model_name(name)
+    if not _missing_packages(spec) and not spec.split:
+        folder = _converted_dir(find_gguf(name))
+        if (folder / "config.json").is_file():
+            from transformers import AutoConfig
+
+            return describe(AutoConfig.from_pretrained(str(folder), local_files_only=True))
+    return facts_from_spec(preset(name))

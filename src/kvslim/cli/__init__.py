@@ -7,12 +7,14 @@ them in help order. Heavy imports (torch, transformers) happen inside the comman
 from __future__ import annotations
 
 import importlib
+import os
+import warnings
 
 import typer
 
 __all__ = ["app", "main", "COMMANDS"]
 
-COMMANDS: tuple[str, ...] = ("models", "generate", "recipes")
+COMMANDS: tuple[str, ...] = ("models", "generate", "plan", "recipes")
 
 app = typer.Typer(
     name="kvslim",
@@ -22,6 +24,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+
+
+
+@app.callback()
+def _setup() -> None:
+    """Plan, run and measure DeepSeek-V4-style KV-cache compression on real models."""
+    # The CLI never touches a hub, and shows its own spinners instead of transformers' bars and advisories.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+
 
 for _name in COMMANDS:
     importlib.import_module(f"kvslim.cli.cmd_{_name}").register(app)

@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
             return
         console.print(res.text, highlight=False, markup=False)
         console.print(
-            f"[dim]{res.new_tokens} tokens in {res.seconds:.2f} s ({res.tokens_per_s:.1f} tokens/s); "
+            f"[dim]{res.new_tokens} tokens in {res.seconds:.2f} s ({res.tokens_per_s:.1f} tokens/s, prefill included); "
             f"prompt {res.prompt_tokens} tokens; KV cache held ({label}): {fmt_bytes(res.kv_bytes)} ({res.kv_bytes:,} B), "
             f"{res.kv_ratio:.3f}x a 16-bit full cache of the same {res.kv_tokens} tokens "
             f"({fmt_bytes(res.kv_full16_bytes)}, computed from the config)[/]"

@@ -15,14 +15,16 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     ) -> None:
         """List the embedded models: layers, query/KV heads, head dim, max context, attention kind per layer,
-        licence, and whether their package is installed (with the command that installs it)."""
-        from ..models import DEFAULT_MODEL, EMBEDDED_MODELS, describe, embedded_config, is_installed
+        licence, and whether their package is installed (with the command that installs it).
+
+        Facts come from the model's cached config once it has been loaded, else from kvslim's preset of it."""
+        from ..models import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_facts, is_installed
 
         rows = []
         with spinner("reading model headers", enabled=not as_json):
             for name, spec in EMBEDDED_MODELS.items():
                 installed = is_installed(name)
-                facts = describe(embedded_config(name)) if installed else None
+                facts = embedded_facts(name)
                 rows.append(
                     {
                         "name": name,

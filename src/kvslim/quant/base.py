@@ -17,7 +17,7 @@ import torch
 
 from kvslim.errors import InvalidInput
 
-__all__ = ["Packed", "Codec", "check_input", "check_query"]
+__all__ = ["Packed", "Codec", "check_input", "check_query", "check_weights"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -71,6 +71,16 @@ class Packed:
                 out[k] = v[..., start:stop, :]
         n = len(range(*slice(start, stop).indices(self.tokens)))
         return replace(self, shape=(*self.shape[:-2], n, self.shape[-1]), fields=out)
+
+    def select_tokens(self, index: torch.Tensor) -> Packed:
+        """Gather tokens ``index`` (int64 ``[K]``) along the token axis, e.g. the top-k entries a selector picked."""
+        if self.grouped:
+            raise InvalidInput(f"{self.codec} keys share scales per {self.group} tokens; gather decoded tokens instead")
+        if len(self.shape) < 2:
+            raise InvalidInput("a packed single vector has no token axis to select from")
+        index = index.to(device=self.device, dtype=torch.long)
+        out = {k: v.index_select(-2, index) for k, v in self.fields.items()}
+        return replace(self, shape=(*self.shape[:-2], index.numel(), self.shape[-1]), fields=out)
 
     @staticmethod
     def cat(parts: list[Packed]) -> Packed:
@@ -135,6 +145,18 @@ def check_query(q: torch.Tensor, packed: Packed, dim: int, codec: str) -> None:
         raise InvalidInput(f"{codec}: " + _describe_nonfinite(q, "queries"))
 
 
+def check_weights(w: torch.Tensor, packed: Packed, codec: str) -> None:
+    """Validate mixing weights ``[..., Q, T]`` against packed ``[..., T, d]``: floating, same device, T matches."""
+    if not isinstance(w, torch.Tensor) or not w.dtype.is_floating_point:
+        raise InvalidInput(f"{codec}: weights must be a floating torch.Tensor")
+    if w.ndim < 2 or w.shape[-1] != packed.tokens:
+        raise InvalidInput(f"{codec}: weights must have shape [..., Q, {packed.tokens}], got {list(w.shape)}")
+    if w.device != packed.device:
+        raise InvalidInput(f"{codec}: weights are on {w.device} but the codes are on {packed.device}")
+    if w.numel() and not bool(torch.isfinite(w).all()):
+        raise InvalidInput(f"{codec}: " + _describe_nonfinite(w, "weights"))
+
+
 class Codec:
     """Base class: ``encode``, ``decode``, ``nbytes``, ``state_nbytes``, ``score``, ``cat``.
 
@@ -188,6 +210,17 @@ class Codec:
         check_query(q, packed, self.dim, self.name)
         keys = self.decode(packed).to(torch.float32)
         return (q.to(torch.float32) @ keys.transpose(-1, -2)).to(q.dtype)
+
+    def weighted_sum(self, w: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """Attention-style mix ``w @ x~``: weights ``w [..., Q, T]`` over packed ``[..., T, d]`` -> ``[..., Q, d]``.
+
+        The base implementation decodes then multiplies; TurboQuant codecs override it to mix in the rotated basis
+        and rotate back once per query row instead of once per stored vector.
+        """
+        self._check_packed(packed)
+        check_weights(w, packed, self.name)
+        vals = self.decode(packed).to(torch.float32)
+        return (w.to(torch.float32) @ vals).to(w.dtype)
 
     def to(self, device: torch.device | str) -> Codec:
         """Move the codec's constants (and sub-codecs / rotations) to ``device``; returns ``self``."""

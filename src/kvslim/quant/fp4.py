@@ -14,6 +14,7 @@ import torch
 
 from kvslim.errors import InvalidInput
 from kvslim.quant.base import Codec, Packed
+from kvslim.quant.codebooks import bucket
 from kvslim.quant.packing import pack_bits, unpack_bits
 
 __all__ = ["FP4Codec", "E2M1_VALUES"]
@@ -53,8 +54,8 @@ class FP4Codec(Codec):
         amax = xb.abs().amax(dim=-1)
         e = torch.ceil(torch.log2(torch.where(amax > 0, amax / 6.0, torch.ones_like(amax)))).clamp(-127, 127)
         v = xb / torch.exp2(e).unsqueeze(-1)
-        mag = torch.bucketize(v.abs(), self.midpoints)
-        code = (mag | ((v < 0).to(torch.int64) << 3)).reshape(*x.shape[:-1], -1)[..., : self.dim]
+        mag = bucket(v.abs(), list(_MIDPOINTS))
+        code = (mag | ((v < 0).to(torch.uint8) << 3)).reshape(*x.shape[:-1], self.nblocks * self.block)[..., : self.dim]
         fields = {"codes": pack_bits(code, 4), "scale": (e + 127).to(torch.uint8)}
         return Packed(self.name, tuple(x.shape), x.dtype, fields)
 
@@ -64,4 +65,4 @@ class FP4Codec(Codec):
         vals = self.values[code & 7] * (1 - 2 * (code >> 3)).to(torch.float32)
         e = packed.fields["scale"].to(torch.float32) - 127
         vb = self._blocks(vals) * torch.exp2(e).unsqueeze(-1)
-        return vb.reshape(*vals.shape[:-1], -1)[..., : self.dim].to(packed.dtype)
+        return vb.reshape(*vals.shape[:-1], self.nblocks * self.block)[..., : self.dim].to(packed.dtype)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from kvslim.errors import InvalidInput
 from kvslim.quant.base import Codec, Packed
 
 __all__ = ["FP8Codec", "E4M3_MAX"]
@@ -22,8 +23,6 @@ class FP8Codec(Codec):
     bits_per_value = 8.0
 
     def __init__(self, dim: int, block: int = 128) -> None:
-        from kvslim.errors import InvalidInput
-
         if not isinstance(dim, int) or dim < 1:
             raise InvalidInput(f"fp8 needs a positive integer dimension, got {dim!r}")
         if not hasattr(torch, "float8_e4m3fn"):
@@ -47,11 +46,11 @@ class FP8Codec(Codec):
         amax = xb.abs().amax(dim=-1)
         scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
         q = (xb / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-        codes = q.reshape(*x.shape[:-1], -1)[..., : self.dim].contiguous().view(torch.uint8)
+        codes = q.reshape(*x.shape[:-1], self.nblocks * self.block)[..., : self.dim].contiguous().view(torch.uint8)
         return Packed(self.name, tuple(x.shape), x.dtype, {"codes": codes, "scale": scale})
 
     def decode(self, packed: Packed) -> torch.Tensor:
         self._check_packed(packed)
         vals = packed.fields["codes"].view(torch.float8_e4m3fn).to(torch.float32)
         vb = self._blocks(vals) * packed.fields["scale"].unsqueeze(-1)
-        return vb.reshape(*vals.shape[:-1], -1)[..., : self.dim].to(packed.dtype)
+        return vb.reshape(*vals.shape[:-1], self.nblocks * self.block)[..., : self.dim].to(packed.dtype)

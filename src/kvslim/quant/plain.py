@@ -38,4 +38,4 @@ class PlainCodec(Codec):
 
     def decode(self, packed: Packed) -> torch.Tensor:
         self._check_packed(packed)
-        return packed.fields["values"].to(packed.dtype)
+        return packed.fields["values"].to(packed.dtype, copy=True)

@@ -92,36 +92,14 @@ def _bits(name: str, prefix: str, allowed) -> int:
 
 
 def bytes_per_vector(name: str, dim: int, role: str = "key") -> float:
-    """Stored bytes per vector from the shared byte contract (independent of the codec classes).
+    """Stored bytes per vector from the shared byte contract (``kvslim.formats``, the planner's arithmetic).
 
     KIVI keys are amortised over their group of 32 tokens (``4d/32``); everything else is an integer.
     """
-    def ceil_div(a: int, b: int) -> int:
-        return -(-a // b)
+    from .. import formats
 
-    d = dim
-    if name in ("fp32", "fp16", "bf16"):
-        return {"fp32": 4, "fp16": 2, "bf16": 2}[name] * d
-    if name == "fp8":
-        return d + 4 * ceil_div(d, 128)
-    if name == "fp4":
-        return ceil_div(d, 2) + ceil_div(d, 32)
-    if name == "tq2.5":
-        _split_sizes(name, d)
-        return ceil_div(d // 4 * 3, 8) + ceil_div(3 * d // 4 * 2, 8) + 4
-    if name == "tq3.5":
-        _split_sizes(name, d)
-        return ceil_div(d // 2 * 4, 8) + ceil_div(d // 2 * 3, 8) + 4
-    if name.startswith("tqprod"):
-        b = _bits(name, "tqprod", range(2, 5))
-        return ceil_div(d * (b - 1), 8) + ceil_div(d, 8) + 4
-    if name.startswith("tq"):
-        b = _bits(name, "tq", range(1, 5))
-        return ceil_div(d * b, 8) + 2
-    if name.startswith("kivi"):
-        b = _bits(name, "kivi", (2, 4))
-        if role == "key":
-            v = ceil_div(d * b, 8) + 4 * d / 32
-            return int(v) if v == int(v) else v
-        return ceil_div(d * b, 8) + 4 * ceil_div(d, 32)
-    raise InvalidInput(f"unknown codec {name!r}; choose one of {', '.join(CODEC_NAMES)}")
+    if name not in CODEC_NAMES:
+        raise InvalidInput(f"unknown codec {name!r}; choose one of {', '.join(CODEC_NAMES)}")
+    if name in ("tq2.5", "tq3.5"):
+        _split_sizes(name, dim)
+    return formats.bytes_per_vector(name, dim, role=role)

@@ -6,8 +6,9 @@
   +-1 signs and a normalised Walsh-Hadamard transform). The transform is defined by the ``2 x d`` signs; it is
   built once with the ``O(d log d)`` butterfly and then applied as one dense ``d x d`` float32 matmul, because on
   CPU at d <= 256 a BLAS matmul is ~10-30x faster than a butterfly written with torch ops (measured while writing
-  this module: 4.7 vs 0.25 M vectors/s at d=128); the held matrix counts in ``state_nbytes``. Needs ``d`` a power of two and refuses other sizes (padding would change the number of stored codes
-  and so the byte contract); :func:`make_rotation` with ``kind="auto"`` falls back to Haar for them. It is
+  this module: 4.7 vs 0.25 M vectors/s at d=128); the held matrix counts in ``state_nbytes``. Needs ``d`` a power
+  of two and refuses other sizes (padding would change the number of stored codes and so the byte contract);
+  :func:`make_rotation` with ``kind="auto"`` falls back to Haar for them. It is
   orthogonal, so norms and inner products are preserved; the exact Beta coordinate law holds for Haar rotations
   and approximately here (two rounds mix even one-hot inputs to all coordinates).
 
@@ -64,7 +65,7 @@ def _fwht(x: torch.Tensor) -> torch.Tensor:
     """Unnormalised Walsh-Hadamard transform along the last axis (length a power of two)."""
     d = x.shape[-1]
     lead = x.shape[:-1]
-    y = x.reshape(-1, d)
+    y = x.reshape(x.numel() // d, d)
     h = 1
     while h < d:
         y = y.view(-1, d // (2 * h), 2, h)

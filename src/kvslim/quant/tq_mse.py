@@ -1,13 +1,14 @@
 """TurboQuant-MSE (TurboQuant Alg. 1): rotate, quantize each coordinate with a Lloyd-Max codebook, store the norm.
 
 Per vector ``x [d]``: ``n = ||x||`` (stored as **float16**), ``u = x / n``, ``y = Pi u`` (seeded random rotation,
-:mod:`kvslim.quant.rotation`), ``idx_j = argmin_i |y_j - c_i|`` (the ``2**b``-level codebook of
-:mod:`kvslim.quant.codebooks` at dimension d, scaled by ``1/sqrt(d)``), packed ``b`` bits per coordinate
+:mod:`kvslim.quant.rotation`), ``idx_j = argmin_i |y_j - c_i|`` over the ``2**b``-level codebook of
+:mod:`kvslim.quant.codebooks` at dimension d, scaled by ``1/sqrt(d)`` (found by comparing with the midpoints), packed ``b`` bits per coordinate
 (:mod:`kvslim.quant.packing`). Decode: ``x~ = n * Pi^T c[idx]``.
 Stored bytes per vector: ``ceil(d*b/8) + 2``. Fields: ``codes uint8 [..., T, ceil(d*b/8)]``, ``norm fp16 [..., T, 1]``.
 
 ``score(q, packed)`` never forms ``x~``: it rotates the queries once (``Pi q``) and takes inner products with the
-looked-up centroids in the rotated basis, ``<q, x~> = n * <Pi q, c[idx]>``.
+looked-up centroids in the rotated basis, ``<q, x~> = n * <Pi q, c[idx]>``. ``weighted_sum(w, packed)`` (attention
+over values) mixes in the rotated basis and rotates back once per query row: ``Pi^T sum_t w_t n_t c[idx_t]``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import math
 import torch
 
 from kvslim.errors import InvalidInput
-from kvslim.quant.base import Codec, Packed, check_query
-from kvslim.quant.codebooks import lloyd_max
+from kvslim.quant.base import Codec, Packed, check_query, check_weights
+from kvslim.quant.codebooks import bucket, lloyd_max
 from kvslim.quant.packing import pack_bits, packed_len, unpack_bits
 from kvslim.quant.rotation import make_rotation
 
@@ -65,6 +66,7 @@ class TurboQuantMSE(Codec):
         scale = 1.0 / math.sqrt(dim)
         self.centroids = torch.tensor(cb.centroids * scale, dtype=torch.float32)
         self.thresholds = torch.tensor(cb.thresholds * scale, dtype=torch.float32)
+        self._thresholds = self.thresholds.tolist()  # python floats for the compare passes of `bucket`
         self.rotation = make_rotation(dim, seed, rotation)
         self.law = law
         self.expected_mse = cb.mse  # D_mse for unit vectors under an exactly Haar rotation
@@ -84,12 +86,12 @@ class TurboQuantMSE(Codec):
         n = vector_norms(xf, self.name)
         u = xf / torch.where(n > 0, n, torch.ones_like(n))
         y = self.rotation.forward(u)
-        idx = torch.bucketize(y, self.thresholds).to(torch.uint8)
+        idx = bucket(y, self._thresholds)
         return idx, y, n
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Packed codes ``[..., nbytes]`` -> centroid values in the rotated basis, float32 ``[..., d]``."""
-        return self.centroids[unpack_bits(codes, self.bits, self.dim).long()]
+        return torch.take(self.centroids, unpack_bits(codes, self.bits, self.dim).long())
 
     # -- codec API ------------------------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> Packed:
@@ -111,3 +113,12 @@ class TurboQuantMSE(Codec):
         y = self.lookup(packed.fields["codes"])
         s = qr @ y.transpose(-1, -2)
         return (s * packed.fields["norm"].to(torch.float32).transpose(-1, -2)).to(q.dtype)
+
+    def weighted_sum(self, w: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """``w [..., Q, T]`` x packed ``[..., T, d]`` -> ``[..., Q, d]``: mix the centroids in the rotated basis
+        (``sum_t w_t n_t c[idx_t]``), then one inverse rotation per query row."""
+        self._check_packed(packed)
+        check_weights(w, packed, self.name)
+        wn = w.to(torch.float32) * packed.fields["norm"].to(torch.float32).transpose(-1, -2)
+        mixed = wn @ self.lookup(packed.fields["codes"])
+        return self.rotation.inverse(mixed).to(w.dtype)

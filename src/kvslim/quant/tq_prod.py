@@ -21,7 +21,7 @@ import math
 import torch
 
 from kvslim.errors import InvalidInput
-from kvslim.quant.base import Codec, Packed, check_query
+from kvslim.quant.base import Codec, Packed, check_query, check_weights
 from kvslim.quant.packing import pack_bits, packed_len, unpack_bits
 from kvslim.quant.tq_mse import TurboQuantMSE
 
@@ -93,3 +93,13 @@ class TurboQuantProd(Codec):
         gamma = packed.fields["rnorm"].to(torch.float32).transpose(-1, -2)
         n = packed.fields["norm"].to(torch.float32).transpose(-1, -2)
         return ((s_mse + s_qjl * (gamma * self._qjl_scale)) * n).to(q.dtype)
+
+    def weighted_sum(self, w: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """``w [..., Q, T]`` x packed -> ``[..., Q, d]``: ``Pi^T (sum_t w_t n_t c_t + (sum_t w_t n_t g_t s_t) S)``
+        with ``g_t = gamma_t sqrt(pi/2)/d`` and ``s_t`` the +-1 signs; one sketch and one rotation per query row."""
+        self._check_packed(packed)
+        check_weights(w, packed, self.name)
+        wn = w.to(torch.float32) * packed.fields["norm"].to(torch.float32).transpose(-1, -2)
+        wg = wn * (packed.fields["rnorm"].to(torch.float32).transpose(-1, -2) * self._qjl_scale)
+        mixed = wn @ self.mse.lookup(packed.fields["codes"]) + (wg @ self._signs(packed)) @ self.sketch
+        return self.mse.rotation.inverse(mixed).to(w.dtype)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from kvslim.errors import InvalidInput
-from kvslim.quant.base import Codec, Packed, check_input, check_query
+from kvslim.quant.base import Codec, Packed, check_input, check_query, check_weights
 from kvslim.quant.tq_mse import TurboQuantMSE
 
 __all__ = ["TurboQuantSplit"]
@@ -54,7 +54,7 @@ class TurboQuantSplit(Codec):
         check_input(x, self.dim, self.name, self.device, "calibration data")
         if x.numel() == 0:
             raise InvalidInput(f"{self.name}: calibration data is empty")
-        energy = x.to(torch.float32).reshape(-1, self.dim).pow(2).mean(dim=0)
+        energy = x.to(torch.float32).reshape(x.numel() // self.dim, self.dim).pow(2).mean(dim=0)
         self._set_channels(torch.topk(energy, self.n_hi).indices)
         self.calibrated = True
         return self
@@ -102,3 +102,13 @@ class TurboQuantSplit(Codec):
         qf = q.to(torch.float32)
         s = self.hi.score(qf[..., self.outliers.long()], ph) + self.lo.score(qf[..., self.inliers.long()], pl)
         return s.to(q.dtype)
+
+    def weighted_sum(self, w: torch.Tensor, packed: Packed) -> torch.Tensor:
+        self._check_packed(packed)
+        check_weights(w, packed, self.name)
+        ph, pl = self._parts(packed)
+        wf = w.to(torch.float32)
+        out = torch.empty(*wf.shape[:-1], self.dim, dtype=torch.float32, device=wf.device)
+        out[..., self.outliers.long()] = self.hi.weighted_sum(wf, ph)
+        out[..., self.inliers.long()] = self.lo.weighted_sum(wf, pl)
+        return out.to(w.dtype)

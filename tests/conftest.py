@@ -49,3 +49,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     model.save_pretrained(folder)
     make_word_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_llama, tiny_gemma3):
+    """Both tiny architectures by name, for tests parametrized over ``arch``."""
+    return {"llama": tiny_llama, "gemma3": tiny_gemma3}

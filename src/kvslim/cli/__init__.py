@@ -14,7 +14,7 @@ import typer
 
 __all__ = ["app", "main", "COMMANDS"]
 
-COMMANDS: tuple[str, ...] = ("models", "generate", "plan")
+COMMANDS: tuple[str, ...] = ("models", "generate", "plan", "recipes")
 
 app = typer.Typer(
     name="kvslim",

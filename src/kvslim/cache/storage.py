@@ -1,0 +1,231 @@
+"""Storage of per-token vectors through a codec, growing at the back and trimmed at the front.
+
+A codec turns ``x [b, h, n, d]`` into a *packed* value (a tensor, or a tuple/dict of tensors whose axis 2 is the
+token axis) and back. Built-in codecs here: ``none`` (the compute dtype, lossless), ``fp32``/``fp16``/``bf16``
+(plain casts) and ``fp8`` (e4m3 codes with one fp32 scale per block of 128 values, the shared byte contract:
+``d + 4*ceil(d/128)`` bytes per vector). Every other name comes from ``kvslim.quant.make_codec``.
+
+``Store`` holds one packed value per layer segment; ``append`` concatenates along tokens, ``drop_front`` slices,
+``decode`` returns ``[b, h, n, d]`` in the compute dtype, ``nbytes`` counts exactly the bytes held.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..errors import InvalidInput
+from ..memory import tensor_nbytes
+
+__all__ = ["Store", "make_storage_codec", "packed_nbytes"]
+
+# codecs fitted to the data they first store (outlier channels): never shared between layers or streams
+CALIBRATED_CODECS = ("tq2.5", "tq3.5")
+_CASTS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_E4M3_MAX = 448.0
+
+
+class CastCodec:
+    """Plain storage in a float dtype (``dtype=None``: keep the input dtype). Lossless when no narrowing happens."""
+
+    per_token = True
+
+    def __init__(self, name: str, dim: int, dtype: torch.dtype | None) -> None:
+        self.name, self.dim, self.dtype = name, dim, dtype
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.dtype is None else x.to(self.dtype)
+
+    def decode(self, packed: torch.Tensor) -> torch.Tensor:
+        return packed
+
+    def nbytes(self, packed: Any) -> int:
+        return packed_nbytes(packed)
+
+    def state_nbytes(self) -> int:
+        return 0
+
+
+class Fp8Codec:
+    """FP8 e4m3 codes with one float32 absmax scale per block of 128 values along d (a kvslim-local baseline used
+    until ``kvslim.quant`` provides its own ``fp8``)."""
+
+    per_token = True
+    block = 128
+
+    def __init__(self, dim: int) -> None:
+        self.name, self.dim = "fp8", dim
+        self.nblocks = math.ceil(dim / self.block)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = x.shape[-1]
+        pad = self.nblocks * self.block - d
+        xf = torch.nn.functional.pad(x.float(), (0, pad)).unflatten(-1, (self.nblocks, self.block))
+        scale = xf.abs().amax(-1).clamp_min(1e-12) / _E4M3_MAX  # [..., nblocks]
+        codes = (xf / scale[..., None]).to(torch.float8_e4m3fn).flatten(-2)[..., :d]
+        return codes, scale
+
+    def decode(self, packed: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        codes, scale = packed
+        d = codes.shape[-1]
+        pad = self.nblocks * self.block - d
+        xf = torch.nn.functional.pad(codes.float(), (0, pad)).unflatten(-1, (self.nblocks, self.block))
+        return (xf * scale[..., None]).flatten(-2)[..., :d]
+
+    def nbytes(self, packed: Any) -> int:
+        return packed_nbytes(packed)
+
+    def state_nbytes(self) -> int:
+        return 0
+
+
+def make_storage_codec(name: str, dim: int, seed: int = 0, role: str = "key") -> Any:
+    """A codec for vectors of dimension ``dim`` (``role`` matters only to KIVI: keys per channel, values per token).
+    ``none`` keeps the compute dtype; every other name is built by ``kvslim.quant.make_codec``."""
+    if name == "none":
+        return CastCodec(name, dim, None)
+    try:
+        from ..quant import make_codec
+    except ImportError:  # a build without kvslim.quant: plain casts and a local fp8
+        if name in _CASTS:
+            return CastCodec(name, dim, _CASTS[name])
+        if name == "fp8":
+            return Fp8Codec(dim)
+        raise InvalidInput(f"storage codec {name!r} needs kvslim.quant; use none, fp16, bf16 or fp8") from None
+    return make_codec(name, dim, seed=seed, role=role)
+
+
+def packed_nbytes(packed: Any) -> int:
+    """Bytes of every tensor in a packed value (tensor, tuple/list, dict or object with tensor attributes)."""
+    if packed is None:
+        return 0
+    if isinstance(packed, torch.Tensor):
+        return tensor_nbytes(packed)
+    if isinstance(packed, (tuple, list)):
+        return sum(packed_nbytes(p) for p in packed)
+    if isinstance(packed, dict):
+        return sum(packed_nbytes(p) for p in packed.values())
+    if hasattr(packed, "nbytes") and callable(packed.nbytes):
+        return int(packed.nbytes())
+    return sum(packed_nbytes(v) for v in vars(packed).values() if isinstance(v, (torch.Tensor, tuple, list, dict)))
+
+
+def _map2(fn: Any, a: Any, b: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return fn(a, b)
+    if isinstance(a, tuple):
+        return tuple(_map2(fn, x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return {k: _map2(fn, a[k], b[k]) for k in a}
+    raise TypeError(f"cannot concatenate packed values of type {type(a).__name__}")
+
+
+def _map1(fn: Any, a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return fn(a)
+    if isinstance(a, tuple):
+        return tuple(_map1(fn, x) for x in a)
+    if isinstance(a, dict):
+        return {k: _map1(fn, v) for k, v in a.items()}
+    raise TypeError(f"cannot slice packed values of type {type(a).__name__}")
+
+
+def _is_packed(p: Any) -> bool:
+    return hasattr(p, "fields") and hasattr(p, "slice_tokens")
+
+
+class Store:
+    """Vectors ``[b, h, n, d]`` held through ``codec``; ``n`` grows by ``append`` and shrinks by ``drop_front``.
+
+    Packed values keep the token axis second to last of every field (``kvslim.quant.Packed``) or at dim 2 (plain
+    tensors), so concatenation and slicing need no re-encoding. KIVI's streaming store (fp16 residual of the
+    recent tokens, groups of 32 quantized together) is used as-is for append-only stores; codecs that need
+    calibration (``tq2.5``/``tq3.5`` outlier channels) are calibrated on the first tokens appended.
+    """
+
+    def __init__(self, codec: Any, out_dtype: torch.dtype) -> None:
+        self.codec = codec
+        self.out_dtype = out_dtype
+        self.packed: Any = None
+        self.n = 0
+        self.stream = None
+        if type(codec).__name__ == "KiviCodec":
+            from ..quant import KiviStore
+
+            self.stream = KiviStore(codec)
+
+    def append(self, x: torch.Tensor) -> None:
+        if x.shape[2] == 0:
+            return
+        self.n += x.shape[2]
+        if self.stream is not None:
+            self.stream.append(x)
+            return
+        if getattr(self.codec, "calibrated", True) is False:
+            self.codec.calibrate(x.reshape(-1, x.shape[-1]).float())
+        p = self.codec.encode(x)
+        if self.packed is None:
+            self.packed = p
+        elif _is_packed(p):
+            self.packed = type(p).cat([self.packed, p])
+        else:
+            self.packed = _map2(lambda a, b: torch.cat([a, b], dim=2), self.packed, p)
+
+    def drop_front(self, count: int) -> None:
+        if count <= 0 or self.n == 0:
+            return
+        if self.stream is not None:
+            raise RuntimeError("KIVI storage is append-only; windowed stores keep fp16 instead")
+        count = min(count, self.n)
+        if _is_packed(self.packed):
+            self.packed = self.packed.slice_tokens(count, self.packed.tokens)
+        else:
+            self.packed = _map1(lambda a: a[:, :, count:], self.packed)
+        self.n -= count
+
+    def decode(self) -> torch.Tensor | None:
+        if self.n == 0:
+            return None
+        if self.stream is not None:
+            return self.stream.materialize().to(self.out_dtype)
+        return self.codec.decode(self.packed).to(self.out_dtype)
+
+    def can_gather(self) -> bool:
+        """True when entries can be picked from the packed form before decoding (per-token packed fields)."""
+        return self.stream is None and _is_packed(self.packed) and not self.packed.grouped
+
+    def decode_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Decode only entries ``idx [b, h, k]`` (per batch row and head) -> ``[b, h, k, d]``."""
+        from dataclasses import replace
+
+        p = self.packed
+        b, h, k = idx.shape
+        fields = {n: f.gather(2, idx[..., None].expand(b, h, k, f.shape[-1])) for n, f in p.fields.items()}
+        sub = replace(p, fields=fields, shape=(b, h, k, p.shape[-1]))
+        return self.codec.decode(sub).to(self.out_dtype)
+
+    def select_batch(self, fn: Any) -> None:
+        if self.stream is not None:
+            if self.stream.quantized is not None:
+                self.stream.quantized = _select_packed(self.stream.quantized, fn)
+            if self.stream.recent is not None:
+                self.stream.recent = fn(self.stream.recent)
+        elif _is_packed(self.packed):
+            self.packed = _select_packed(self.packed, fn)
+        elif self.packed is not None:
+            self.packed = _map1(fn, self.packed)
+
+    def nbytes(self) -> int:
+        if self.stream is not None:
+            return int(self.stream.nbytes())
+        return 0 if self.packed is None else int(self.codec.nbytes(self.packed))
+
+
+def _select_packed(p: Any, fn: Any) -> Any:
+    from dataclasses import replace
+
+    fields = {k: fn(v) for k, v in p.fields.items()}
+    b = next(iter(fields.values())).shape[0]
+    return replace(p, fields=fields, shape=(b, *p.shape[1:]))

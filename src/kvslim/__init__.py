@@ -22,6 +22,10 @@ _EXPORTS: dict[str, str] = {
     "DEFAULT_MODEL": "kvslim.models",
     "cache_nbytes": "kvslim.memory",
     "generate": "kvslim.generation",
+    "make_cache": "kvslim.cache",
+    "compressed": "kvslim.cache",
+    "parse_recipe": "kvslim.recipe",
+    "list_recipes": "kvslim.recipe",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -1,0 +1,154 @@
+"""``make_cache(model, recipe)``: check a recipe against a model, then build a transformers ``Cache`` for it.
+
+Everything that can be refused is refused before any tensor is allocated: malformed recipes, impossible parameters
+(``latent`` rank above the head dim), models kvslim cannot plug into (no ``AttentionInterface`` dispatch, layer
+types other than full/sliding attention, no RoPE for pooled or latent layers), unavailable codecs.
+
+The returned cache switches ``model`` to the ``kvslim`` attention (``cache.restore_attention()`` or
+:func:`compressed` switch it back); it is then used as ``model.generate(..., cache=cache)``.
+
+Gemma 3 (and any model with sliding layers): local layers keep their native window exactly, as the model was
+trained; structural recipes apply to the global (full-attention) layers, the storage codec to every layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from transformers.cache_utils import Cache
+
+from ..errors import InvalidInput
+from ..recipe import LayerSpec, Recipe, parse_recipe
+from .attention import ATTN_NAME, current_attn, ensure_registered, switch_attention
+from .layer import KvslimLayer
+from .rope import inv_freq_for_layer
+from .storage import make_storage_codec
+
+__all__ = ["KvslimCache", "check_recipe", "compressed", "full16_nbytes", "make_cache"]
+
+
+class KvslimCache(Cache):
+    """A transformers ``Cache`` of :class:`KvslimLayer` s with exact byte accounting."""
+
+    def __init__(self, layers: list[KvslimLayer], recipe: Recipe, model: Any, previous_attn: str | None) -> None:
+        super().__init__(layers=layers)
+        self.recipe = recipe
+        self._model_ref = model
+        self.previous_attn = previous_attn
+
+    def nbytes(self) -> int:
+        """Bytes held by every layer (packed K/V, side tensors, per-layer codec/basis constants)."""
+        return sum(self.layer_nbytes())
+
+    def layer_nbytes(self) -> list[int]:
+        return [layer.nbytes() for layer in self.layers]
+
+    def layer_labels(self) -> list[str]:
+        return [layer.spec.label for layer in self.layers]
+
+    def restore_attention(self) -> None:
+        """Switch the model back to the attention implementation it had before ``make_cache``."""
+        switch_attention(self._model_ref, self.previous_attn)
+
+    def __repr__(self) -> str:
+        return f"KvslimCache(recipe={str(self.recipe)!r}, layers={len(self.layers)})"
+
+
+def _text_config(model: Any) -> Any:
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _layer_types(cfg: Any) -> list[str]:
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    types, _kwargs = get_layer_types_and_kwargs(cfg)
+    return list(types)
+
+
+def head_dim(cfg: Any) -> int:
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+def check_recipe(model: Any, recipe: str | Recipe) -> tuple[Recipe, list[LayerSpec]]:
+    """Validate ``recipe`` against ``model``; returns the parsed recipe and one ``LayerSpec`` per layer."""
+    r = parse_recipe(recipe)
+    cfg = _text_config(model)
+    if not hasattr(model, "set_attn_implementation") or not model._can_set_attn_implementation():
+        raise InvalidInput(
+            f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, "
+            "so kvslim caches cannot plug into it; use a Llama/Qwen/Mistral/Gemma-family model"
+        )
+    types = _layer_types(cfg)
+    specs = r.layer_specs(types, getattr(cfg, "sliding_window", None))
+    d = head_dim(cfg)
+    if r.full_first > len(types):
+        raise InvalidInput(f"full_first={r.full_first} exceeds the model's {len(types)} layers")
+    for i, spec in enumerate(specs):
+        if spec.mode in ("blocks", "latent") and inv_freq_for_layer(model, types[i]) is None:
+            raise InvalidInput(f"recipe {r} pools or projects pre-RoPE keys, but the model has no rotary embedding")
+        if spec.mode == "latent" and spec.rank > d:
+            raise InvalidInput(f"latent rank r={spec.rank} exceeds the model's head dim {d}; use r <= {d}")
+    make_storage_codec(r.codec, d)  # refuses unknown/unavailable codecs before anything is allocated
+    return r, specs
+
+
+def make_cache(model: Any, recipe: str | Recipe = "full", *, tokenizer: Any = None, seed: int = 0) -> KvslimCache:
+    """A compressed KV cache for ``model`` following ``recipe`` (string or :class:`Recipe`).
+
+    Use as ``model.generate(..., cache=make_cache(model, "v4+tq3"))``. The model is switched to the ``kvslim``
+    attention; ``cache.restore_attention()`` switches it back (other caches keep working meanwhile: the kvslim
+    attention runs transformers' sdpa for any layer that is not a kvslim layer). ``tokenizer`` is used only to
+    calibrate latent bases (default: the tokenizer stored next to the model weights).
+    """
+    r, specs = check_recipe(model, recipe)
+    cfg = _text_config(model)
+    types = _layer_types(cfg)
+    bases: dict[int, Any] = {}
+    latent_layers = [i for i, s in enumerate(specs) if s.mode == "latent"]
+    if latent_layers:
+        from .latent import latent_bases
+
+        bases = latent_bases(model, latent_layers, types, r.get("r"), r.get("calib"), tokenizer)
+    layers = []
+    for i, spec in enumerate(specs):
+        inv = inv_freq_for_layer(model, types[i]) if spec.mode in ("blocks", "latent") else None
+        basis = bases.get(i)
+        if basis is not None:
+            basis = tuple(u.to(model.device) for u in basis)
+
+        def factory(dim: int, _codec: str = spec.codec, _seed: int = seed + i) -> Any:
+            return make_storage_codec(_codec, dim, _seed)
+
+        layers.append(KvslimLayer(spec, factory, inv.to(model.device) if inv is not None else None, basis))
+    ensure_registered()
+    previous = current_attn(model)
+    switch_attention(model, ATTN_NAME)
+    return KvslimCache(layers, r, model, previous if previous != ATTN_NAME else "sdpa")
+
+
+@contextlib.contextmanager
+def compressed(model: Any, recipe: str | Recipe, **kwargs: Any) -> Iterator[KvslimCache]:
+    """``with compressed(model, "v4+tq3") as cache: model.generate(..., cache=cache)``; restores the attention."""
+    previous = current_attn(model)
+    cache = make_cache(model, recipe, **kwargs)
+    try:
+        yield cache
+    finally:
+        switch_attention(model, previous)
+
+
+def full16_nbytes(model: Any, n_tokens: int, batch: int = 1) -> int:
+    """Bytes a stock transformers ``DynamicCache`` would hold in 16 bits after ``n_tokens`` tokens: every token in
+    full layers, the last ``sliding_window - 1`` in sliding layers (computed exactly from the config)."""
+    cfg = _text_config(model)
+    per_token = 2 * cfg.num_key_value_heads * head_dim(cfg) * 2 * batch
+    total = 0
+    for lt in _layer_types(cfg):
+        if lt in ("sliding_attention", "chunked_attention"):
+            total += per_token * min(n_tokens, cfg.sliding_window - 1)
+        else:
+            total += per_token * n_tokens
+    return total

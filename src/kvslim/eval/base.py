@@ -18,7 +18,7 @@ from ..errors import InvalidInput
 from .engine import eos_ids, greedy, prefill, teacher_logprob
 from .prompt import Prompt
 
-__all__ = ["Task", "TASKS", "get_task", "task_rng", "run_retrieval"]
+__all__ = ["Task", "TASKS", "get_task", "task_rng", "run_retrieval", "score_answer"]
 
 # task name -> "module:Class" (imported on demand)
 TASKS: dict[str, str] = {
@@ -65,6 +65,14 @@ def get_task(name: str, **options: Any) -> Task:
     return klass(**options)
 
 
+def score_answer(answer: str, expected: list[str]) -> tuple[bool, float]:
+    """``(all found, fraction found)``: each expected string searched case-insensitively in the answer."""
+    if not expected:
+        raise ValueError("nothing to look for")
+    found = [e.lower() in answer.lower() for e in expected]
+    return all(found), sum(found) / len(found)
+
+
 def run_retrieval(model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callable[[], Any]) -> dict[str, Any]:
     """Prefill, graded score (log-prob of ``prompt.answer_ids``), greedy answer; success = every answer string found.
 
@@ -75,10 +83,10 @@ def run_retrieval(model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callab
     logprob = teacher_logprob(model, pre, prompt.answer_ids)
     out = greedy(model, pre, prompt.max_new_tokens, eos_ids(tokenizer, model))
     answer = tokenizer.decode(out, skip_special_tokens=True).strip()
-    found = [a.lower() in answer.lower() for a in prompt.answers]
+    success, retrieved = score_answer(answer, prompt.answers)
     return {
-        "success": all(found),
-        "retrieved": sum(found) / len(found),
+        "success": success,
+        "retrieved": retrieved,
         "score": round(logprob, 5),
         "logprob": round(logprob, 5),
         "answer": answer,

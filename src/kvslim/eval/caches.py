@@ -62,7 +62,7 @@ def check_recipes(names: list[str], extra: CacheFactories | None = None) -> list
 
 def _known_presets(mod: Any) -> list[str]:
     try:
-        return [getattr(r, "name", str(r)) for r in mod.list_recipes()]
+        return [r["name"] if isinstance(r, dict) else getattr(r, "name", str(r)) for r in mod.list_recipes()]
     except Exception:
         return []
 

@@ -39,8 +39,20 @@ class Job:
 def run_cell(job: Job, task: Any, model: Any, tokenizer: Any, cell: Any, prompt: Prompt) -> dict[str, Any]:
     """Run one cell and return its record (see :mod:`kvslim.eval.store` for the fields)."""
     make = job.factory(cell.recipe)
+    made: list[Any] = []
+
+    def fresh() -> Any:
+        made.append(make(model))
+        return made[-1]
+
     t0 = time.perf_counter()
-    res = task.run(model, tokenizer, prompt, lambda: make(model), cell.recipe)
+    try:
+        res = task.run(model, tokenizer, prompt, fresh, cell.recipe)
+    finally:
+        for cache in made:  # a kvslim cache switches the model's attention; switch it back after the cell
+            restore = getattr(cache, "restore_attention", None)
+            if callable(restore):
+                restore()
     seconds = time.perf_counter() - t0
     full16 = full16_nbytes(model.config, len(prompt))
     rec: dict[str, Any] = {

@@ -166,7 +166,9 @@ def run_grid(
     prompts = build_prompts(grid, tokenizer, _max_context(model))
     job = Job(grid.task, grid.options, grid.model, dict(factories or {}))
     for recipe in grid.recipes:  # a recipe the model cannot take fails here, before any cell runs
-        job.factory(recipe)(model)
+        probe = job.factory(recipe)(model)
+        if callable(getattr(probe, "restore_attention", None)):
+            probe.restore_attention()
     store.claim(grid.config(), force=force)
     store.repair()
     done = store.done()

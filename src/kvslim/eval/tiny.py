@@ -19,13 +19,24 @@ _CHAT = (
 )
 
 
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (what the ``ByteLevel`` pre-tokenizer emits)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    cs, extra = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
+
+
 def tiny_tokenizer(chat: bool = True) -> Any:
     """A byte-level BPE tokenizer without merges: one token per byte, ids 0..255; ``<s>`` 256, ``</s>`` 257."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {b: i for i, b in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    vocab = {ch: i for i, ch in enumerate(sorted(vocab, key=lambda c: ord(c)))}
+    vocab = {ch: b for b, ch in _byte_chars().items()}
     specials = ["<s>", "</s>", "<pad>", "<|turn|>"]
     for s in specials:
         vocab[s] = len(vocab)

@@ -55,6 +55,7 @@ def register(app: typer.Typer) -> None:
         chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Force the chat template on/off (default: when present)."),
         ray: str | None = typer.Option(None, "--ray", help="Run on Ray: bare --ray (or --ray local) starts a local cluster; --ray ADDRESS joins one."),
         workers: int = typer.Option(2, "--workers", "-w", help="Ray actors (each loads the model once)."),
+        threads: int = typer.Option(0, "--threads", help="torch CPU threads per process (0: torch's default)."),
         force: bool = typer.Option(False, "--force", help="Write into a folder holding another configuration's results."),
         as_json: bool = typer.Option(False, "--json", help="No progress bar; print one JSON object at the end."),
     ) -> None:
@@ -83,7 +84,7 @@ def register(app: typer.Typer) -> None:
             seeds=parse_list(seeds, int, "seeds"),
             options=options,
         )
-        res = run_grid(grid, out, ray=None if ray is None else ray, workers=workers, force=force, progress=not as_json)
+        res = run_grid(grid, out, ray=ray, workers=workers, threads=threads, force=force, progress=not as_json)
         if as_json:
             print_json(res)
         else:

@@ -31,6 +31,7 @@ class Job:
     options: dict[str, Any]
     model: str
     factories: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
+    threads: int = 0  # torch threads in each worker (0: the worker's default)
 
     def factory(self, recipe: str) -> Callable[[Any], Any]:
         return cache_factory(recipe, self.factories)
@@ -86,6 +87,10 @@ class _Worker:
     def __init__(self, job: Job) -> None:
         from .runner import load_pair
 
+        if job.threads:
+            import torch
+
+            torch.set_num_threads(job.threads)
         self.job = job
         self.model, self.tokenizer = load_pair(job.model)
         self.task = get_task(job.task, **job.options)

@@ -142,6 +142,7 @@ def run_grid(
     *,
     ray: str | None = None,
     workers: int = 2,
+    threads: int = 0,
     force: bool = False,
     factories: CacheFactories | None = None,
     pair: tuple[Any, Any] | None = None,
@@ -153,6 +154,8 @@ def run_grid(
     Args:
         ray: None for the local executor; ``"local"`` to start a local Ray cluster; else a Ray address to join.
         workers: Ray actors (each loads the model once).
+        threads: torch CPU threads per process (0: leave torch's default). On a shared or small machine 1 is often
+            much faster than oversubscribed threads.
         factories: extra ``{recipe: fn(model) -> Cache}`` (tests); they take precedence over ``kvslim.make_cache``.
         pair: an already loaded ``(model, tokenizer)`` for the local executor (else loaded by name).
 
@@ -160,11 +163,17 @@ def run_grid(
         ``{"ran": n, "skipped": n, "total": n, "out": path}``.
     """
     grid = grid.validate(factories)
+    if threads < 0:
+        raise InvalidInput(f"--threads must be 0 (torch's default) or more, got {threads}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     store = ResultStore(out)
     store.claim(grid.config(), force=force, write=False)  # refuse a mismatch before loading anything
     model, tokenizer = pair if pair is not None else load_pair(grid.model)
     prompts = build_prompts(grid, tokenizer, _max_context(model))
-    job = Job(grid.task, grid.options, grid.model, dict(factories or {}))
+    job = Job(grid.task, grid.options, grid.model, dict(factories or {}), threads)
     for recipe in grid.recipes:  # a recipe the model cannot take fails here, before any cell runs
         probe = job.factory(recipe)(model)
         if callable(getattr(probe, "restore_attention", None)):

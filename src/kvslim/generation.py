@@ -25,6 +25,13 @@ class GenerateResult:
     seconds: float
     kv_bytes: int
     cache: Any = field(default=None, repr=False)
+    kv_tokens: int = 0  # tokens the cache has seen (prompt + generated - 1)
+    kv_full16_bytes: int = 0  # what a stock 16-bit DynamicCache holds for kv_tokens, computed from the config
+
+    @property
+    def kv_ratio(self) -> float:
+        """Bytes held relative to a 16-bit full cache (< 1 means smaller)."""
+        return self.kv_bytes / self.kv_full16_bytes if self.kv_full16_bytes else float("nan")
 
     @property
     def tokens_per_s(self) -> float:
@@ -38,6 +45,9 @@ class GenerateResult:
             "seconds": round(self.seconds, 4),
             "tokens_per_s": round(self.tokens_per_s, 3),
             "kv_bytes": self.kv_bytes,
+            "kv_tokens": self.kv_tokens,
+            "kv_full16_bytes": self.kv_full16_bytes,
+            "kv_ratio_vs_full16": round(self.kv_ratio, 4),
         }
 
 
@@ -106,6 +116,9 @@ def generate(
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )
     seconds = time.perf_counter() - t0
+    from .cache.build import full16_nbytes
+
+    seen = int(cache.get_seq_length())
     new = out[0, n_prompt:]
     return GenerateResult(
         text=tokenizer.decode(new, skip_special_tokens=True).strip(),
@@ -114,4 +127,6 @@ def generate(
         seconds=seconds,
         kv_bytes=cache_nbytes(cache),
         cache=cache,
+        kv_tokens=seen,
+        kv_full16_bytes=full16_nbytes(model, seen),
     )

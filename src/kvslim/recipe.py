@@ -10,7 +10,7 @@ A recipe is ``STRUCTURE[:key=value,...][+CODEC]``, for example::
     latent:r=64               MLA-like: keys and values stored as r-dim projections on a calibrated basis
     v4+tq3                    any structure, entries stored with a kvslim.quant codec
 
-``full_first=n`` (any structure) keeps the first n model layers exact. Named presets (``list_recipes()``) are
+``full_first=n`` (any structure) keeps the first n global (full-attention) layers exact. Named presets (``list_recipes()``) are
 recipe strings under a short name. ``parse_recipe`` validates everything it can without a model; ``kvslim.make_cache``
 checks what needs the model (head dim vs rank, codec availability) before allocating anything.
 """
@@ -38,7 +38,7 @@ CODECS: dict[str, str] = {
     "fp32": "float32",
     "fp16": "float16",
     "bf16": "bfloat16",
-    "fp8": "e4m3 codes + one fp32 scale per 128 values",
+    "fp8": "e4m3 codes + one fp32 scale per 128 values (kvslim.quant)",
     "fp4": "e2m1 codes + ue8m0 scale per 32 values (kvslim.quant)",
     "tq1": "TurboQuant-MSE 1 bit (kvslim.quant)",
     "tq2": "TurboQuant-MSE 2 bits (kvslim.quant)",
@@ -46,6 +46,9 @@ CODECS: dict[str, str] = {
     "tq3": "TurboQuant-MSE 3 bits (kvslim.quant)",
     "tq3.5": "TurboQuant-MSE 3.5 bits, outlier channels at 4 (kvslim.quant)",
     "tq4": "TurboQuant-MSE 4 bits (kvslim.quant)",
+    "tqprod2": "TurboQuant-prod 2 bits: 1-bit MSE + 1-bit QJL residual sketch (kvslim.quant)",
+    "tqprod3": "TurboQuant-prod 3 bits (kvslim.quant)",
+    "tqprod4": "TurboQuant-prod 4 bits (kvslim.quant)",
     "kivi2": "KIVI 2 bits, keys per channel, values per token (kvslim.quant)",
     "kivi4": "KIVI 4 bits (kvslim.quant)",
 }
@@ -54,7 +57,7 @@ POOLS = ("mean", "norm", "attn")
 
 # parameter: (type, default, one-line meaning)
 _COMMON: dict[str, tuple[type, Any, str]] = {
-    "full_first": (int, 0, "keep the first n model layers exact"),
+    "full_first": (int, 0, "keep the first n global (full-attention) layers exact"),
 }
 _WINDOW = {"w": (int, 256, "exact recent tokens"), "sinks": (int, 4, "exact first tokens")}
 _BLOCKS = {
@@ -161,8 +164,6 @@ class Recipe:
                 raise InvalidInput(f"{self.kind}: {key} must be >= 0, got {p[key]}")
         if "pool" in p and p["pool"] not in POOLS:
             raise InvalidInput(f"{self.kind}: pool must be one of {', '.join(POOLS)}, got {p['pool']!r}")
-        if "overlap" in p and "m" in p and p["overlap"] > p["w"]:
-            raise InvalidInput(f"{self.kind}: overlap ({p['overlap']}) cannot exceed the window w ({p['w']})")
 
     def get(self, key: str) -> Any:
         return dict(self.params)[key]
@@ -177,19 +178,23 @@ class Recipe:
 
     def layer_specs(self, layer_types: list[str], sliding_window: int | None) -> list[LayerSpec]:
         """One ``LayerSpec`` per model layer. Local (sliding) layers keep their native window exactly and only take
-        the codec; ``full_first`` layers are exact; the structure applies to the remaining global layers."""
+        the codec; the first ``full_first`` global layers are exact (for models without local layers: the first
+        ``full_first`` layers); the structure applies to the remaining global layers."""
         p = dict(self.params)
         specs: list[LayerSpec] = []
-        n_global = 0
+        n_global = 0  # compressed global layers so far (v4 alternates on it)
+        n_seen_global = 0
         for i, lt in enumerate(layer_types):
             if lt in ("sliding_attention", "chunked_attention"):
                 specs.append(LayerSpec(window=sliding_window, sliding=sliding_window, codec=self.codec, label="local"))
                 continue
             if lt != "full_attention":
                 raise InvalidInput(f"layer {i} has type {lt!r}, which kvslim caches do not support (full/sliding only)")
-            if i < self.full_first or self.kind == "full":
+            if n_seen_global < self.full_first or self.kind == "full":
+                n_seen_global += 1
                 specs.append(LayerSpec(codec=self.codec, label="full"))
                 continue
+            n_seen_global += 1
             if self.kind == "window":
                 specs.append(LayerSpec(window=p["w"], sinks=p["sinks"], codec=self.codec, label="window"))
             elif self.kind in ("blocks", "heavy"):

@@ -75,12 +75,12 @@ def head_dim(cfg: Any) -> int:
 def check_recipe(model: Any, recipe: str | Recipe) -> tuple[Recipe, list[LayerSpec]]:
     """Validate ``recipe`` against ``model``; returns the parsed recipe and one ``LayerSpec`` per layer."""
     r = parse_recipe(recipe)
-    cfg = _text_config(model)
     if not hasattr(model, "set_attn_implementation") or not model._can_set_attn_implementation():
         raise InvalidInput(
             f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, "
             "so kvslim caches cannot plug into it; use a Llama/Qwen/Mistral/Gemma-family model"
         )
+    cfg = _text_config(model)
     types = _layer_types(cfg)
     specs = r.layer_specs(types, getattr(cfg, "sliding_window", None))
     d = head_dim(cfg)
@@ -91,7 +91,8 @@ def check_recipe(model: Any, recipe: str | Recipe) -> tuple[Recipe, list[LayerSp
             raise InvalidInput(f"recipe {r} pools or projects pre-RoPE keys, but the model has no rotary embedding")
         if spec.mode == "latent" and spec.rank > d:
             raise InvalidInput(f"latent rank r={spec.rank} exceeds the model's head dim {d}; use r <= {d}")
-    make_storage_codec(r.codec, d)  # refuses unknown/unavailable codecs before anything is allocated
+    for spec in specs:  # refuses unknown/unavailable codecs (or a dim they cannot take) up front
+        make_storage_codec(r.codec, spec.rank if spec.mode == "latent" else d, role="key")
     return r, specs
 
 
@@ -119,8 +120,8 @@ def make_cache(model: Any, recipe: str | Recipe = "full", *, tokenizer: Any = No
         if basis is not None:
             basis = tuple(u.to(model.device) for u in basis)
 
-        def factory(dim: int, _codec: str = spec.codec, _seed: int = seed + i) -> Any:
-            return make_storage_codec(_codec, dim, _seed)
+        def factory(dim: int, role: str, _codec: str = spec.codec, _seed: int = seed + i) -> Any:
+            return make_storage_codec(_codec, dim, _seed, role=role)
 
         layers.append(KvslimLayer(spec, factory, inv.to(model.device) if inv is not None else None, basis))
     ensure_registered()

@@ -79,10 +79,18 @@ class KvslimLayer(CacheLayerMixin):
         dt, dev = key_states.dtype, key_states.device
         self.dtype, self.device, self.batch, self.heads, self.dim = dt, dev, b, h, d
         vec = self.spec.rank if self.spec.mode == "latent" else d
-        self.codec = self.codec_factory(vec)
-        self.sink_k, self.sink_v = Store(self.codec, dt), Store(self.codec, dt)
-        self.tail_k, self.tail_v = Store(self.codec, dt), Store(self.codec, dt)
-        self.blk_k, self.blk_v = Store(self.codec, dt), Store(self.codec, dt)
+        # one codec per stream (keys, values): KIVI differs by role, fractional TurboQuant calibrates per stream
+        ck, cv = self.codec_factory(vec, "key"), self.codec_factory(vec, "value")
+        self.codecs = [ck, cv]
+        self.sink_k, self.sink_v = Store(ck, dt), Store(cv, dt)
+        self.blk_k, self.blk_v = Store(ck, dt), Store(cv, dt)
+        if self.spec.window is not None and type(ck).__name__ == "KiviCodec":
+            # KIVI is append-only (groups of 32 tokens share key scales): a sliding window stays 16-bit, as
+            # KIVI's own recent-token residual does
+            from .storage import make_storage_codec
+
+            ck = cv = make_storage_codec("fp16", vec)
+        self.tail_k, self.tail_v = Store(ck, dt), Store(cv, dt)
         self.sink_valid = torch.zeros(b, 0, dtype=torch.bool, device=dev)
         self.tail_valid = torch.zeros(b, 0, dtype=torch.bool, device=dev)
         self.blk_valid = torch.zeros(b, 0, dtype=torch.bool, device=dev)
@@ -159,7 +167,7 @@ class KvslimLayer(CacheLayerMixin):
         for t in (self.sink_valid, self.tail_valid, self.blk_valid, self.tail_pos, self.obs):
             if t is not None:
                 total += t.numel() * t.element_size()
-        total += int(self.codec.state_nbytes())
+        total += sum(int(c.state_nbytes()) for c in self.codecs)
         if self.basis is not None:
             total += sum(u.numel() * u.element_size() for u in self.basis)
         return total

@@ -79,22 +79,20 @@ class Fp8Codec:
         return 0
 
 
-def make_storage_codec(name: str, dim: int, seed: int = 0) -> Any:
-    """A codec for vectors of dimension ``dim``. Raises ``InvalidInput`` when ``name`` needs ``kvslim.quant`` and
-    that module (or the name) is not available."""
+def make_storage_codec(name: str, dim: int, seed: int = 0, role: str = "key") -> Any:
+    """A codec for vectors of dimension ``dim`` (``role`` matters only to KIVI: keys per channel, values per token).
+    ``none`` keeps the compute dtype; every other name is built by ``kvslim.quant.make_codec``."""
     if name == "none":
         return CastCodec(name, dim, None)
-    if name in _CASTS:
-        return CastCodec(name, dim, _CASTS[name])
     try:
-        from ..quant import make_codec  # type: ignore[attr-defined]
-    except ImportError:
-        make_codec = None
-    if make_codec is not None:
-        return make_codec(name, dim, seed=seed)
-    if name == "fp8":
-        return Fp8Codec(dim)
-    raise InvalidInput(f"storage codec {name!r} needs kvslim.quant, which this build does not have; use none, fp16, bf16 or fp8")
+        from ..quant import make_codec
+    except ImportError:  # a build without kvslim.quant: plain casts and a local fp8
+        if name in _CASTS:
+            return CastCodec(name, dim, _CASTS[name])
+        if name == "fp8":
+            return Fp8Codec(dim)
+        raise InvalidInput(f"storage codec {name!r} needs kvslim.quant; use none, fp16, bf16 or fp8") from None
+    return make_codec(name, dim, seed=seed, role=role)
 
 
 def packed_nbytes(packed: Any) -> int:
@@ -107,6 +105,8 @@ def packed_nbytes(packed: Any) -> int:
         return sum(packed_nbytes(p) for p in packed)
     if isinstance(packed, dict):
         return sum(packed_nbytes(p) for p in packed.values())
+    if hasattr(packed, "nbytes") and callable(packed.nbytes):
+        return int(packed.nbytes())
     return sum(packed_nbytes(v) for v in vars(packed).values() if isinstance(v, (torch.Tensor, tuple, list, dict)))
 
 
@@ -130,11 +130,17 @@ def _map1(fn: Any, a: Any) -> Any:
     raise TypeError(f"cannot slice packed values of type {type(a).__name__}")
 
 
+def _is_packed(p: Any) -> bool:
+    return hasattr(p, "fields") and hasattr(p, "slice_tokens")
+
+
 class Store:
     """Vectors ``[b, h, n, d]`` held through ``codec``; ``n`` grows by ``append`` and shrinks by ``drop_front``.
 
-    Packed tensors keep the token axis at dim 2 (codecs work on the last axis, leading axes kept), so concatenation
-    and slicing act on that axis directly.
+    Packed values keep the token axis second to last of every field (``kvslim.quant.Packed``) or at dim 2 (plain
+    tensors), so concatenation and slicing need no re-encoding. KIVI's streaming store (fp16 residual of the
+    recent tokens, groups of 32 quantized together) is used as-is for append-only stores; codecs that need
+    calibration (``tq2.5``/``tq3.5`` outlier channels) are calibrated on the first tokens appended.
     """
 
     def __init__(self, codec: Any, out_dtype: torch.dtype) -> None:
@@ -142,29 +148,68 @@ class Store:
         self.out_dtype = out_dtype
         self.packed: Any = None
         self.n = 0
+        self.stream = None
+        if type(codec).__name__ == "KiviCodec":
+            from ..quant import KiviStore
+
+            self.stream = KiviStore(codec)
 
     def append(self, x: torch.Tensor) -> None:
         if x.shape[2] == 0:
             return
-        p = self.codec.encode(x)
-        self.packed = p if self.packed is None else _map2(lambda a, b: torch.cat([a, b], dim=2), self.packed, p)
         self.n += x.shape[2]
+        if self.stream is not None:
+            self.stream.append(x)
+            return
+        if getattr(self.codec, "calibrated", True) is False:
+            self.codec.calibrate(x.reshape(-1, x.shape[-1]).float())
+        p = self.codec.encode(x)
+        if self.packed is None:
+            self.packed = p
+        elif _is_packed(p):
+            self.packed = type(p).cat([self.packed, p])
+        else:
+            self.packed = _map2(lambda a, b: torch.cat([a, b], dim=2), self.packed, p)
 
     def drop_front(self, count: int) -> None:
-        if count <= 0 or self.packed is None:
+        if count <= 0 or self.n == 0:
             return
+        if self.stream is not None:
+            raise RuntimeError("KIVI storage is append-only; windowed stores keep fp16 instead")
         count = min(count, self.n)
-        self.packed = _map1(lambda a: a[:, :, count:], self.packed)
+        if _is_packed(self.packed):
+            self.packed = self.packed.slice_tokens(count, self.packed.tokens)
+        else:
+            self.packed = _map1(lambda a: a[:, :, count:], self.packed)
         self.n -= count
 
     def decode(self) -> torch.Tensor | None:
-        if self.packed is None or self.n == 0:
+        if self.n == 0:
             return None
+        if self.stream is not None:
+            return self.stream.materialize().to(self.out_dtype)
         return self.codec.decode(self.packed).to(self.out_dtype)
 
     def select_batch(self, fn: Any) -> None:
-        if self.packed is not None:
+        if self.stream is not None:
+            if self.stream.quantized is not None:
+                self.stream.quantized = _select_packed(self.stream.quantized, fn)
+            if self.stream.recent is not None:
+                self.stream.recent = fn(self.stream.recent)
+        elif _is_packed(self.packed):
+            self.packed = _select_packed(self.packed, fn)
+        elif self.packed is not None:
             self.packed = _map1(fn, self.packed)
 
     def nbytes(self) -> int:
+        if self.stream is not None:
+            return int(self.stream.nbytes())
         return 0 if self.packed is None else int(self.codec.nbytes(self.packed))
+
+
+def _select_packed(p: Any, fn: Any) -> Any:
+    from dataclasses import replace
+
+    fields = {k: fn(v) for k, v in p.fields.items()}
+    b = next(iter(fields.values())).shape[0]
+    return replace(p, fields=fields, shape=(b, *p.shape[1:]))

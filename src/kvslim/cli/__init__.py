@@ -12,7 +12,7 @@ import typer
 
 __all__ = ["app", "main", "COMMANDS"]
 
-COMMANDS: tuple[str, ...] = ("models", "generate", "niah", "report")
+COMMANDS: tuple[str, ...] = ("models", "generate", "recipes", "niah", "report")
 
 app = typer.Typer(
     name="kvslim",

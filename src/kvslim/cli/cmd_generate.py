@@ -15,26 +15,39 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("smollm2-135m", "--model", "-m", help="Embedded model name, local HF folder or .gguf file."),
         max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate (greedy)."),
         chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Force the chat template on or off (default: use it when present)."),
+        recipe: str = typer.Option(
+            "full", "--recipe", "-r", help="KV-cache recipe, e.g. full, window:w=256,sinks=4, v4+tq3 (see `kvslim recipes`)."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
     ) -> None:
-        """Answer PROMPT greedily; print the answer, tokens/s and the KV-cache bytes held at the end."""
+        """Answer PROMPT greedily; print the answer, tokens/s, the KV-cache bytes held at the end and their ratio to a
+        16-bit full cache (computed exactly from the model config and the token count)."""
+        from ..cache import make_cache
         from ..errors import InvalidInput
         from ..generation import generate
         from ..models import load
+        from ..recipe import parse_recipe
 
+        parsed = parse_recipe(recipe)  # refuse a malformed recipe before loading anything
         if not prompt.strip():
             raise InvalidInput("the prompt is empty: give some text to continue or answer")
         if max_new_tokens <= 0:
             raise InvalidInput(f"--max-new-tokens must be positive, got {max_new_tokens}")
         with spinner(f"loading {model}", enabled=not as_json) as status:
             mdl, tok = load(model, status=status)
-            status(f"generating up to {max_new_tokens} tokens")
-            res = generate(mdl, tok, prompt, max_new_tokens=max_new_tokens, chat=chat)
+            status(f"generating up to {max_new_tokens} tokens with recipe {parsed}")
+            cache = make_cache(mdl, parsed, tokenizer=tok)
+            try:
+                res = generate(mdl, tok, prompt, max_new_tokens=max_new_tokens, chat=chat, cache=cache)
+            finally:
+                cache.restore_attention()
         if as_json:
-            print_json({"model": model, **res.to_dict()})
+            print_json({"model": model, "recipe": str(parsed), **res.to_dict()})
             return
         console.print(res.text, highlight=False, markup=False)
         console.print(
             f"[dim]{res.new_tokens} tokens in {res.seconds:.2f} s ({res.tokens_per_s:.1f} tokens/s); "
-            f"prompt {res.prompt_tokens} tokens; KV cache held: {fmt_bytes(res.kv_bytes)} ({res.kv_bytes:,} B)[/]"
+            f"prompt {res.prompt_tokens} tokens; KV cache held ({parsed}): {fmt_bytes(res.kv_bytes)} ({res.kv_bytes:,} B), "
+            f"{res.kv_ratio:.3f}x a 16-bit full cache of the same {res.kv_tokens} tokens "
+            f"({fmt_bytes(res.kv_full16_bytes)}, computed from the config)[/]"
         )

@@ -1,0 +1,153 @@
+"""Decode ms/token, prefill seconds, KV bytes and peak RSS per recipe, side by side against the stock full cache.
+
+For each model and context length: one prompt of natural text (``pydoc_data.topics``); for every recipe a fresh
+cache, one-shot prefill of the prompt (timed), then ``--decode`` greedy tokens one forward at a time (timed per
+token, median reported). The baseline row ``dynamic`` is transformers' own ``DynamicCache`` with sdpa attention;
+every other row is ``kvslim.make_cache(model, recipe)``. Recipes run interleaved, ``--repeats`` rounds in rotated
+order, and each figure is the median over rounds, so machine load hits all rows alike. Peak RSS is the process's
+high-water mark during that row (``/proc/self/clear_refs`` reset before each row; Linux only, else the
+process-wide peak).
+
+Prints a table, then one JSON line; writes ``results/decode.json``. Default: SmolLM2 at 1k/2k tokens with 8
+decode steps (a few minutes on two busy cores). The issue's full configuration::
+
+    python bench/decode.py --models smollm2-135m --lengths 2048,4096,8192
+    python bench/decode.py --models gemma3-270m --lengths 8192,16384,32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_RECIPES = "full,stream,csa,hca,v4,v4-tq3,latent64"
+
+
+def _peak_reset() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _prompt_ids(tok, n: int) -> torch.Tensor:
+    from kvslim.cache.latent import _calibration_text
+
+    text = _calibration_text(n * 6)
+    ids = tok(text, return_tensors="pt")["input_ids"][:, :n]
+    if ids.shape[1] < n:
+        raise SystemExit(f"calibration text gave only {ids.shape[1]} tokens, need {n}")
+    return ids
+
+
+def _run_one(model, tok, ids, recipe: str, decode: int) -> dict:
+    from transformers import DynamicCache
+
+    from kvslim import cache_nbytes, make_cache
+
+    _peak_reset()
+    if recipe == "dynamic":
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = make_cache(model, recipe, tokenizer=tok)
+    try:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = model(ids, cache=cache, logits_to_keep=1)
+            prefill = time.perf_counter() - t0
+            nxt = out.logits[:, -1:].argmax(-1)
+            steps = []
+            for _ in range(decode):
+                t0 = time.perf_counter()
+                out = model(nxt, cache=cache)
+                steps.append(time.perf_counter() - t0)
+                nxt = out.logits[:, -1:].argmax(-1)
+        kv = cache_nbytes(cache)
+    finally:
+        if recipe != "dynamic":
+            cache.restore_attention()
+    return {"prefill_s": prefill, "decode_ms": 1000 * statistics.median(steps), "kv_bytes": kv, "peak_rss": _peak_rss()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="smollm2-135m", help="comma-separated embedded model names")
+    ap.add_argument("--lengths", default="1024,2048", help="comma-separated context lengths (tokens)")
+    ap.add_argument("--recipes", default=DEFAULT_RECIPES, help="comma-separated recipes/presets (';' also separates)")
+    ap.add_argument("--decode", type=int, default=8, help="decode steps per row (median ms/token reported)")
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds; medians over rounds")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--out", default="results/decode.json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from kvslim.cache import full16_nbytes
+    from kvslim.models import load
+    from kvslim.recipe import parse_recipe
+
+    sep = ";" if ";" in args.recipes else ","
+    recipes = ["dynamic"] + [r.strip() for r in args.recipes.split(sep) if r.strip()]
+    for r in recipes[1:]:
+        parse_recipe(r)
+    rows = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        model, tok = load(name)
+        for n in [int(x) for x in args.lengths.split(",")]:
+            ids = _prompt_ids(tok, n)
+            per: dict[str, list[dict]] = {r: [] for r in recipes}
+            for rnd in range(args.repeats):
+                order = recipes[rnd % len(recipes):] + recipes[: rnd % len(recipes)]
+                for r in order:
+                    per[r].append(_run_one(model, tok, ids, r, args.decode))
+            full16 = full16_nbytes(model, n + args.decode)
+            base = {k: statistics.median(x[k] for x in per["dynamic"]) for k in ("prefill_s", "decode_ms")}
+            for r in recipes:
+                med = {k: statistics.median(x[k] for x in per[r]) for k in ("prefill_s", "decode_ms")}
+                rows.append({
+                    "model": name, "tokens": n, "recipe": r,
+                    "prefill_s": round(med["prefill_s"], 3), "decode_ms": round(med["decode_ms"], 2),
+                    "prefill_vs_dynamic": round(med["prefill_s"] / base["prefill_s"], 3),
+                    "decode_speedup_vs_dynamic": round(base["decode_ms"] / med["decode_ms"], 3),
+                    "kv_bytes": per[r][-1]["kv_bytes"], "kv_ratio_vs_full16": round(per[r][-1]["kv_bytes"] / full16, 4),
+                    "peak_rss_mib": round(max(x["peak_rss"] for x in per[r]) / 2**20, 1),
+                })
+                print_row(rows[-1], header=len(rows) == 1)
+        del model
+    result = {"bench": "decode", "decode_steps": args.decode, "repeats": args.repeats,
+              "threads": torch.get_num_threads(), "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+
+
+def print_row(r: dict, header: bool) -> None:
+    cols = ["model", "tokens", "recipe", "prefill_s", "prefill_vs_dynamic", "decode_ms", "decode_speedup_vs_dynamic",
+            "kv_bytes", "kv_ratio_vs_full16", "peak_rss_mib"]
+    widths = [13, 6, 22, 9, 8, 9, 8, 11, 8, 8]
+    short = ["model", "tokens", "recipe", "prefill_s", "pf_ratio", "decode_ms", "dec_x", "kv_bytes", "kv/f16", "rss_MiB"]
+    if header:
+        print("  ".join(h.ljust(w) for h, w in zip(short, widths, strict=True)), flush=True)
+    print("  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths, strict=True)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Lossy recipes: chunking invariance, continuation after decode, positions after eviction, and bytes held."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvslim
+from kvslim.cache import compressed
+
+LOSSY = [
+    "window:w=8,sinks=2",
+    "window:w=5,sinks=0",
+    "blocks:m=4,k=2,w=8,sinks=2",
+    "blocks:m=3,k=0,w=6,sinks=1,overlap=2,pool=norm",
+    "heavy:m=8,w=8",
+    "v4:w=8,m=2,k=3,hm=6",
+    "latent:r=6",
+    "window:w=8+fp8",
+    "v4:w=8,m=2,k=3,hm=6+tq3",
+    "blocks:m=4,k=2,w=8+fp4",  # (tq2.5 calibrates outliers on the first chunk, KIVI groups: not chunk-invariant)
+]
+
+
+def _logits_in_chunks(model, recipe, ids, sizes, explicit_positions=False):
+    out = []
+    with compressed(model, recipe) as cache, torch.inference_mode():
+        start = 0
+        for size in sizes:
+            chunk = ids[:, start : start + size]
+            kw = {}
+            if explicit_positions:
+                kw["position_ids"] = torch.arange(start, start + chunk.shape[1])[None]
+            out.append(model(chunk, cache=cache, **kw).logits)
+            start += size
+        assert cache.get_seq_length() == ids.shape[1]
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("recipe", LOSSY)
+def test_one_shot_equals_chunked_equals_token_by_token(tiny_models, arch, recipe):
+    model = tiny_models[arch]
+    ids = torch.randint(1, 128, (1, 41), generator=torch.Generator().manual_seed(7))
+    one = _logits_in_chunks(model, recipe, ids, [41])
+    chunked = _logits_in_chunks(model, recipe, ids, [5, 11, 1, 7, 17])
+    steps = _logits_in_chunks(model, recipe, ids, [1] * 41)
+    torch.testing.assert_close(chunked, one, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(steps, one, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_positions_after_eviction_are_logical(tiny_models, arch):
+    """After eviction the cache stores fewer tokens than it has seen; positions must still count every token."""
+    model = tiny_models[arch]
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(8))
+    implicit = _logits_in_chunks(model, "window:w=6,sinks=2", ids, [20, 3, 17])
+    explicit = _logits_in_chunks(model, "window:w=6,sinks=2", ids, [20, 3, 17], explicit_positions=True)
+    torch.testing.assert_close(implicit, explicit, atol=0, rtol=0)
+    with compressed(model, "window:w=6,sinks=2") as cache, torch.inference_mode():
+        model(ids, cache=cache)
+        layer = next(lay for lay in cache.layers if lay.spec.label == "window")
+        assert cache.get_seq_length() == 40 and layer.stored_length() == 2 + 6 - 1
+        kv_len, kv_off = layer.get_mask_sizes(1)
+        assert (kv_len, kv_off) == (7 + 1, 40 - 7)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("recipe", ["blocks:m=4,k=2,w=8,sinks=2", "v4:w=8,m=2,k=3,hm=6"])
+def test_prefill_decode_more_prefill(tiny_models, arch, recipe):
+    """generate, then generate again on (prompt + answer + more text) with the same cache == one fresh pass."""
+    model = tiny_models[arch]
+    g = torch.Generator().manual_seed(9)
+    prompt = torch.randint(1, 128, (1, 23), generator=g)
+    more = torch.randint(1, 128, (1, 9), generator=g)
+    with compressed(model, recipe) as cache, torch.inference_mode():
+        first = model.generate(prompt, max_new_tokens=10, do_sample=False, cache=cache, pad_token_id=0)
+        full = torch.cat([first, more], dim=1)
+        second = model.generate(full, max_new_tokens=10, do_sample=False, cache=cache, pad_token_id=0)
+    with compressed(model, recipe) as fresh, torch.inference_mode():
+        ref_first = model.generate(prompt, max_new_tokens=10, do_sample=False, cache=fresh, pad_token_id=0)
+        assert torch.equal(ref_first, first)
+        ref_logits = _logits_in_chunks(model, recipe, full, [full.shape[1]])
+    with compressed(model, recipe) as chunked, torch.inference_mode():
+        model(full[:, :-1], cache=chunked)
+        step = model(full[:, -1:], cache=chunked).logits
+    torch.testing.assert_close(step[:, -1], ref_logits[:, -1], atol=2e-4, rtol=1e-4)
+    assert second.shape[1] == full.shape[1] + 10 and torch.equal(second[:, : full.shape[1]], full)
+
+
+def test_bytes_held_match_the_layout(tiny_models):
+    model = tiny_models["llama"]  # 2 layers, 2 KV heads, head dim 16, float32
+    ids = torch.randint(1, 128, (1, 50), generator=torch.Generator().manual_seed(10))
+    per_vec = 16 * 4
+    with compressed(model, "window:w=8,sinks=2") as cache, torch.inference_mode():
+        model(ids, cache=cache)
+        stored = 2 + 8 - 1
+        assert cache.layer_nbytes() == [stored * (2 * 2 * per_vec + 1)] * 2
+        assert kvslim.cache_nbytes(cache) == cache.nbytes()
+    with compressed(model, "blocks:m=4,k=2,w=8,sinks=2") as cache, torch.inference_mode():
+        model(ids, cache=cache)
+        layer = cache.layers[0]
+        n_blocks = (50 - 8 + 1 - 2) // 4
+        tail = 50 - (2 + n_blocks * 4)
+        assert layer.n_blocks == n_blocks and layer.tail_k.n == tail
+        expect = (2 + n_blocks + tail) * 2 * 2 * per_vec + (2 + n_blocks + tail) + 4 * tail
+        assert layer.nbytes() == expect
+    d = 16
+    with compressed(model, "full+fp8") as cache, torch.inference_mode():
+        model(ids, cache=cache)
+        assert cache.layers[0].nbytes() == 50 * 2 * 2 * (d + 4 * 1) + 50
+    with compressed(model, "full+tq3") as cache, torch.inference_mode():
+        model(ids, cache=cache)
+        layer = cache.layers[0]
+        state = sum(c.state_nbytes() for c in layer.codecs)
+        assert layer.nbytes() == 50 * 2 * 2 * ((d * 3 + 7) // 8 + 2) + 50 + state
+
+
+def test_refusals_before_allocation(tiny_models):
+    model = tiny_models["llama"]
+    with pytest.raises(kvslim.InvalidInput, match="exceeds the model's head dim 16"):
+        kvslim.make_cache(model, "latent:r=32")
+    with pytest.raises(kvslim.InvalidInput, match="full_first=9 exceeds"):
+        kvslim.make_cache(model, "heavy:full_first=9")
+    with pytest.raises(kvslim.InvalidInput, match="AttentionInterface"):
+        kvslim.make_cache(torch.nn.Linear(2, 2), "full")
+    assert model.config._attn_implementation == "sdpa"

@@ -1,0 +1,99 @@
+"""Recipe grammar, presets and refusals (no model needed)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvslim.errors import InvalidInput
+from kvslim.recipe import CODECS, KINDS, PRESETS, list_recipes, parse_recipe
+
+
+def test_defaults_and_params():
+    r = parse_recipe("blocks:m=8,k=16,w=64,pool=norm")
+    assert (r.kind, r.get("m"), r.get("k"), r.get("w"), r.get("pool"), r.get("sinks")) == ("blocks", 8, 16, 64, "norm", 4)
+    assert parse_recipe("window:w=256,sinks=4") == parse_recipe("window")
+    r = parse_recipe("v4+tq3")
+    assert (r.kind, r.codec) == ("v4", "tq3")
+    assert parse_recipe("heavy:m=64,w=128,full_first=2").full_first == 2
+
+
+def test_presets_resolve():
+    for name, (text, _desc) in PRESETS.items():
+        assert parse_recipe(name) == parse_recipe(text)
+    assert parse_recipe("stream+fp8").codec == "fp8"
+
+
+@given(
+    kind=st.sampled_from(sorted(KINDS)),
+    codec=st.sampled_from(sorted(CODECS)),
+    full_first=st.integers(0, 5),
+    data=st.data(),
+)
+def test_round_trip(kind, codec, full_first, data):
+    params = {}
+    for key, (typ, _default, _doc) in KINDS[kind][1].items():
+        if typ is int and data.draw(st.booleans()):
+            lo = 1 if key in ("m", "hm", "r", "calib", "w") else 0
+            params[key] = data.draw(st.integers(lo, 200))
+    text = kind + (":" + ",".join(f"{k}={v}" for k, v in params.items()) if params else "")
+    if full_first:
+        text += ("," if ":" in text else ":") + f"full_first={full_first}"
+    text += f"+{codec}" if codec != "none" else ""
+    r = parse_recipe(text)
+    assert parse_recipe(str(r)) == r
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("", "empty recipe"),
+        ("blocks:m=0", "m must be positive"),
+        ("blocks:m=-2", "m must be positive"),
+        ("blocks:q=3", "unknown key 'q'"),
+        ("blocks:m=four", "must be an integer"),
+        ("blocks:m", "bad token 'm'"),
+        ("blockz:m=4", "unknown recipe 'blockz'"),
+        ("v4+tq9", "unknown storage codec 'tq9'"),
+        ("v4+", "ends with '+'"),
+        ("window:", "no parameters"),
+        ("window:w=0", "w (window) must be at least 1"),
+        ("latent:r=0", "r must be positive"),
+        ("blocks:pool=max", "pool must be one of"),
+        ("blocks:m=4,m=8", "given twice"),
+        ("heavy:k=3", "unknown key 'k'"),
+        ("full:full_first=-1", "full_first must be >= 0"),
+    ],
+)
+def test_bad_recipes_name_the_token(text, needle):
+    with pytest.raises(InvalidInput) as err:
+        parse_recipe(text)
+    assert needle in str(err.value)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(InvalidInput, match="valid keys for blocks: m, k, w, sinks, overlap, pool, full_first"):
+        parse_recipe("blocks:x=1")
+
+
+def test_list_recipes_covers_everything():
+    rows = list_recipes()
+    names = {r["name"] for r in rows}
+    assert set(KINDS) <= names and set(PRESETS) <= names
+    assert {f"+{c}" for c in CODECS if c != "none"} <= names
+    blocks = next(r for r in rows if r["name"] == "blocks")
+    assert set(blocks["parameters"]) == {"m", "k", "w", "sinks", "overlap", "pool", "full_first"}
+    assert all(r["description"] and "\n" not in r["description"] for r in rows)
+
+
+def test_layer_schedule_gemma_like():
+    r = parse_recipe("v4:full_first=1")
+    types = ["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2 + ["full_attention"] * 3
+    specs = r.layer_specs(types, 512)
+    assert [s.label for s in specs] == ["local", "local", "full", "local", "local", "csa", "hca", "csa"]
+    assert specs[0].window == 512 and specs[0].sliding == 512
+    specs = parse_recipe("heavy:full_first=2").layer_specs(["full_attention"] * 4, None)
+    assert [s.label for s in specs] == ["full", "full", "heavy", "heavy"]
+    with pytest.raises(InvalidInput, match="linear_attention"):
+        r.layer_specs(["linear_attention"], None)

@@ -26,6 +26,9 @@ _EXPORTS: dict[str, str] = {
     "compressed": "kvslim.cache",
     "parse_recipe": "kvslim.recipe",
     "list_recipes": "kvslim.recipe",
+    "Grid": "kvslim.eval",
+    "run_grid": "kvslim.eval",
+    "build_report": "kvslim.eval",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -37,6 +37,7 @@ class Row:
     bytes_per_token: float  # mean over all cells
     mean_acc: float
     cells: int
+    ppl: float | None = None  # fidelity: mean perplexity over all cells
     grid: dict[tuple[float, int], float] = field(default_factory=dict)  # (depth, length) -> accuracy
 
 
@@ -84,6 +85,7 @@ def summarize(records: list[dict[str, Any]]) -> list[Summary]:
                 bytes_per_token=fmean(r["kv_bytes"] / r["prompt_tokens"] for r in mine),
                 mean_acc=fmean(_metric(r) for r in mine),
                 cells=len(mine),
+                ppl=fmean(r["ppl"] for r in mine) if all("ppl" in r for r in mine) else None,
                 grid={k: fmean(v) for k, v in grid.items()},
             ))
         out.append(Summary(task, model, "accuracy" if has_success else "mean KL (nats)", lengths, depths, rows))
@@ -102,7 +104,9 @@ def table_rows(s: Summary) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the summary table (accuracy per length, mean, KV bytes and ratio at the longest length)."""
     top = s.lengths[-1]
     acc = "acc" if s.metric == "accuracy" else "KL"
-    head = ["recipe", *[f"{acc}@{n}" for n in s.lengths], f"mean {acc}", "score", f"KV bytes@{top}", "vs fp16 full", "B/token"]
+    ppl = any(r.ppl is not None for r in s.rows)
+    head = ["recipe", *[f"{acc}@{n}" for n in s.lengths], f"mean {acc}", "ppl" if ppl else "score", f"KV bytes@{top}",
+            "vs fp16 full", "B/token"]
     body = []
     for r in s.rows:
         fmt = (lambda v: f"{v:.2f}") if s.metric == "accuracy" else (lambda v: f"{v:.4f}")
@@ -110,7 +114,7 @@ def table_rows(s: Summary) -> tuple[list[str], list[list[str]]]:
             r.recipe,
             *[fmt(r.acc[n]) if n in r.acc else "-" for n in s.lengths],
             fmt(r.mean_acc),
-            f"{fmean(r.score.values()):.2f}",
+            (f"{r.ppl:.3f}" if r.ppl is not None else "-") if ppl else f"{fmean(r.score.values()):.2f}",
             _fmt_bytes(r.kv_bytes[top]) if top in r.kv_bytes else "-",
             f"{r.ratio16[top]:.3f}x" if top in r.ratio16 else "-",
             f"{r.bytes_per_token:.0f}",
@@ -216,5 +220,5 @@ def summary_json(s: Summary) -> dict[str, Any]:
     return {
         "task": s.task, "model": s.model, "metric": s.metric, "lengths": s.lengths, "depths": s.depths,
         "rows": [{"recipe": r.recipe, "acc": r.acc, "mean_acc": r.mean_acc, "score": r.score, "kv_bytes": r.kv_bytes,
-                  "ratio16": r.ratio16, "bytes_per_token": r.bytes_per_token, "cells": r.cells} for r in s.rows],
+                  "ratio16": r.ratio16, "bytes_per_token": r.bytes_per_token, "cells": r.cells, "ppl": r.ppl} for r in s.rows],
     }

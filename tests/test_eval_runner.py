@@ -155,3 +155,14 @@ def test_cli_niah_and_report(tmp_path):
     assert expand_bare_ray(["niah", "--ray", "-o", "d"]) == ["niah", "--ray", "local", "-o", "d"]
     assert expand_bare_ray(["niah", "--ray"]) == ["niah", "--ray", "local"]
     assert expand_bare_ray(["--ray", "10.0.0.1:6379"]) == ["--ray", "10.0.0.1:6379"]
+
+
+def test_compressed_recipes_need_the_recipe_system(monkeypatch):
+    import kvslim
+    from kvslim.eval.caches import check_recipes
+
+    assert check_recipes(["full"]) == ["full"]
+    monkeypatch.setattr(kvslim, "_EXPORTS", {k: v for k, v in kvslim._EXPORTS.items() if k != "make_cache"})
+    with pytest.raises(InvalidInput, match="lacks"):
+        check_recipes(["v4"])
+    assert check_recipes(["win"], extra=DOUBLE) == ["full", "win"]  # test doubles need no recipe system

@@ -90,3 +90,12 @@ def test_full16_reference_matches_a_measured_dynamic_cache(name, n):
     kv = sum(layer.keys.numel() + layer.values.numel() for layer in pre.cache.layers)  # K/V only, no side buffers
     assert full16_nbytes(model.config, n) == 2 * kv
     assert pre.kv_bytes - 4 * kv < 64  # cache_nbytes also counts stock sliding layers' 8-byte window scalar
+
+
+def test_multi_needle_score_is_the_fraction_retrieved(pair):
+    model, tok = pair
+    task = get_task("multi-needle", k=2)
+    p = task.build(tok, 600, 0.2, 0)
+    res = task.run(model, tok, p, lambda: full(model), "full")
+    assert res["score"] == res["retrieved"] == score_answer(res["answer"], p.answers)[1]
+    assert res["logprob"] < 0 and p.max_new_tokens == 24

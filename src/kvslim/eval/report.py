@@ -171,7 +171,13 @@ def _frontier(s: Summary, path: Path) -> None:
     for r in s.rows:
         ax.scatter([r.bytes_per_token], [r.mean_acc], s=40)
         ax.annotate(r.recipe, (r.bytes_per_token, r.mean_acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels on a log axis overlap
+    ax.margins(x=0.15, y=0.1)
     ax.set_xlabel("KV bytes held per prompt token (after prefill)")
     ax.set_ylabel(s.metric)
     ax.set_title(f"{s.task} / {s.model}: memory vs {s.metric}", fontsize=9)

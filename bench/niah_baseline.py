@@ -77,7 +77,8 @@ def write_docs(args: argparse.Namespace) -> dict:
         + f", {platform.machine()}, torch threads {args.threads or 'default'}). Do not edit by hand.",
         "",
         "Recipes: `full` (transformers' `DynamicCache`, float32) and every preset of `kvslim recipes`: "
-        + ", ".join(f"`{r}`" for r in recipes[1:]) + f". Depths {args.depths}, seeds {args.seeds}; greedy answers.",
+        + ", ".join(f"`{r}`" for r in recipes[1:]) + f". Depths {args.depths}, seeds {args.seeds}; greedy answers"
+        + f" (so each `acc@N` is over {len(args.depths) * len(args.seeds)} cell(s)).",
         "`acc@N`: fraction of cells whose greedy answer contains the needle's answer at prompt length N tokens;",
         "`score`: mean teacher-forced log-probability (nats) of the answer tokens; KV bytes: measured bytes the cache",
         "holds after prefill (`kvslim.memory.cache_nbytes`) at the longest length; `vs fp16 full`: that over a 16-bit",
@@ -109,9 +110,14 @@ def write_docs(args: argparse.Namespace) -> dict:
             out_json["runs"].append({"model": model, "task": task, "rows": [
                 {"recipe": r.recipe, "acc": r.acc, "score": r.score, "kv_bytes": r.kv_bytes, "ratio16": r.ratio16,
                  "bytes_per_token": r.bytes_per_token} for r in s.rows]})
+    seconds = sum(r.get("seconds", 0) for m in args.models for t in TASKS
+                  for r in ResultStore(ROOT / "results" / "niah-baseline" / m / t).records())
     md += ["## Missing", ""]
     md += [f"- {m}" for m in missing] if missing else ["Nothing: every planned cell ran."]
-    md += ["", "Rerun the same command to fill the gaps (finished cells are skipped).", ""]
+    if missing:
+        md += ["", "Rerun the same command to fill the gaps (finished cells are skipped)."]
+    md += ["", f"Time spent in cells (sum of the per-cell `seconds`, one torch thread on a shared 2-core machine): "
+           f"{seconds / 60:.1f} min.", ""]
     (ROOT / "docs" / "baseline.md").write_text("\n".join(md))
     out_json["missing"] = missing
     (ROOT / "results").mkdir(exist_ok=True)

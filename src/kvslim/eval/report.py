@@ -168,9 +168,11 @@ def _frontier(s: Summary, path: Path) -> None:
     fig = Figure(figsize=(6, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for r in s.rows:
+    for i, r in enumerate(sorted(s.rows, key=lambda r: r.bytes_per_token)):
         ax.scatter([r.bytes_per_token], [r.mean_acc], s=40)
-        ax.annotate(r.recipe, (r.bytes_per_token, r.mean_acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # stagger labels vertically so neighbours at similar bytes stay readable
+        ax.annotate(r.recipe, (r.bytes_per_token, r.mean_acc), textcoords="offset points", xytext=(4, 5 + 11 * (i % 3)),
+                    fontsize=8)
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ax.set_xscale("log")

@@ -113,7 +113,11 @@ def test_bytes_held_match_the_layout(tiny_models):
         model(ids, cache=cache)
         layer = cache.layers[0]
         state = sum(c.state_nbytes() for c in layer.codecs)
-        assert layer.nbytes() == 50 * 2 * 2 * ((d * 3 + 7) // 8 + 2) + 50 + state
+        data = 50 * 2 * 2 * ((d * 3 + 7) // 8 + 2) + 50
+        assert layer.nbytes() == data + state
+        # one codec (rotation, codebook) serves both layers and both streams: its constants are held once
+        assert cache.layers[1].codecs[0] is layer.codecs[0] and len(layer.codecs) == 1
+        assert cache.layer_nbytes() == [data + state, data] and cache.nbytes() == 2 * data + state
 
 
 def test_refusals_before_allocation(tiny_models):
@@ -125,3 +129,42 @@ def test_refusals_before_allocation(tiny_models):
     with pytest.raises(kvslim.InvalidInput, match="AttentionInterface"):
         kvslim.make_cache(torch.nn.Linear(2, 2), "full")
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_observed_attention_pooling_uses_the_queries(tiny_models):
+    model = tiny_models["llama"]
+    ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(11))
+    outs = {}
+    for pool in ("mean", "attn"):
+        with compressed(model, f"blocks:m=4,k=0,w=8,sinks=2,pool={pool}") as cache, torch.inference_mode():
+            outs[pool] = model(ids, cache=cache).logits
+            layer = cache.layers[0]
+            if pool == "attn":
+                # every window token has received attention mass from the queries seen so far
+                assert layer.obs.shape[-1] == layer.tail_k.n and bool((layer.obs > 0).all())
+    assert torch.isfinite(outs["attn"]).all()
+    assert not torch.allclose(outs["attn"], outs["mean"])
+
+
+@pytest.mark.parametrize("recipe", ["blocks:m=4,k=5,w=8,sinks=2", "full", "latent:r=8"])
+def test_long_prefill_crosses_query_chunks(tiny_models, recipe):
+    """A 700-token one-shot prefill is attended in several query chunks; it must equal feeding 100 at a time."""
+    model = tiny_models["llama"]
+    ids = torch.randint(1, 128, (1, 700), generator=torch.Generator().manual_seed(12))
+    one = _logits_in_chunks(model, recipe, ids, [700])
+    chunked = _logits_in_chunks(model, recipe, ids, [100] * 7)
+    torch.testing.assert_close(chunked, one, atol=2e-4, rtol=1e-4)
+
+
+def test_window_storage_follows_wq(tiny_models):
+    """Compressed layers keep their exact window 16-bit unless wq=1; entries always go through the codec."""
+    model = tiny_models["llama"]
+    ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(13))
+    names = {}
+    for wq in (0, 1):
+        with compressed(model, f"blocks:m=4,k=2,w=8,wq={wq}+tq3") as cache, torch.inference_mode():
+            model(ids, cache=cache)
+            layer = cache.layers[0]
+            names[wq] = (type(layer.tail_k.codec).__name__, type(layer.blk_k.codec).__name__)
+            assert layer.tail_k.decode().dtype == torch.float32 and layer.n_blocks > 0
+    assert names[0] == ("PlainCodec", "TurboQuantMSE") and names[1] == ("TurboQuantMSE", "TurboQuantMSE")

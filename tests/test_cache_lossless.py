@@ -18,6 +18,7 @@ LOSSLESS = [
     "v4:w=1000",
     "full+fp32",
     "v4:w=1000,full_first=1",
+    "blocks:m=4,k=8,w=1000,pool=attn",  # explicit-softmax attention path
 ]
 FLOAT_EXACT = ["latent:r=16", "blocks:m=1,k=0,w=4,sinks=0"]  # exact up to float rounding (r = head dim, m = 1)
 
@@ -93,3 +94,14 @@ def test_model_attention_restored_and_fallback(tiny_models):
         cache.restore_attention()
     assert model.config._attn_implementation == before
     torch.testing.assert_close(same, ref)
+
+
+def test_beam_search_reorders_the_cache(tiny_models):
+    model = tiny_models["llama"]
+    ids = torch.randint(1, 128, (1, 30), generator=torch.Generator().manual_seed(6))
+    kw = dict(max_new_tokens=10, num_beams=3, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        ref = model.generate(ids, cache=DynamicCache(config=model.config), **kw)
+        with compressed(model, "blocks:m=4,k=8,w=1000") as cache:
+            out = model.generate(ids, cache=cache, **kw)
+    assert torch.equal(out, ref)

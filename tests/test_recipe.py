@@ -36,7 +36,7 @@ def test_round_trip(kind, codec, full_first, data):
     for key, (typ, _default, _doc) in KINDS[kind][1].items():
         if typ is int and data.draw(st.booleans()):
             lo = 1 if key in ("m", "hm", "r", "calib", "w") else 0
-            params[key] = data.draw(st.integers(lo, 200))
+            params[key] = data.draw(st.integers(lo, 1 if key == "wq" else 200))
     text = kind + (":" + ",".join(f"{k}={v}" for k, v in params.items()) if params else "")
     if full_first:
         text += ("," if ":" in text else ":") + f"full_first={full_first}"
@@ -63,6 +63,7 @@ def test_round_trip(kind, codec, full_first, data):
         ("blocks:pool=max", "pool must be one of"),
         ("blocks:m=4,m=8", "given twice"),
         ("heavy:k=3", "unknown key 'k'"),
+        ("v4:wq=2", "wq must be 0 or 1"),
         ("full:full_first=-1", "full_first must be >= 0"),
     ],
 )
@@ -73,7 +74,7 @@ def test_bad_recipes_name_the_token(text, needle):
 
 
 def test_unknown_key_lists_valid_keys():
-    with pytest.raises(InvalidInput, match="valid keys for blocks: m, k, w, sinks, overlap, pool, full_first"):
+    with pytest.raises(InvalidInput, match="valid keys for blocks: m, k, w, sinks, overlap, pool, wq, full_first"):
         parse_recipe("blocks:x=1")
 
 
@@ -83,7 +84,7 @@ def test_list_recipes_covers_everything():
     assert set(KINDS) <= names and set(PRESETS) <= names
     assert {f"+{c}" for c in CODECS if c != "none"} <= names
     blocks = next(r for r in rows if r["name"] == "blocks")
-    assert set(blocks["parameters"]) == {"m", "k", "w", "sinks", "overlap", "pool", "full_first"}
+    assert set(blocks["parameters"]) == {"m", "k", "w", "sinks", "overlap", "pool", "wq", "full_first"}
     assert all(r["description"] and "\n" not in r["description"] for r in rows)
 
 

@@ -59,7 +59,8 @@ POOLS = ("mean", "norm", "attn")
 _COMMON: dict[str, tuple[type, Any, str]] = {
     "full_first": (int, 0, "keep the first n global (full-attention) layers exact"),
 }
-_WINDOW = {"w": (int, 256, "exact recent tokens"), "sinks": (int, 4, "exact first tokens")}
+_WQ = {"wq": (int, 0, "1: the exact window is stored through the codec too (as V4 does); 0: kept 16-bit")}
+_WINDOW = {"w": (int, 256, "exact recent tokens"), "sinks": (int, 4, "exact first tokens"), **_WQ}
 _BLOCKS = {
     "m": (int, 4, "tokens pooled into one entry"),
     "k": (int, 32, "blocks attended per query (0 = all)"),
@@ -67,12 +68,14 @@ _BLOCKS = {
     "sinks": (int, 4, "exact first tokens"),
     "overlap": (int, 0, "extra earlier tokens pooled into each entry"),
     "pool": (str, "mean", "pooling weights: mean | norm (key-norm softmax) | attn (observed attention)"),
+    **_WQ,
 }
 _HEAVY = {
     "m": (int, 64, "tokens pooled into one entry"),
     "w": (int, 128, "exact recent tokens"),
     "sinks": (int, 4, "exact first tokens"),
     "pool": (str, "mean", "pooling weights: mean | norm | attn"),
+    **_WQ,
 }
 _V4 = {
     "m": (int, 4, "CSA layers: tokens pooled into one entry"),
@@ -82,6 +85,7 @@ _V4 = {
     "w": (int, 128, "exact recent tokens (every compressed layer)"),
     "sinks": (int, 4, "exact first tokens"),
     "pool": (str, "mean", "pooling weights: mean | norm | attn"),
+    **_WQ,
 }
 _LATENT = {"r": (int, 64, "latent rank per KV head (<= head dim)"), "calib": (int, 2048, "calibration tokens")}
 
@@ -102,7 +106,7 @@ PRESETS: dict[str, tuple[str, str]] = {
     "hca": ("heavy:m=64,w=128", "HCA-like 64:1 pooling, dense over entries"),
     "v4-fp8": ("v4+fp8", "V4 interleave with FP8 entries (DeepSeek's production format)"),
     "v4-tq3": ("v4+tq3", "V4 interleave with 3-bit TurboQuant entries"),
-    "latent64": ("latent:r=64", "rank-64 latent keys and values"),
+    "latent32": ("latent:r=32", "rank-32 latent keys and values (half of SmolLM2's head dim, 1/8 of Gemma 3's)"),
     "full-kivi2": ("full+kivi2", "every token kept, KIVI 2-bit"),
 }
 
@@ -126,6 +130,7 @@ class LayerSpec:
     codec: str = "none"
     sliding: int | None = None
     label: str = "full"
+    window_codec: str = ""  # storage of the exact window when it differs from ``codec`` ("" = same)
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,8 @@ class Recipe:
         for key in ("k", "sinks", "overlap"):
             if key in p and p[key] < 0:
                 raise InvalidInput(f"{self.kind}: {key} must be >= 0, got {p[key]}")
+        if "wq" in p and p["wq"] not in (0, 1):
+            raise InvalidInput(f"{self.kind}: wq must be 0 or 1, got {p['wq']}")
         if "pool" in p and p["pool"] not in POOLS:
             raise InvalidInput(f"{self.kind}: pool must be one of {', '.join(POOLS)}, got {p['pool']!r}")
 
@@ -177,16 +184,20 @@ class Recipe:
         return text + (f"+{self.codec}" if self.codec != "none" else "")
 
     def layer_specs(self, layer_types: list[str], sliding_window: int | None) -> list[LayerSpec]:
-        """One ``LayerSpec`` per model layer. Local (sliding) layers keep their native window exactly and only take
-        the codec; the first ``full_first`` global layers are exact (for models without local layers: the first
+        """One ``LayerSpec`` per model layer. Local (sliding) layers keep their native window exactly: in the model
+        dtype with codec ``none``, else in 16 bits (their size is bounded by the window; quantizing them costs Gemma 3
+        270M far more accuracy than it saves memory at long context). The first ``full_first`` global layers are exact (for models without local layers: the first
         ``full_first`` layers); the structure applies to the remaining global layers."""
         p = dict(self.params)
+        # the exact window of a compressed layer: 16-bit unless wq=1 (lossless recipes keep the model dtype)
+        wcodec = "" if (self.codec == "none" or p.get("wq")) else "fp16"
         specs: list[LayerSpec] = []
         n_global = 0  # compressed global layers so far (v4 alternates on it)
         n_seen_global = 0
         for i, lt in enumerate(layer_types):
             if lt in ("sliding_attention", "chunked_attention"):
-                specs.append(LayerSpec(window=sliding_window, sliding=sliding_window, codec=self.codec, label="local"))
+                local_codec = "none" if self.codec == "none" else "fp16"
+                specs.append(LayerSpec(window=sliding_window, sliding=sliding_window, codec=local_codec, label="local"))
                 continue
             if lt != "full_attention":
                 raise InvalidInput(f"layer {i} has type {lt!r}, which kvslim caches do not support (full/sliding only)")
@@ -196,12 +207,15 @@ class Recipe:
                 continue
             n_seen_global += 1
             if self.kind == "window":
-                specs.append(LayerSpec(window=p["w"], sinks=p["sinks"], codec=self.codec, label="window"))
+                specs.append(
+                    LayerSpec(window=p["w"], sinks=p["sinks"], codec=self.codec, window_codec=wcodec, label="window")
+                )
             elif self.kind in ("blocks", "heavy"):
                 specs.append(
                     LayerSpec(
                         mode="blocks", window=p["w"], sinks=p["sinks"], block=p["m"], topk=p.get("k", 0),
                         overlap=p.get("overlap", 0), pool=p["pool"], codec=self.codec, label=self.kind,
+                        window_codec=wcodec,
                     )
                 )
             elif self.kind == "v4":
@@ -210,7 +224,7 @@ class Recipe:
                     LayerSpec(
                         mode="blocks", window=p["w"], sinks=p["sinks"], block=p["m"] if csa else p["hm"],
                         topk=p["k"] if csa else 0, overlap=p["overlap"] if csa else 0, pool=p["pool"],
-                        codec=self.codec, label="csa" if csa else "hca",
+                        codec=self.codec, label="csa" if csa else "hca", window_codec=wcodec,
                     )
                 )
             else:  # latent

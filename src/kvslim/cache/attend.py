@@ -27,7 +27,7 @@ def _n_out(layer: Any, t: torch.Tensor) -> torch.Tensor:
 
 def grouped_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float,
-    softcap: float | None = None, want_probs: bool = False,
+    softcap: float | None = None, want_probs: bool = False, may_be_empty: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``q [b, hq, s, d]``, ``k/v [b, h, n, d]``, ``mask [b, h|1, s, n]`` bool (True = attend) ->
     (``[b, s, hq, d]``, probabilities ``[b, h, g*s, n]`` when ``want_probs``)."""
@@ -37,12 +37,14 @@ def grouped_attention(
     qg = q.reshape(b, h, g * s, d)
     if mask is not None:
         mask = mask[:, :, None].expand(b, mask.shape[1], g, s, mask.shape[-1]).reshape(b, mask.shape[1], g * s, -1)
-        empty = ~mask.any(-1, keepdim=True)
-        if bool(empty.any()):  # rows with nothing visible (padding queries): attend to everything, output unused
-            mask = mask | empty
+        if may_be_empty:  # rows with nothing visible (padding queries): attend to everything, output unused
+            mask = mask | ~mask.any(-1, keepdim=True)
     probs = None
     if softcap is None and not want_probs:
-        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scaling)
+        bias = None
+        if mask is not None:  # an additive float mask: CPU sdpa runs it faster than a boolean one
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=bias, scale=scaling)
     else:
         logits = torch.matmul(qg, k.transpose(-1, -2)).float() * scaling
         if softcap is not None:
@@ -75,7 +77,8 @@ def attend_chunk(
         ms.append(vis[:, None])
     n_last = int(n_t[-1])
     if n_last > 0 and blocks[0] is not None:
-        bk, bv = blocks[0][:, :, :n_last], blocks[1][:, :, :n_last]
+        bk = blocks[0][:, :, :n_last]
+        bv = blocks[1] if callable(blocks[1]) else blocks[1][:, :, :n_last]  # callable: decodes chosen rows
         j = torch.arange(n_last, device=dev)
         vis = (j[None, :] < n_t[:, None])[None] & layer.blk_valid[:, None, :n_last]  # [b, s, n]
         vis = vis[:, None].expand(b, h, s, n_last)
@@ -87,7 +90,8 @@ def attend_chunk(
             if s == 1:  # decode: gather the selected entries only
                 idx = top.indices[:, :, 0]  # [b, h, k]
                 gather = idx[..., None].expand(b, h, spec.topk, d)
-                bk, bv = bk.gather(2, gather), bv.gather(2, gather)
+                bk = bk.gather(2, gather)
+                bv = bv(idx) if callable(bv) else bv.gather(2, gather)
                 vis = torch.isfinite(top.values)  # [b, h, 1, k]
             else:
                 sel = torch.zeros_like(vis).scatter_(-1, top.indices, True)
@@ -111,13 +115,14 @@ def attend_chunk(
             ms.append(vis[:, None])
             obs_slice = (a, e)
     n_before_tail = sum(k.shape[2] for k in ks[:-1]) if obs_slice else 0
-    heads = max(m.shape[1] for m in ms)
-    mask = torch.cat([m.expand(b, heads, s, m.shape[-1]) for m in ms], dim=-1)
-    K, V = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
-    if bool(mask.all()):
-        mask = None
+    if s == 1 and not layer.has_padding:
+        mask = None  # one query, no padding: everything assembled above is visible by construction
+    else:
+        heads = max(m.shape[1] for m in ms)
+        mask = torch.cat([m.expand(b, heads, s, m.shape[-1]) for m in ms], dim=-1)
+    K, V = (ks[0], vs[0]) if len(ks) == 1 else (torch.cat(ks, dim=2), torch.cat(vs, dim=2))
     want = layer.obs is not None
-    out, probs = grouped_attention(q, K, V, mask, scaling, softcap, want_probs=want)
+    out, probs = grouped_attention(q, K, V, mask, scaling, softcap, want_probs=want, may_be_empty=layer.has_padding)
     if want and obs_slice is not None:
         a, e = obs_slice
         layer.obs[:, :, a:e] += probs[..., n_before_tail:].sum(2)

@@ -24,7 +24,7 @@ from ..recipe import LayerSpec, Recipe, parse_recipe
 from .attention import ATTN_NAME, current_attn, ensure_registered, switch_attention
 from .layer import KvslimLayer
 from .rope import inv_freq_for_layer
-from .storage import make_storage_codec
+from .storage import CALIBRATED_CODECS, make_storage_codec
 
 __all__ = ["KvslimCache", "check_recipe", "compressed", "full16_nbytes", "make_cache"]
 
@@ -39,11 +39,22 @@ class KvslimCache(Cache):
         self.previous_attn = previous_attn
 
     def nbytes(self) -> int:
-        """Bytes held by every layer (packed K/V, side tensors, per-layer codec/basis constants)."""
+        """Bytes held by every layer (packed K/V, side tensors, latent bases) plus each codec's constants once."""
         return sum(self.layer_nbytes())
 
     def layer_nbytes(self) -> list[int]:
-        return [layer.nbytes() for layer in self.layers]
+        """Per layer: its data bytes, plus the constants of each codec it is the first layer to use (codecs are
+        shared by the layers of a cache, so their constants are held once)."""
+        seen: set[int] = set()
+        out = []
+        for layer in self.layers:
+            total = layer.nbytes(include_codec_state=False)
+            for c in layer.codecs if layer.is_initialized else []:
+                if id(c) not in seen:
+                    seen.add(id(c))
+                    total += int(c.state_nbytes())
+            out.append(total)
+        return out
 
     def layer_labels(self) -> list[str]:
         return [layer.spec.label for layer in self.layers]
@@ -114,14 +125,20 @@ def make_cache(model: Any, recipe: str | Recipe = "full", *, tokenizer: Any = No
 
         bases = latent_bases(model, latent_layers, types, r.get("r"), r.get("calib"), tokenizer)
     layers = []
+    pool: dict[tuple, Any] = {}  # codec instances shared by layers (one rotation per codec, dim and role)
     for i, spec in enumerate(specs):
         inv = inv_freq_for_layer(model, types[i]) if spec.mode in ("blocks", "latent") else None
         basis = bases.get(i)
         if basis is not None:
             basis = tuple(u.to(model.device) for u in basis)
 
-        def factory(dim: int, role: str, _codec: str = spec.codec, _seed: int = seed + i) -> Any:
-            return make_storage_codec(_codec, dim, _seed, role=role)
+        def factory(dim: int, role: str, _codec: str = spec.codec, _layer: int = i) -> Any:
+            key = (_codec, dim, role if _codec.startswith("kivi") else "")
+            if _codec in CALIBRATED_CODECS:  # outlier channels are fitted per layer and stream
+                key = (*key, _layer, role)
+            if key not in pool:
+                pool[key] = make_storage_codec(_codec, dim, seed, role=role)
+            return pool[key]
 
         layers.append(KvslimLayer(spec, factory, inv.to(model.device) if inv is not None else None, basis))
     ensure_registered()

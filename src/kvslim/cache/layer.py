@@ -81,15 +81,21 @@ class KvslimLayer(CacheLayerMixin):
         vec = self.spec.rank if self.spec.mode == "latent" else d
         # one codec per stream (keys, values): KIVI differs by role, fractional TurboQuant calibrates per stream
         ck, cv = self.codec_factory(vec, "key"), self.codec_factory(vec, "value")
-        self.codecs = [ck, cv]
-        self.sink_k, self.sink_v = Store(ck, dt), Store(cv, dt)
+        self.codecs = [ck] if cv is ck else [ck, cv]
+        # sinks (a handful of attention-sink tokens, the outliers softmax leans on) stay exact in the model dtype
+        from .storage import make_storage_codec
+
+        exact = make_storage_codec("none", vec)
+        self.sink_k, self.sink_v = Store(exact, dt), Store(exact, dt)
         self.blk_k, self.blk_v = Store(ck, dt), Store(cv, dt)
+        wcodec = self.spec.window_codec
         if self.spec.window is not None and type(ck).__name__ == "KiviCodec":
             # KIVI is append-only (groups of 32 tokens share key scales): a sliding window stays 16-bit, as
             # KIVI's own recent-token residual does
-            from .storage import make_storage_codec
-
-            ck = cv = make_storage_codec("fp16", vec)
+            wcodec = "fp16"
+        if self.spec.window is not None and wcodec and wcodec != self.spec.codec:
+            ck = cv = make_storage_codec(wcodec, vec)
+            self.codecs.append(ck)
         self.tail_k, self.tail_v = Store(ck, dt), Store(cv, dt)
         self.sink_valid = torch.zeros(b, 0, dtype=torch.bool, device=dev)
         self.tail_valid = torch.zeros(b, 0, dtype=torch.bool, device=dev)
@@ -99,6 +105,7 @@ class KvslimLayer(CacheLayerMixin):
         self.obs = torch.zeros(b, h, 0, dtype=torch.float32, device=dev) if self.spec.pool == "attn" else None
         self.tail_start = self.spec.sinks
         self.n_blocks = 0
+        self.has_padding = False
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
@@ -158,16 +165,17 @@ class KvslimLayer(CacheLayerMixin):
         return None
 
     # ---- bytes -----------------------------------------------------------------------------------------------
-    def nbytes(self) -> int:
-        """Bytes held: packed K/V of sinks, blocks and tail, validity/position/score side tensors, and the
-        per-layer constants (codec state, latent basis) once."""
+    def nbytes(self, include_codec_state: bool = True) -> int:
+        """Bytes held: packed K/V of sinks, blocks and tail, validity/position/score side tensors, the latent basis,
+        and (unless the cache counts shared codecs itself) the constants of this layer's codecs."""
         if not self.is_initialized:
             return 0
         total = sum(s.nbytes() for s in (self.sink_k, self.sink_v, self.tail_k, self.tail_v, self.blk_k, self.blk_v))
         for t in (self.sink_valid, self.tail_valid, self.blk_valid, self.tail_pos, self.obs):
             if t is not None:
                 total += t.numel() * t.element_size()
-        total += sum(int(c.state_nbytes()) for c in self.codecs)
+        if include_codec_state:
+            total += sum(int(c.state_nbytes()) for c in self.codecs)
         if self.basis is not None:
             total += sum(u.numel() * u.element_size() for u in self.basis)
         return total
@@ -199,6 +207,7 @@ class KvslimLayer(CacheLayerMixin):
 
     def _ingest(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> None:
         p0 = self.seen - k.shape[2]
+        self.has_padding = self.has_padding or not bool(valid.all())
         ns = max(0, min(self.spec.sinks - p0, k.shape[2]))
         if ns:
             ks, vs = self._encode_tail(k[:, :, :ns], v[:, :, :ns], pos[:, :ns])
@@ -260,6 +269,19 @@ class KvslimLayer(CacheLayerMixin):
             self.tail_start += drop
 
     # ---- attention -------------------------------------------------------------------------------------------
+    def _plain_causal(self, q: int, p0: int) -> bool:
+        return (
+            p0 == 0 and q > 1 and self.spec.window is None and self.spec.sinks == 0 and not self.has_padding
+            and self.obs is None and self.tail_k.n == q
+        )
+
+    def _query_chunk(self) -> int:
+        """Queries per attention call: a chunk sees about ``chunk + W + m`` exact tokens, so windowed layers use
+        chunks near their window (less work per query), unbounded layers 1024."""
+        if self.spec.window is None:
+            return _QUERY_CHUNK
+        return max(256, min(_QUERY_CHUNK, self.spec.window + self.m + self.spec.overlap))
+
     def attend(
         self, query: torch.Tensor, positions: torch.Tensor | None, valid_new: torch.Tensor | None,
         scaling: float, softcap: float | None,
@@ -284,10 +306,20 @@ class KvslimLayer(CacheLayerMixin):
         if self.spec.mode == "blocks" and n_next > self.n_blocks:
             self._pool_blocks(n_next, tail_k, tail_v)
         sink_k, sink_v = self.sink_k.decode(), self.sink_v.decode()
-        blk_k, blk_v = self.blk_k.decode(), self.blk_v.decode()
+        blk_k = self.blk_k.decode()
+        lazy_values = q == 1 and self.spec.topk and self.n_out(p0) > self.spec.topk and self.blk_v.can_gather()
+        # at decode with top-k selection, only the selected entries' values are decoded
+        blk_v = self.blk_v.decode_rows if lazy_values else self.blk_v.decode()
+        if softcap is None and self._plain_causal(q, p0):  # fresh unpadded prefill of an unbounded layer: stock causal sdpa
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, tail_k, tail_v, is_causal=True, scale=scaling, enable_gqa=True
+            )
+            self._trim(n_next)
+            return out.transpose(1, 2)
         out = query.new_empty(b, q, hq, d)
-        for a in range(0, q, _QUERY_CHUNK):
-            e = min(q, a + _QUERY_CHUNK)
+        chunk = self._query_chunk()
+        for a in range(0, q, chunk):
+            e = min(q, a + chunk)
             t_cols = torch.arange(p0 + a, p0 + e, device=query.device)
             out[:, a:e] = attend_chunk(
                 self, query[:, :, a:e], t_cols, (sink_k, sink_v), (blk_k, blk_v), (tail_k, tail_v), scaling, softcap

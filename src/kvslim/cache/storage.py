@@ -21,6 +21,8 @@ from ..memory import tensor_nbytes
 
 __all__ = ["Store", "make_storage_codec", "packed_nbytes"]
 
+# codecs fitted to the data they first store (outlier channels): never shared between layers or streams
+CALIBRATED_CODECS = ("tq2.5", "tq3.5")
 _CASTS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _E4M3_MAX = 448.0
 
@@ -189,6 +191,20 @@ class Store:
         if self.stream is not None:
             return self.stream.materialize().to(self.out_dtype)
         return self.codec.decode(self.packed).to(self.out_dtype)
+
+    def can_gather(self) -> bool:
+        """True when entries can be picked from the packed form before decoding (per-token packed fields)."""
+        return self.stream is None and _is_packed(self.packed) and not self.packed.grouped
+
+    def decode_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Decode only entries ``idx [b, h, k]`` (per batch row and head) -> ``[b, h, k, d]``."""
+        from dataclasses import replace
+
+        p = self.packed
+        b, h, k = idx.shape
+        fields = {n: f.gather(2, idx[..., None].expand(b, h, k, f.shape[-1])) for n, f in p.fields.items()}
+        sub = replace(p, fields=fields, shape=(b, h, k, p.shape[-1]))
+        return self.codec.decode(sub).to(self.out_dtype)
 
     def select_batch(self, fn: Any) -> None:
         if self.stream is not None:

@@ -16,7 +16,8 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate (greedy)."),
         chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Force the chat template on or off (default: use it when present)."),
         recipe: str = typer.Option(
-            "full", "--recipe", "-r", help="KV-cache recipe, e.g. full, window:w=256,sinks=4, v4+tq3 (see `kvslim recipes`)."
+            None, "--recipe", "-r",
+            help="KV-cache recipe, e.g. full, window:w=256,sinks=4, v4+tq3 (see `kvslim recipes`); default: a stock DynamicCache.",
         ),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
     ) -> None:
@@ -28,26 +29,28 @@ def register(app: typer.Typer) -> None:
         from ..models import load
         from ..recipe import parse_recipe
 
-        parsed = parse_recipe(recipe)  # refuse a malformed recipe before loading anything
+        parsed = parse_recipe(recipe) if recipe is not None else None  # refuse a malformed recipe before loading
         if not prompt.strip():
             raise InvalidInput("the prompt is empty: give some text to continue or answer")
         if max_new_tokens <= 0:
             raise InvalidInput(f"--max-new-tokens must be positive, got {max_new_tokens}")
         with spinner(f"loading {model}", enabled=not as_json) as status:
             mdl, tok = load(model, status=status)
-            status(f"generating up to {max_new_tokens} tokens with recipe {parsed}")
-            cache = make_cache(mdl, parsed, tokenizer=tok)
+            status(f"generating up to {max_new_tokens} tokens")
+            cache = make_cache(mdl, parsed, tokenizer=tok) if parsed is not None else None
             try:
                 res = generate(mdl, tok, prompt, max_new_tokens=max_new_tokens, chat=chat, cache=cache)
             finally:
-                cache.restore_attention()
+                if cache is not None:
+                    cache.restore_attention()
+        label = str(parsed) if parsed is not None else "stock DynamicCache"
         if as_json:
-            print_json({"model": model, "recipe": str(parsed), **res.to_dict()})
+            print_json({"model": model, "recipe": label, **res.to_dict()})
             return
         console.print(res.text, highlight=False, markup=False)
         console.print(
             f"[dim]{res.new_tokens} tokens in {res.seconds:.2f} s ({res.tokens_per_s:.1f} tokens/s); "
-            f"prompt {res.prompt_tokens} tokens; KV cache held ({parsed}): {fmt_bytes(res.kv_bytes)} ({res.kv_bytes:,} B), "
+            f"prompt {res.prompt_tokens} tokens; KV cache held ({label}): {fmt_bytes(res.kv_bytes)} ({res.kv_bytes:,} B), "
             f"{res.kv_ratio:.3f}x a 16-bit full cache of the same {res.kv_tokens} tokens "
             f"({fmt_bytes(res.kv_full16_bytes)}, computed from the config)[/]"
         )

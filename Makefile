@@ -28,8 +28,17 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 
 install: $(STAMP)
 
+# The main job: passkey retrieval on SmolLM2 at 1k and 2k tokens and 5 needle depths, the stock full cache against
+# the main compressed presets on identical prompts. Prints the table, writes heatmaps + summary.md into DEMO_OUT
+# (rerunning skips finished cells). One torch thread: fastest on a small shared machine; raise it on a big one.
+DEMO_OUT ?= runs/niah-demo
+DEMO_RECIPES ?= full,stream,v4-fp8,v4-tq3,full-kivi2
+DEMO_THREADS ?= 1
+
 demo: install
-	$(BIN)/kvslim generate "What is the capital of France?"
+	$(BIN)/kvslim niah --model smollm2-135m --task passkey --recipes $(DEMO_RECIPES) --lengths 1000,2000 \
+		--depths 0,0.25,0.5,0.75,1 --threads $(DEMO_THREADS) --out $(DEMO_OUT)
+	$(BIN)/kvslim report $(DEMO_OUT)
 
 test: install
 	$(BIN)/ruff check .

@@ -45,6 +45,9 @@ _EXPORTS: dict[str, str] = {
     "expected_cache_bytes": "kvslim.plan",
     "make_codec": "kvslim.quant",
     "CODEC_NAMES": "kvslim.quant",
+    "Grid": "kvslim.eval",
+    "run_grid": "kvslim.eval",
+    "build_report": "kvslim.eval",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

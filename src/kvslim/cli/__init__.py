@@ -14,7 +14,7 @@ import typer
 
 __all__ = ["app", "main", "COMMANDS"]
 
-COMMANDS: tuple[str, ...] = ("models", "generate", "plan", "recipes")
+COMMANDS: tuple[str, ...] = ("models", "generate", "plan", "recipes", "niah", "report")
 
 app = typer.Typer(
     name="kvslim",
@@ -42,4 +42,8 @@ for _name in COMMANDS:
 
 
 def main() -> None:
-    app(prog_name="kvslim")
+    import sys
+
+    from .cmd_niah import expand_bare_ray
+
+    app(args=expand_bare_ray(sys.argv[1:]), prog_name="kvslim")

@@ -1,0 +1,91 @@
+"""``kvslim niah``: run a needle-in-a-haystack grid (model x recipes x lengths x depths x seeds) into a folder."""
+
+from __future__ import annotations
+
+import typer
+
+from ._common import console, one_line_errors, print_json
+
+RAY_LOCAL = "local"
+
+
+def expand_bare_ray(argv: list[str]) -> list[str]:
+    """``--ray`` given without an address means "start a local cluster": insert ``local`` after a bare ``--ray``."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == "--ray" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append(RAY_LOCAL)
+    return out
+
+
+def parse_list(text: str, kind: type, what: str) -> list:
+    """``"1000,2k,4096"`` -> ``[1000, 2000, 4096]`` (``k`` = 1000 for lengths); bad items raise InvalidInput."""
+    from ..errors import InvalidInput
+
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise InvalidInput(f"the grid is empty: --{what} has no values")
+    out = []
+    for t in items:
+        try:
+            if kind is int and t.lower().endswith("k"):
+                out.append(int(float(t[:-1]) * 1000))
+            else:
+                out.append(kind(t))
+        except ValueError:
+            raise InvalidInput(f"--{what}: {t!r} is not a {'whole number' if kind is int else 'number'}") from None
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("niah")
+    @one_line_errors
+    def niah_cmd(
+        out: str = typer.Option(..., "--out", "-o", help="Results folder (results.jsonl, config.json); reruns resume it."),
+        model: str = typer.Option("smollm2-135m", "--model", "-m", help="Embedded model name, local HF folder or .gguf file."),
+        task: str = typer.Option("passkey", "--task", "-t", help="passkey, needle, multi-needle or fidelity."),
+        recipes: str = typer.Option("full", "--recipes", "-r", help="Comma-separated recipe names; full is always included."),
+        lengths: str = typer.Option("1000,2000", "--lengths", "-l", help="Prompt lengths in tokens, e.g. 1000,2k,4k."),
+        depths: str = typer.Option("0,0.25,0.5,0.75,1", "--depths", "-d", help="Needle depths in [0, 1] (0 = start)."),
+        seeds: str = typer.Option("0", "--seeds", "-s", help="Seeds (each gives a different key/haystack cut)."),
+        needles: int | None = typer.Option(None, "--needles", "-k", help="multi-needle: number of needles (default 3)."),
+        eval_tokens: int | None = typer.Option(None, "--eval-tokens", help="fidelity: positions scored (default 64)."),
+        max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", "-n", help="Answer budget (task default)."),
+        chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Force the chat template on/off (default: when present)."),
+        ray: str | None = typer.Option(None, "--ray", help="Run on Ray: bare --ray (or --ray local) starts a local cluster; --ray ADDRESS joins one."),
+        workers: int = typer.Option(2, "--workers", "-w", help="Ray actors (each loads the model once)."),
+        threads: int = typer.Option(0, "--threads", help="torch CPU threads per process (0: torch's default)."),
+        force: bool = typer.Option(False, "--force", help="Write into a folder holding another configuration's results."),
+        as_json: bool = typer.Option(False, "--json", help="No progress bar; print one JSON object at the end."),
+    ) -> None:
+        """Run a needle-in-a-haystack grid and append one JSON line per finished cell to OUT/results.jsonl.
+
+        Every recipe sees identical prompts; `full` (a plain DynamicCache) is always a row. Rerunning the same command
+        skips finished cells. Then `kvslim report OUT` prints the table and writes heatmaps.
+        """
+        from ..eval.runner import Grid, run_grid
+
+        options: dict = {}
+        if needles is not None:
+            options["k"] = needles
+        if eval_tokens is not None:
+            options["eval_tokens"] = eval_tokens
+        if max_new_tokens is not None:
+            options["max_new_tokens"] = max_new_tokens
+        if chat is not None:
+            options["chat"] = chat
+        grid = Grid(
+            task=task,
+            model=model,
+            recipes=[r for r in recipes.split(",")] if recipes.strip() else [],
+            lengths=parse_list(lengths, int, "lengths"),
+            depths=parse_list(depths, float, "depths"),
+            seeds=parse_list(seeds, int, "seeds"),
+            options=options,
+        )
+        res = run_grid(grid, out, ray=ray, workers=workers, threads=threads, force=force, progress=not as_json)
+        if as_json:
+            print_json(res)
+        else:
+            console.print(f"{res['ran']} cells run, {res['skipped']} already done; results in {res['out']}")

@@ -1,0 +1,94 @@
+"""The task contract and the task registry.
+
+A task turns ``(tokenizer, length, depth, seed)`` into a :class:`~kvslim.eval.prompt.Prompt` (deterministic: the
+same arguments give the same token ids in any process) and scores one model + cache on it. Prompts never depend on
+the recipe, so every recipe sees identical prompts. Tasks are dataclasses whose fields are their options; the options
+are part of a run's configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import random
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import InvalidInput
+from .engine import eos_ids, greedy, prefill, teacher_logprob
+from .prompt import Prompt
+
+__all__ = ["Task", "TASKS", "get_task", "task_rng", "run_retrieval", "score_answer"]
+
+# task name -> "module:Class" (imported on demand)
+TASKS: dict[str, str] = {
+    "passkey": "kvslim.eval.passkey:Passkey",
+    "needle": "kvslim.eval.needle:Needle",
+    "multi-needle": "kvslim.eval.multi_needle:MultiNeedle",
+    "fidelity": "kvslim.eval.fidelity:Fidelity",
+}
+
+
+class Task:
+    """Base class: ``build`` a prompt, ``run`` one cell. Subclasses are dataclasses (fields = options)."""
+
+    name: str = ""
+    uses_depth: bool = True  # False: the grid's depth axis collapses to [0.0]
+    has_success: bool = True  # False: the task reports a score only (fidelity)
+
+    def options(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+    def build(self, tokenizer: Any, length: int, depth: float, seed: int) -> Prompt:
+        raise NotImplementedError
+
+    def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callable[[], Any], recipe: str) -> dict[str, Any]:
+        """Score one cell; returns at least ``success``, ``score``, ``answer``, ``kv_bytes``."""
+        raise NotImplementedError
+
+
+def task_rng(task: str, seed: int, length: int, depth: float) -> random.Random:
+    """The cell's random source: a function of the task and the grid coordinates only (never of the recipe)."""
+    return random.Random(f"kvslim-niah|{task}|{seed}|{length}|{depth:.6f}")
+
+
+def get_task(name: str, **options: Any) -> Task:
+    """A task instance by name; unknown names list the known ones."""
+    if name not in TASKS:
+        raise InvalidInput(f"unknown task {name!r}: known tasks are {', '.join(TASKS)}")
+    module, cls = TASKS[name].split(":")
+    klass = getattr(importlib.import_module(module), cls)
+    fields = {f.name for f in dataclasses.fields(klass) if not f.name.startswith("_")}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise InvalidInput(f"task {name!r} has no option {', '.join(unknown)}; its options are {', '.join(sorted(fields)) or 'none'}")
+    return klass(**options)
+
+
+def score_answer(answer: str, expected: list[str]) -> tuple[bool, float]:
+    """``(all found, fraction found)``: each expected string searched case-insensitively in the answer."""
+    if not expected:
+        raise ValueError("nothing to look for")
+    found = [e.lower() in answer.lower() for e in expected]
+    return all(found), sum(found) / len(found)
+
+
+def run_retrieval(model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callable[[], Any]) -> dict[str, Any]:
+    """Prefill, graded score (log-prob of ``prompt.answer_ids``), greedy answer; success = every answer string found.
+
+    ``score`` is the teacher-forced log-probability in nats of the expected answer tokens (higher is better, 0 is
+    certainty); ``retrieved`` the fraction of ``prompt.answers`` found in the greedy answer.
+    """
+    pre = prefill(model, prompt.ids, make_cache())
+    logprob = teacher_logprob(model, pre, prompt.answer_ids)
+    out = greedy(model, pre, prompt.max_new_tokens, eos_ids(tokenizer, model))
+    answer = tokenizer.decode(out, skip_special_tokens=True).strip()
+    success, retrieved = score_answer(answer, prompt.answers)
+    return {
+        "success": success,
+        "retrieved": retrieved,
+        "score": round(logprob, 5),
+        "logprob": round(logprob, 5),
+        "answer": answer,
+        "kv_bytes": pre.kv_bytes,
+    }

@@ -1,0 +1,93 @@
+"""The model calls every task shares: prefill into a cache, teacher-forced log-probabilities, greedy decoding.
+
+All calls go through the model's own ``forward`` with an explicit ``cache=`` object, exactly the path
+``model.generate(..., cache=c)`` takes, so any transformers ``Cache`` (a kvslim compressed cache included) is used
+as it would be in generation. Positions come from ``cache.get_seq_length()`` (logical length), as in generate.
+
+Shapes: ``ids`` is a list of ``T`` token ids (batch 1); logits are float32 ``[V]`` per position.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+__all__ = ["Prefilled", "prefill", "teacher_logprob", "greedy", "eos_ids"]
+
+
+class Prefilled:
+    """A cache holding a whole prompt, the logits after its last token and the bytes the cache held then."""
+
+    def __init__(self, cache: Any, last_logits: Any, kv_bytes: int, n_tokens: int) -> None:
+        self.cache = cache
+        self.last_logits = last_logits  # [V] float32: the distribution of the token after the prompt
+        self.kv_bytes = kv_bytes
+        self.n_tokens = n_tokens
+
+
+def _forward(model: Any, ids: list[int], cache: Any, keep: int = 1) -> Any:
+    import torch
+
+    x = torch.tensor([ids], dtype=torch.long, device=model.device)
+    out = model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=keep)
+    return out.logits[0].float()  # [keep, V]
+
+
+def prefill(model: Any, ids: list[int], cache: Any) -> Prefilled:
+    """Run the whole prompt through ``model`` into ``cache`` (one chunk); measure the bytes held afterwards."""
+    import torch
+
+    from ..memory import cache_nbytes
+
+    with torch.inference_mode():
+        logits = _forward(model, ids, cache, keep=1)[-1]
+    return Prefilled(cache, logits, cache_nbytes(cache), len(ids))
+
+
+def teacher_logprob(model: Any, pre: Prefilled, target: list[int]) -> float:
+    """Sum of ``log p(target[i] | prompt, target[:i])`` under teacher forcing, in nats.
+
+    Runs on a deep copy of ``pre.cache`` so the prefilled cache stays as it was for decoding.
+    """
+    import torch
+
+    if not target:
+        return 0.0
+    with torch.inference_mode():
+        total = float(torch.log_softmax(pre.last_logits, -1)[target[0]])
+        if len(target) > 1:
+            cache = copy.deepcopy(pre.cache)
+            logits = _forward(model, target[:-1], cache, keep=len(target) - 1)  # [n-1, V]
+            lp = torch.log_softmax(logits, -1)
+            total += float(lp[torch.arange(len(target) - 1), torch.tensor(target[1:])].sum())
+            del cache
+    return total
+
+
+def eos_ids(tokenizer: Any, model: Any) -> set[int]:
+    """Token ids that end an answer: the tokenizer's EOS and the model's generation-config EOS ids."""
+    ids: set[int] = set()
+    for v in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    return ids
+
+
+def greedy(model: Any, pre: Prefilled, max_new_tokens: int, stop: set[int]) -> list[int]:
+    """Greedy decoding after the prompt, one token per forward through ``pre.cache`` (which it extends)."""
+    import torch
+
+    out: list[int] = []
+    logits = pre.last_logits
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            tok = int(torch.argmax(logits))
+            if tok in stop:
+                break
+            out.append(tok)
+            if len(out) == max_new_tokens:
+                break
+            logits = _forward(model, [tok], pre.cache, keep=1)[-1]
+    return out

@@ -1,0 +1,232 @@
+"""Turn a results folder into a table, a heatmap per recipe, a frontier plot and a Markdown summary.
+
+Aggregates ``results.jsonl`` (see :mod:`kvslim.eval.store`) per recipe and length: accuracy (mean success over depths
+and seeds; for fidelity, which has no success, the mean KL), the mean graded score, the KV bytes held after prefill and
+their ratio to a 16-bit full ``DynamicCache`` of the same prompt (``kv_bytes_full16``). Writes into the folder:
+
+* ``heatmap-<recipe>.png``: depth (rows) x length (columns), colour = accuracy, the classic needle picture;
+* ``frontier.png``: accuracy against KV bytes per token, one point per recipe;
+* ``summary.md`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+from ..errors import InvalidInput
+from .store import ResultStore
+
+__all__ = ["Row", "Summary", "summarize", "build_report", "markdown_table", "table_rows", "summary_json"]
+
+
+@dataclass
+class Row:
+    """One recipe's aggregate over the grid."""
+
+    recipe: str
+    acc: dict[int, float]  # length -> accuracy (or mean KL for fidelity)
+    score: dict[int, float]  # length -> mean graded score
+    kv_bytes: dict[int, float]  # length -> mean bytes held after prefill
+    ratio16: dict[int, float]  # length -> kv_bytes / 16-bit full cache bytes
+    bytes_per_token: float  # mean over all cells
+    mean_acc: float
+    cells: int
+    ppl: float | None = None  # fidelity: mean perplexity over all cells
+    grid: dict[tuple[float, int], float] = field(default_factory=dict)  # (depth, length) -> accuracy
+
+
+@dataclass
+class Summary:
+    task: str
+    model: str
+    metric: str  # "accuracy" or "mean KL (nats)"
+    lengths: list[int]
+    depths: list[float]
+    rows: list[Row]
+
+
+def _metric(rec: dict[str, Any]) -> float:
+    s = rec.get("success")
+    return float(rec["score"]) if s is None else float(bool(s))
+
+
+def summarize(records: list[dict[str, Any]]) -> list[Summary]:
+    """Aggregate records per (task, model), rows per recipe (``full`` first, then in order of appearance)."""
+    by_run: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_run[(r["task"], r["model"])].append(r)
+    out = []
+    for (task, model), recs in by_run.items():
+        recipes = sorted(dict.fromkeys(r["recipe"] for r in recs), key=lambda n: n != "full")
+        lengths = sorted({int(r["length"]) for r in recs})
+        depths = sorted({float(r["depth"]) for r in recs})
+        has_success = any(r.get("success") is not None for r in recs)
+        rows = []
+        for name in recipes:
+            mine = [r for r in recs if r["recipe"] == name]
+            at = {n: [r for r in mine if int(r["length"]) == n] for n in lengths}
+            at = {n: v for n, v in at.items() if v}
+            grid: dict[tuple[float, int], list[float]] = defaultdict(list)
+            for r in mine:
+                grid[(float(r["depth"]), int(r["length"]))].append(_metric(r))
+            rows.append(Row(
+                recipe=name,
+                acc={n: fmean(_metric(r) for r in v) for n, v in at.items()},
+                score={n: fmean(float(r["score"]) for r in v) for n, v in at.items()},
+                kv_bytes={n: fmean(r["kv_bytes"] for r in v) for n, v in at.items()},
+                ratio16={n: fmean(r["kv_bytes"] / r["kv_bytes_full16"] for r in v if r.get("kv_bytes_full16")) for n, v in at.items()
+                         if any(r.get("kv_bytes_full16") for r in v)},
+                bytes_per_token=fmean(r["kv_bytes"] / r["prompt_tokens"] for r in mine),
+                mean_acc=fmean(_metric(r) for r in mine),
+                cells=len(mine),
+                ppl=fmean(r["ppl"] for r in mine) if all("ppl" in r for r in mine) else None,
+                grid={k: fmean(v) for k, v in grid.items()},
+            ))
+        out.append(Summary(task, model, "accuracy" if has_success else "mean KL (nats)", lengths, depths, rows))
+    return out
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def table_rows(s: Summary) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the summary table (accuracy per length, mean, KV bytes and ratio at the longest length)."""
+    top = s.lengths[-1]
+    acc = "acc" if s.metric == "accuracy" else "KL"
+    ppl = any(r.ppl is not None for r in s.rows)
+    head = ["recipe", *[f"{acc}@{n}" for n in s.lengths], f"mean {acc}", "ppl" if ppl else "score", f"KV bytes@{top}",
+            "vs fp16 full", "B/token"]
+    body = []
+    for r in s.rows:
+        fmt = (lambda v: f"{v:.2f}") if s.metric == "accuracy" else (lambda v: f"{v:.4f}")
+        body.append([
+            r.recipe,
+            *[fmt(r.acc[n]) if n in r.acc else "-" for n in s.lengths],
+            fmt(r.mean_acc),
+            (f"{r.ppl:.3f}" if r.ppl is not None else "-") if ppl else f"{fmean(r.score.values()):.2f}",
+            _fmt_bytes(r.kv_bytes[top]) if top in r.kv_bytes else "-",
+            f"{r.ratio16[top]:.3f}x" if top in r.ratio16 else "-",
+            f"{r.bytes_per_token:.0f}",
+        ])
+    return head, body
+
+
+def markdown_table(s: Summary) -> str:
+    head, body = table_rows(s)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "recipe"
+
+
+def _heatmap(s: Summary, row: Row, path: Path) -> None:
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    data = np.full((len(s.depths), len(s.lengths)), np.nan)
+    for (d, n), v in row.grid.items():
+        data[s.depths.index(d), s.lengths.index(n)] = v
+    fig = Figure(figsize=(1.2 + 0.9 * len(s.lengths), 1.2 + 0.45 * len(s.depths)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    acc = s.metric == "accuracy"
+    im = ax.imshow(data, cmap="RdYlGn" if acc else "viridis_r", vmin=0 if acc else None, vmax=1 if acc else None,
+                   aspect="auto", origin="upper")
+    ax.set_xticks(range(len(s.lengths)), [str(n) for n in s.lengths])
+    ax.set_yticks(range(len(s.depths)), [f"{d:.0%}" for d in s.depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            if not np.isnan(data[i, j]):
+                ax.text(j, i, f"{data[i, j]:.2f}" if acc else f"{data[i, j]:.3f}", ha="center", va="center", fontsize=8)
+    ax.set_title(f"{s.task} / {s.model} / {row.recipe}", fontsize=9)
+    fig.colorbar(im, ax=ax, label=s.metric)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _frontier(s: Summary, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, r in enumerate(sorted(s.rows, key=lambda r: r.bytes_per_token)):
+        ax.scatter([r.bytes_per_token], [r.mean_acc], s=40)
+        # stagger labels vertically so neighbours at similar bytes stay readable
+        ax.annotate(r.recipe, (r.bytes_per_token, r.mean_acc), textcoords="offset points", xytext=(4, 5 + 11 * (i % 3)),
+                    fontsize=8)
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels on a log axis overlap
+    ax.margins(x=0.15, y=0.1)
+    ax.set_xlabel("KV bytes held per prompt token (after prefill)")
+    ax.set_ylabel(s.metric)
+    ax.set_title(f"{s.task} / {s.model}: memory vs {s.metric}", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def build_report(out: str | Path, images: bool = True) -> dict[str, Any]:
+    """Summarise ``<out>/results.jsonl``; write heatmaps, the frontier, ``summary.md`` and ``summary.json``.
+
+    Returns ``{"summaries": [Summary...], "files": [paths written]}``.
+    """
+    folder = Path(out)
+    store = ResultStore(folder)
+    if not store.results.is_file():
+        raise InvalidInput(f"{folder} holds no results.jsonl: run `kvslim niah ... --out {folder}` first")
+    records = store.records()
+    if not records:
+        raise InvalidInput(f"{store.results} holds no finished cells yet")
+    summaries = summarize(records)
+    files: list[str] = []
+    md = ["# Needle-in-a-haystack results", ""]
+    for s in summaries:
+        prefix = "" if len(summaries) == 1 else f"{_slug(s.task)}-{_slug(s.model)}-"
+        md += [f"## {s.task} on {s.model}", "", f"Metric: {s.metric}; depths {', '.join(f'{d:g}' for d in s.depths)}; "
+               f"KV bytes are held after prefill, ratio against a 16-bit full cache of the same prompt.", "",
+               markdown_table(s), ""]
+        if images:
+            for r in s.rows:
+                p = folder / f"{prefix}heatmap-{_slug(r.recipe)}.png"
+                _heatmap(s, r, p)
+                files.append(str(p))
+                md.append(f"![{r.recipe}]({p.name})")
+            p = folder / f"{prefix}frontier.png"
+            _frontier(s, p)
+            files.append(str(p))
+            md += ["", f"![frontier]({p.name})", ""]
+    (folder / "summary.md").write_text("\n".join(md) + "\n")
+    (folder / "summary.json").write_text(json.dumps([summary_json(s) for s in summaries], indent=1) + "\n")
+    files += [str(folder / "summary.md"), str(folder / "summary.json")]
+    return {"summaries": summaries, "files": files}
+
+
+def summary_json(s: Summary) -> dict[str, Any]:
+    return {
+        "task": s.task, "model": s.model, "metric": s.metric, "lengths": s.lengths, "depths": s.depths,
+        "rows": [{"recipe": r.recipe, "acc": r.acc, "mean_acc": r.mean_acc, "score": r.score, "kv_bytes": r.kv_bytes,
+                  "ratio16": r.ratio16, "bytes_per_token": r.bytes_per_token, "cells": r.cells, "ppl": r.ppl} for r in s.rows],
+    }

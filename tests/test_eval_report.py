@@ -1,0 +1,55 @@
+"""The report, built from a fixture results file with known numbers."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kvslim.errors import InvalidInput
+from kvslim.eval.report import build_report, markdown_table, summarize
+from kvslim.eval.store import ResultStore
+
+FIXTURE = Path(__file__).parent / "data" / "niah_results.jsonl"
+# The fixture: recipes full (float32: 2x a 16-bit cache) and small (0.25x); lengths 1000/2000, depths 0/1, seeds 0/1.
+# full always succeeds; small succeeds only at depth 1, at 1000 for both seeds and at 2000 for seed 0 only.
+
+
+@pytest.fixture
+def folder(tmp_path):
+    shutil.copy(FIXTURE, tmp_path / "results.jsonl")
+    return tmp_path
+
+
+def test_summary_numbers(folder):
+    (s,) = summarize(ResultStore(folder).records())
+    assert (s.task, s.model, s.metric, s.lengths, s.depths) == ("passkey", "fixture-model", "accuracy", [1000, 2000], [0.0, 1.0])
+    full, small = s.rows
+    assert full.recipe == "full" and full.acc == {1000: 1.0, 2000: 1.0} and full.ratio16 == {1000: 2.0, 2000: 2.0}
+    assert small.acc == {1000: 0.5, 2000: 0.25} and small.mean_acc == pytest.approx(0.375)
+    assert small.ratio16[2000] == 0.25 and small.kv_bytes[2000] == 500_000 and small.bytes_per_token == 250
+    assert small.grid == {(0.0, 1000): 0.0, (1.0, 1000): 1.0, (0.0, 2000): 0.0, (1.0, 2000): 0.5}
+    assert small.score[1000] == pytest.approx((-20 * 2 - 0.5 * 2) / 4)
+
+
+def test_table_and_files(folder):
+    res = build_report(folder)
+    names = {Path(f).name for f in res["files"]}
+    assert names == {"heatmap-full.png", "heatmap-small.png", "frontier.png", "summary.md", "summary.json"}
+    for f in res["files"]:
+        assert Path(f).stat().st_size > 100
+    assert (folder / "heatmap-small.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = markdown_table(res["summaries"][0])
+    assert "| small | 0.50 | 0.25 | 0.38 |" in table
+    assert "0.250x" in table and "2.000x" in table and "488.3 KiB" in table
+    md = (folder / "summary.md").read_text()
+    assert table in md and "![small](heatmap-small.png)" in md
+
+
+def test_report_of_nothing_is_refused(tmp_path):
+    with pytest.raises(InvalidInput, match="no results.jsonl"):
+        build_report(tmp_path)
+    (tmp_path / "results.jsonl").write_text("")
+    with pytest.raises(InvalidInput, match="no finished cells"):
+        build_report(tmp_path)

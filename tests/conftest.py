@@ -10,9 +10,10 @@ WORDS = ["<unk>", "<pad>", "<eos>"] + [f"w{i}" for i in range(125)]
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Unit tests never write into the user's ~/.cache/kvslim (slow real-model tests opt out)."""
-    if "KVSLIM_TEST_KEEP_CACHE" not in __import__("os").environ:
+def _isolated_cache(request, tmp_path_factory, monkeypatch):
+    """Fast unit tests never write into the user's ~/.cache/kvslim; slow real-model tests use it, so each embedded
+    model is dequantised once per machine (set KVSLIM_TEST_KEEP_CACHE to keep the real cache for every test)."""
+    if request.node.get_closest_marker("slow") is None and "KVSLIM_TEST_KEEP_CACHE" not in __import__("os").environ:
         monkeypatch.setenv("KVSLIM_CACHE", str(tmp_path_factory.mktemp("kvslim-cache")))
 
 

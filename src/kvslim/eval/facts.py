@@ -44,11 +44,11 @@ def random_fact(rng: random.Random) -> Fact:
     kind = rng.randrange(3)
     if kind == 0:
         name, city = random_name(rng), rng.choice(CITIES)
-        return Fact(f" {name} was born in {city}.", f"Where was {name} born?", f"{name} was born in", city)
+        return Fact(f" {name} was born in {city}.", f"Where was {name} born? Answer with the city only.", f"{name} was born in", city)
     thing = f"{rng.choice(_COLORS)} {rng.choice(_OBJECTS)}"
     if kind == 1:
         code = str(rng.randint(1000, 9999))
-        return Fact(f" The secret code of the {thing} is {code}.", f"What is the secret code of the {thing}?",
+        return Fact(f" The secret code of the {thing} is {code}.", f"What is the secret code of the {thing}? Answer with the 4-digit number only.",
                     f"The secret code of the {thing} is", code)
     city = rng.choice(CITIES)
-    return Fact(f" The {thing} is hidden in {city}.", f"Where is the {thing} hidden?", f"The {thing} is hidden in", city)
+    return Fact(f" The {thing} is hidden in {city}.", f"Where is the {thing} hidden? Answer with the city only.", f"The {thing} is hidden in", city)

@@ -43,7 +43,7 @@ class Passkey(Task):
             sentences=sentences,
             anchor=rng.randrange(len(sentences)),
             instruction=INSTRUCTION,
-            question="What is the pass key?",
+            question="What is the pass key? Answer with the 5-digit number only.",
             primer="The pass key is",
             chat=self.chat,
         )

@@ -21,8 +21,9 @@ def register(app: typer.Typer) -> None:
         ),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
     ) -> None:
-        """Answer PROMPT greedily; print the answer, tokens/s, the KV-cache bytes held at the end and their ratio to a
-        16-bit full cache (computed exactly from the model config and the token count)."""
+        """Answer PROMPT greedily; print the answer, tokens/s and the KV-cache bytes held at the end.
+
+        With --recipe, also the ratio to a 16-bit full cache (computed exactly from the model config and token count)."""
         from ..cache import make_cache
         from ..errors import InvalidInput
         from ..generation import generate

@@ -14,8 +14,10 @@ def register(app: typer.Typer) -> None:
     def models_cmd(
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     ) -> None:
-        """List the embedded models: layers, query/KV heads, head dim, max context, attention kind per layer,
-        licence, and whether their package is installed (with the command that installs it).
+        """List the embedded models with their architecture, licence and whether they are installed.
+
+        Columns: layers, query/KV heads, head dim, max context, attention kind per layer, licence, installed (or the
+        command that installs it).
 
         Facts come from the model's cached config once it has been loaded, else from kvslim's preset of it."""
         from ..models import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_facts, is_installed

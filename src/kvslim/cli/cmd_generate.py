@@ -23,7 +23,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Answer PROMPT greedily; print the answer, tokens/s and the KV-cache bytes held at the end.
 
-        With --recipe, also the ratio to a 16-bit full cache (computed exactly from the model config and token count)."""
+        The bytes are measured from the cache's tensors; their ratio to a 16-bit full cache of the same tokens is computed
+        exactly from the model config and the token count. --recipe picks a compressed cache (see `kvslim recipes`)."""
         from ..cache import make_cache
         from ..errors import InvalidInput
         from ..generation import generate

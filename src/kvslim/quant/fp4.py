@@ -15,7 +15,7 @@ import torch
 from kvslim.errors import InvalidInput
 from kvslim.quant.base import Codec, Packed
 from kvslim.quant.codebooks import bucket
-from kvslim.quant.packing import pack_bits, unpack_bits
+from kvslim.quant.packing import pack_bits, split_blocks, unpack_bits
 
 __all__ = ["FP4Codec", "E2M1_VALUES"]
 
@@ -43,10 +43,7 @@ class FP4Codec(Codec):
         return -(-self.dim // 2) + self.nblocks
 
     def _blocks(self, xf: torch.Tensor) -> torch.Tensor:
-        pad = self.nblocks * self.block - self.dim
-        if pad:
-            xf = torch.nn.functional.pad(xf, (0, pad))
-        return xf.reshape(*xf.shape[:-1], self.nblocks, self.block)
+        return split_blocks(xf, self.block)
 
     def encode(self, x: torch.Tensor) -> Packed:
         self._check(x)

@@ -12,6 +12,7 @@ import torch
 
 from kvslim.errors import InvalidInput
 from kvslim.quant.base import Codec, Packed
+from kvslim.quant.packing import split_blocks
 
 __all__ = ["FP8Codec", "E4M3_MAX"]
 
@@ -35,10 +36,7 @@ class FP8Codec(Codec):
         return self.dim + 4 * self.nblocks
 
     def _blocks(self, xf: torch.Tensor) -> torch.Tensor:
-        pad = self.nblocks * self.block - self.dim
-        if pad:
-            xf = torch.nn.functional.pad(xf, (0, pad))
-        return xf.reshape(*xf.shape[:-1], self.nblocks, self.block)
+        return split_blocks(xf, self.block)
 
     def encode(self, x: torch.Tensor) -> Packed:
         self._check(x)

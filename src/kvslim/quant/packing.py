@@ -14,7 +14,7 @@ import torch
 
 from kvslim.errors import InvalidInput
 
-__all__ = ["packed_len", "pack_bits", "unpack_bits"]
+__all__ = ["packed_len", "pack_bits", "split_blocks", "unpack_bits"]
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
@@ -114,3 +114,12 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     shifts = torch.arange(0, 8 * bits, bits, dtype=wide, device=packed.device)
     codes = ((word.unsqueeze(-1) >> shifts) & mask).to(torch.uint8)
     return codes.reshape(*lead, groups * 8)[..., :n]
+
+
+def split_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``[..., d]`` -> ``[..., ceil(d/block), block]``, zero-padding the last block (for per-block scales)."""
+    nblocks = -(-x.shape[-1] // block)
+    pad = nblocks * block - x.shape[-1]
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], nblocks, block)

@@ -1,6 +1,7 @@
-"""Real embedded models (slow: the first load dequantises the GGUF file, later loads read the safetensors cache)."""
+"""Real embedded models (slow: the first load dequantises the GGUF file, later loads read the safetensors cache).
 
-import os
+Slow tests use the real kvslim cache ($KVSLIM_CACHE or ~/.cache/kvslim; see conftest), so each model converts once."""
+
 import time
 
 import pytest
@@ -11,16 +12,6 @@ from kvslim.generation import generate
 from kvslim.models import _converted_dir, find_gguf, load
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _user_cache(monkeypatch):
-    # real models use the real cache (~/.cache/kvslim or $KVSLIM_CACHE) so CI converts each model once
-    real = os.environ.get("KVSLIM_CACHE_REAL")
-    if real:
-        monkeypatch.setenv("KVSLIM_CACHE", real)
-    else:
-        monkeypatch.delenv("KVSLIM_CACHE", raising=False)
 
 
 @pytest.fixture(scope="module")

@@ -155,8 +155,8 @@ def main() -> None:
 
         seen = [r["recipe"] for m in args.models for t in TASKS
                 for r in ResultStore(ROOT / "results" / "niah-baseline" / m / t).records()]
-        explicit_recipes = bool(args.recipes)
-    args.recipes = ["full", *[r for r in dict.fromkeys(seen) if r != "full"]] if seen else args.recipes
+        if seen:
+            args.recipes = ["full", *[r for r in dict.fromkeys(seen) if r != "full"]]
     summary = write_docs(args)
     print(json.dumps({"bench": "niah_baseline", "missing": len(summary["missing"]),
                       "runs": [{"model": r["model"], "task": r["task"],

@@ -7,8 +7,7 @@ gathers the entries it reads. Names are re-exported lazily: ``import kvslim.nn``
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from kvslim._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "MLA": "kvslim.nn.mla",
@@ -30,14 +29,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kvslim.nn' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports("kvslim.nn", _EXPORTS, globals())

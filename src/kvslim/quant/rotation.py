@@ -34,7 +34,19 @@ def _generator(seed: int) -> torch.Generator:
     return g
 
 
-class HaarRotation:
+class _MatrixRotation:
+    """An orthogonal rotation held as a dense float32 matrix ``[d, d]``: ``forward(x) = x @ matrix^T``."""
+
+    matrix: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.matrix.t()
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y @ self.matrix
+
+
+class HaarRotation(_MatrixRotation):
     """Dense Haar-random orthogonal matrix ``Pi`` (float32 ``[d, d]``); ``forward(x) = x @ Pi^T``."""
 
     kind = "haar"
@@ -51,11 +63,6 @@ class HaarRotation:
         self.matrix = self.matrix.to(device)
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.matrix.t()
-
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return y @ self.matrix
 
     def state_nbytes(self) -> int:
         return self.matrix.numel() * self.matrix.element_size()
@@ -75,7 +82,7 @@ def _fwht(x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*lead, d)
 
 
-class HadamardRotation:
+class HadamardRotation(_MatrixRotation):
     """Randomized Hadamard rotation ``H D_2 H D_1 / d`` with seeded +-1 diagonals (float32 signs ``[2, d]``),
     applied through its dense float32 matrix ``[d, d]`` (built once from the signs by the butterfly)."""
 
@@ -99,11 +106,6 @@ class HadamardRotation:
         self.matrix = self.matrix.to(device)
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.matrix.t()
-
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return y @ self.matrix
 
     def butterfly_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same transform through the O(d log d) butterfly (a reference for the dense path)."""

@@ -101,8 +101,8 @@ def topk_first(scores: torch.Tensor, k: int) -> torch.Tensor:
     common in lightning-indexer scores: ``sum_h w_h ReLU(.)`` is exactly 0 for every entry whose ReLUs all vanish,
     which with few indexer heads and random weights often reaches the top-k boundary.
     """
-    values, indices = scores.topk(k, dim=-1)
-    kth = values[..., -1:]
+    values, indices = scores.topk(k, dim=-1, sorted=False)
+    kth = values.amin(dim=-1, keepdim=True)
     if not bool(((scores >= kth).sum(-1) > k).any()):  # no tie at the boundary: the set is already unique
         return indices
     above = scores > kth
@@ -138,6 +138,13 @@ class GrowBuffer:
             self.data = grown
         self.data[:, self.length : self.length + n] = rows.to(self.dtype)
         self.length += n
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows ``idx`` [B, ...] (each index < length) of each sequence -> [B, ..., d]: one ``index_select`` over
+        the flat store, so the work is proportional to the rows picked."""
+        b, cap, d = self.data.shape
+        offsets = (torch.arange(b, device=idx.device) * cap).view(-1, *([1] * (idx.dim() - 1)))
+        return self.data.view(b * cap, d).index_select(0, (idx + offsets).reshape(-1)).view(*idx.shape, d)
 
     def view(self, b: int = 0, d: int = 0) -> torch.Tensor:
         if self.data is None:

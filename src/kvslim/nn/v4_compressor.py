@@ -50,9 +50,7 @@ class CompressorState:
 
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
         """Entries ``idx`` [B, S, k] (clamped to >= 0) -> [B, S, k, d]: O(k) rows read per query."""
-        rows = self.entries.view()
-        bi = torch.arange(idx.shape[0]).view(-1, 1, 1)
-        picked = rows[bi, idx.clamp(min=0)]
+        picked = self.entries.gather(idx.clamp(min=0))
         return picked if self.codec is None else self.codec.decode(picked)
 
     def nbytes(self) -> int:

@@ -15,7 +15,10 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["RMSNorm", "Rotary", "rope_half", "rope_deinterleave", "rope_interleaved", "GrowBuffer", "topk_first"]
+__all__ = ["RMSNorm", "Rotary", "rope_half", "rope_deinterleave", "rope_interleaved", "GrowBuffer", "topk_first",
+           "lightning_scores"]
+
+SCORE_BLOCK_BYTES = 1 << 22  # per-head score block of the lightning indexers (fits a 4 MiB L2)
 
 
 class RMSNorm(nn.Module):
@@ -90,6 +93,27 @@ def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     x0, x1 = rope[..., 0::2], rope[..., 1::2]
     out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), -1).flatten(-2).to(x.dtype)
     return torch.cat((nope, out), -1)
+
+
+def lightning_scores(q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor, scale: float) -> torch.Tensor:
+    """Lightning-indexer scores ``I[b, t, s] = sum_h w[b, t, h] * ReLU(q[b, t, h] . k[b, s]) * scale`` -> [B, C, N]
+    for q [B, C, H, d] (fp32), w [B, C, H], keys_t [B, d, N] (V3.2 and V4 indexers).
+
+    The [rows * H, N] block of per-head scores is the big intermediate (quadratic over a prefill), so it is made
+    in blocks of queries of about ``SCORE_BLOCK_BYTES`` (cache-sized): one matmul, an in-place ReLU, and the head
+    sum as a batched [1, H] x [H, N] product. Decode (C = 1) and prefill run the same per-row arithmetic.
+    """
+    b, c, h, d = q.shape
+    n = keys_t.shape[-1]
+    out = q.new_empty((b, c, n))
+    w = w * scale
+    rows = max(1, SCORE_BLOCK_BYTES // (h * max(n, 1) * 4))
+    for bi in range(b):
+        for r0 in range(0, c, rows):
+            r1 = min(c, r0 + rows)
+            per_head = torch.mm(q[bi, r0:r1].reshape(-1, d), keys_t[bi]).relu_().view(r1 - r0, h, n)
+            torch.bmm(w[bi, r0:r1].unsqueeze(1), per_head, out=out[bi, r0:r1].unsqueeze(1))
+    return out
 
 
 def topk_first(scores: torch.Tensor, k: int) -> torch.Tensor:

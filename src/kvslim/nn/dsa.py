@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kvslim.errors import InvalidInput
-from kvslim.nn._common import GrowBuffer, Rotary, rope_half, topk_first
+from kvslim.nn._common import GrowBuffer, Rotary, lightning_scores, rope_half, topk_first
 from kvslim.nn.mla import MLA, MLACache, MLAConfig
 
 __all__ = ["DSAConfig", "DSA", "DSACache", "DSAIndexer"]
@@ -83,12 +83,11 @@ class DSAIndexer(nn.Module):
         q = self._rope_lead(q, cos[:, None], sin[:, None]).float()
         w = self.weights_proj(hidden).float() * self.n_heads**-0.5  # [B, S, H]
         k = min(self.topk, keys.shape[1])
-        kt = keys.float().transpose(-1, -2).unsqueeze(1)  # [B, 1, d, T]
+        kt = keys.float().transpose(-1, -2)  # [B, d, T]
         out = []
         for c0 in range(0, s, chunk):
             c1 = min(s, c0 + chunk)
-            scores = torch.relu(torch.matmul(q[:, c0:c1], kt) * self.softmax_scale)  # [B, C, H, T]
-            scores = torch.matmul(w[:, c0:c1].unsqueeze(-2), scores).squeeze(-2)  # [B, C, T]
+            scores = lightning_scores(q[:, c0:c1], w[:, c0:c1], kt, self.softmax_scale)  # [B, C, T]
             future = torch.arange(keys.shape[1])[None] > positions[c0:c1, None]
             out.append(topk_first(scores.masked_fill(future, float("-inf")), k))
         return torch.cat(out, 1)

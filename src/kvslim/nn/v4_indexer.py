@@ -15,12 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvslim.nn._common import Rotary, rope_interleaved, topk_first
+from kvslim.nn._common import Rotary, lightning_scores, rope_interleaved, topk_first
 from kvslim.nn.v4_compressor import Compressor, CompressorState
 
 __all__ = ["Indexer"]
-
-SCORE_BLOCK_BYTES = 1 << 22  # per-head score block of the indexer (fits a 4 MiB L2)
 
 
 class Indexer(nn.Module):
@@ -58,7 +56,7 @@ class Indexer(nn.Module):
         threshold = (positions + 1) // self.rate  # [S]
         keys_t = keys.transpose(-1, -2)  # [B, d, N] (a view)
         if s == 1 and int(threshold[0]) == n:  # decode: every key is closed, no mask, no padding
-            return topk_first(self._scores(q, w, keys_t), k)
+            return topk_first(lightning_scores(q, w, keys_t, self.softmax_scale), k)
         out = []
         for c0 in range(0, s, chunk):
             c1 = min(s, c0 + chunk)
@@ -68,29 +66,9 @@ class Indexer(nn.Module):
             if n_vis == 0:
                 out.append(pad)
                 continue
-            scores = self._scores(q[:, c0:c1], w[:, c0:c1], keys_t[..., :n_vis])
+            scores = lightning_scores(q[:, c0:c1], w[:, c0:c1], keys_t[..., :n_vis], self.softmax_scale)
             scores = scores.masked_fill_(torch.arange(n_vis).view(1, 1, -1) >= thr, float("-inf"))
             idx = topk_first(scores, min(k, n_vis))
             pad[..., : idx.shape[-1]] = torch.where(idx >= thr, torch.full_like(idx, -1), idx)
             out.append(pad)
         return torch.cat(out, 1)
-
-    def _scores(self, q: torch.Tensor, w: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
-        """``sum_h w[b, t, h] * ReLU(q[b, t, h] . k_s) * softmax_scale`` -> [B, C, N] for q [B, C, H, d] (fp32),
-        w [B, C, H], keys_t [B, d, N].
-
-        The [rows * H, N] block of per-head scores is the big intermediate (quadratic over a prefill), so it is made
-        in blocks of queries of about ``SCORE_BLOCK_BYTES`` (cache-sized): one matmul, an in-place ReLU, and the
-        head sum as a batched [1, H] x [H, N] product. Decode (C = 1) and prefill run the same per-row arithmetic.
-        """
-        b, c, h, d = q.shape
-        n = keys_t.shape[-1]
-        out = q.new_empty((b, c, n))
-        w = w * self.softmax_scale
-        rows = max(1, SCORE_BLOCK_BYTES // (h * n * 4))
-        for bi in range(b):
-            for r0 in range(0, c, rows):
-                r1 = min(c, r0 + rows)
-                per_head = torch.mm(q[bi, r0:r1].reshape(-1, d), keys_t[bi]).relu_().view(r1 - r0, h, n)
-                torch.bmm(w[bi, r0:r1].unsqueeze(1), per_head, out=out[bi, r0:r1].unsqueeze(1))
-        return out

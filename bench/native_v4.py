@@ -49,12 +49,21 @@ from kvslim.spec_hf import spec_from_config  # noqa: E402
 KINDS = {"swa": "sliding_attention", "csa": "compressed_sparse_attention", "hca": "heavily_compressed_attention"}
 
 
-def build(layers: list[str], topk: int):
+# attention widths: "tiny" (the default stack) and V4-Flash's real attention shape (../shared/reference:
+# hidden 4096, 64 heads of 512 with 64 RoPE dims, q_lora 1024, 8 output groups of rank 1024, indexer 64 x 128)
+WIDTHS = {
+    "tiny": dict(hidden_size=256, num_attention_heads=4, head_dim=64, partial_rotary_factor=0.25, q_lora_rank=128,
+                 o_groups=2, o_lora_rank=64, index_n_heads=16, index_head_dim=16),
+    "flash": dict(hidden_size=4096, num_attention_heads=64, head_dim=512, partial_rotary_factor=0.125,
+                  q_lora_rank=1024, o_groups=8, o_lora_rank=1024, index_n_heads=64, index_head_dim=128),
+}
+
+
+def build(layers: list[str], topk: int, width: str = "tiny"):
     cfg = tiny_v4_config(
-        num_layers=len(layers), layer_types=[KINDS[k] for k in layers], hidden_size=256, num_attention_heads=4,
-        head_dim=64, partial_rotary_factor=0.25, q_lora_rank=128, o_groups=2, o_lora_rank=64, sliding_window=128,
+        num_layers=len(layers), layer_types=[KINDS[k] for k in layers], sliding_window=128,
         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
-        index_n_heads=16, index_head_dim=16, index_topk=topk,
+        index_topk=topk, **WIDTHS[width],
     )
     hf = [hf_attention(cfg, i, seed=100 + i) for i in range(len(layers))]
     ours = [from_transformers(m) for m in hf]
@@ -66,6 +75,62 @@ def ours_step(mods, states, x):
         for m, st in zip(mods, states, strict=True):
             x = x + m(x, st)
     return x
+
+
+@torch.no_grad()
+def fill_random_states(mods, states, n: int, gen: torch.Generator) -> None:
+    """Put each (empty, float) state where n tokens would leave it, with random rows instead of a prefill: the last W
+    window rows, n // m compressed entries and indexer keys, an open window of n % m buffered projections and the
+    overlap carry. Only for timing decode where a prefill would take too long (``--state random``): both
+    implementations then decode from the same rows (transformers' cache is copied from these states)."""
+    for m, st in zip(mods, states, strict=True):
+        c = m.config
+        pos = torch.arange(max(0, n - c.window), n)
+        st.win_kv = torch.zeros((1, c.window, c.head_dim))
+        st.win_pos = torch.full((c.window,), -1, dtype=torch.long)
+        st.win_kv[:, pos % c.window] = torch.randn(1, len(pos), c.head_dim, generator=gen)
+        st.win_pos[pos % c.window] = pos
+        st.seen = n
+        for comp, cst in ((m.compressor, st.compressor), (m.indexer.compressor if m.indexer else None, st.indexer)):
+            if comp is None:
+                continue
+            width = comp.kv_proj.out_features
+            cst.count, cst.fill = n // comp.rate, n % comp.rate
+            cst.append(torch.randn(1, cst.count, comp.dim, generator=gen))
+            cst.buf_kv = torch.randn(1, comp.rate, width, generator=gen)
+            cst.buf_gate = torch.randn(1, comp.rate, width, generator=gen)
+            if comp.overlap:
+                cst.carry_kv = torch.randn(1, comp.rate, comp.dim, generator=gen)
+                cst.carry_gate = torch.randn(1, comp.rate, comp.dim, generator=gen)
+
+
+def decode_flops(step, *args) -> int:
+    """Floating-point operations of ``step(*args)`` as counted by ``torch.utils.flop_counter`` (matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(*args)
+    return counter.get_total_flops()
+
+
+def time_indexers(mods) -> dict:
+    """Wrap each CSA layer's lightning indexer (``indexer.select``: its key compressor, scoring every closed entry,
+    top-k) so its wall time adds up in the returned dict's ``"s"``; the rest of a prefill is linear in N."""
+    acc = {"s": 0.0}
+    for m in mods:
+        if m.indexer is None:
+            continue
+        inner = m.indexer.select
+
+        def timed(*a, _inner=inner, **kw):
+            t0 = time.perf_counter()
+            try:
+                return _inner(*a, **kw)
+            finally:
+                acc["s"] += time.perf_counter() - t0
+
+        m.indexer.select = timed
+    return acc
 
 
 def expected_bytes(cfg, layers: list[str], n: int, storage: str) -> int:
@@ -101,23 +166,38 @@ def main() -> None:
     ap.add_argument("--hf-decode-max", type=int, default=1 << 30, help="largest context for transformers' decode")
     ap.add_argument("--storage", default="float", choices=["float", "v4"],
                     help="kvslim row storage: float (fp32, equal to transformers) or v4 (FP8-ds rows, FP4 keys)")
+    ap.add_argument("--width", default="tiny", choices=sorted(WIDTHS),
+                    help="attention width: tiny (hidden 256, 4x64 heads) or flash (V4-Flash: 4096, 64x512, indexer 64x128)")
+    ap.add_argument("--state", default="prefill", choices=["prefill", "random"],
+                    help="prefill: both prefill N tokens; random: kvslim's state is filled with random rows where N "
+                         "tokens would leave it (no prefill timed) and transformers' cache is copied from it")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="results/native_v4.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     layers = args.layers.split(",")
     contexts = [int(c) for c in args.contexts.split(",")]
-    cfg, hf, ours = build(layers, args.topk)
+    if args.state == "random" and args.storage != "float":
+        sys.exit("error: --state random fills float rows; use --storage float")
+    cfg, hf, ours = build(layers, args.topk, args.width)
     spec = spec_from_config(cfg)
     gen = torch.Generator().manual_seed(0)
+    indexer_time = time_indexers(ours)
     rows = []
     for n in contexts:
-        x = torch.randn(1, n + args.decode_tokens, cfg.hidden_size, generator=gen)
+        x = torch.randn(1, n + args.decode_tokens + 1, cfg.hidden_size, generator=gen)
         row: dict = {"context": n}
         states = [m.new_state(args.storage) for m in ours]
-        t0 = time.perf_counter()
-        ours_step(ours, states, x[:, :n])
-        row["kvslim_prefill_s"] = time.perf_counter() - t0
+        row["kvslim_prefill_s"] = row["kvslim_prefill_indexer_s"] = row["kvslim_prefill_rest_us_per_token"] = None
+        if args.state == "random":
+            fill_random_states(ours, states, n, gen)
+        else:
+            indexer_time["s"] = 0.0
+            t0 = time.perf_counter()
+            ours_step(ours, states, x[:, :n])
+            row["kvslim_prefill_s"] = time.perf_counter() - t0
+            row["kvslim_prefill_indexer_s"] = indexer_time["s"]
+            row["kvslim_prefill_rest_us_per_token"] = 1e6 * (row["kvslim_prefill_s"] - indexer_time["s"]) / n
         row["kvslim_bytes_per_token"] = sum(s.nbytes() for s in states) / n
         row["expected_bytes_per_token"] = expected_bytes(cfg, layers, n, args.storage) / n
         # the planner prices fp32 rows; its fp8_ds_v4 layout assumes 64 RoPE dims (this stack has 16)
@@ -125,7 +205,7 @@ def main() -> None:
                                           if args.storage == "float" else None)
         hf_cache = None
         row["hf_prefill_s"] = None
-        if n <= args.hf_prefill_max:
+        if n <= args.hf_prefill_max and args.state == "prefill":
             hf_cache = hf_v4_cache(cfg)
             t0 = time.perf_counter()
             hf_v4_step(hf, x[:, :n], hf_cache, 0)
@@ -133,7 +213,8 @@ def main() -> None:
             row["hf_cache"] = "own prefill"
         elif n <= args.hf_decode_max:
             hf_cache = hf_v4_cache_from_states(cfg, states)
-            row["hf_cache"] = "copied from kvslim state (prefill skipped: over --hf-prefill-max)"
+            row["hf_cache"] = ("copied from kvslim state (prefill skipped: over --hf-prefill-max)"
+                               if args.state == "prefill" else "copied from kvslim's random state")
         else:
             row["hf_cache"] = "skipped (over --hf-decode-max)"
         if hf_cache is not None:
@@ -162,24 +243,36 @@ def main() -> None:
         row["decode_speedup"] = row["hf_decode_ms"] / row["kvslim_decode_ms"] if hf_cache is not None else None
         row["prefill_speedup"] = (row["hf_prefill_s"] / row["kvslim_prefill_s"]) if row["hf_prefill_s"] else None
         row["decode_max_rel_diff"] = (max(rel(a, b) for a, b in zip(outs_ours, outs_hf, strict=True)) if outs_hf else None)
+        # work of one more decode token each (both states advance by it, so they stay in step)
+        tok = x[:, n + args.decode_tokens : n + args.decode_tokens + 1]
+        row["kvslim_decode_mflop"] = decode_flops(ours_step, ours, states, tok) / 1e6
+        row["hf_decode_mflop"] = (decode_flops(hf_v4_step, hf, tok, hf_cache, n + args.decode_tokens) / 1e6
+                                  if hf_cache is not None else None)
         rows.append(row)
         print(f"  done N={n}", file=sys.stderr, flush=True)
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    print(f"layers={args.layers} hidden=256 heads=4x64 window=128 m=4 m'=128 topk={args.topk} "
-          f"storage={args.storage} threads={args.threads} decode_tokens={args.decode_tokens}")
-    print(f"{'N':>7} | {'kvslim dec ms':>13} {'hf dec ms':>10} {'x':>6} | {'kvslim pre s':>12} {'hf pre s':>9} "
-          f"{'x':>6} | {'B/tok':>7} {'planner':>7} {'hf B/tok':>8} | {'max rel':>8}  hf cache")
+    w = WIDTHS[args.width]
+    print(f"layers={args.layers} width={args.width} (hidden={w['hidden_size']} heads={w['num_attention_heads']}x"
+          f"{w['head_dim']} indexer={w['index_n_heads']}x{w['index_head_dim']}) window=128 m=4 m'=128 "
+          f"topk={args.topk} storage={args.storage} state={args.state} threads={args.threads} "
+          f"decode_tokens={args.decode_tokens}")
+    print(f"{'N':>7} | {'kvslim dec ms':>13} {'hf dec ms':>10} {'x':>6} {'MFLOP':>7} {'hf MFLOP':>8} | "
+          f"{'kvslim pre s':>12} {'hf pre s':>9} "
+          f"{'x':>6} {'idx s':>7} {'rest us/t':>9} | {'B/tok':>7} {'planner':>7} {'hf B/tok':>8} | {'max rel':>8}  hf cache")
     for r in rows:
         print(f"{r['context']:>7} | {r['kvslim_decode_ms']:>13.2f} {f(r['hf_decode_ms'], '10.2f')} "
-              f"{f(r['decode_speedup'], '6.1f')} | {r['kvslim_prefill_s']:>12.2f} {f(r['hf_prefill_s'], '9.2f')} "
-              f"{f(r['prefill_speedup'], '6.1f')} | {r['kvslim_bytes_per_token']:>7.1f} "
+              f"{f(r['decode_speedup'], '6.1f')} {r['kvslim_decode_mflop']:>7.1f} {f(r['hf_decode_mflop'], '8.1f')} | "
+              f"{f(r['kvslim_prefill_s'], '12.2f')} {f(r['hf_prefill_s'], '9.2f')} "
+              f"{f(r['prefill_speedup'], '6.1f')} {f(r['kvslim_prefill_indexer_s'], '7.2f')} "
+              f"{f(r['kvslim_prefill_rest_us_per_token'], '9.0f')} | {r['kvslim_bytes_per_token']:>7.1f} "
               f"{f(r['planner_bytes_per_token'], '7.1f')} {f(r.get('hf_bytes_per_token'), '8.1f')} | "
               f"{f(r['decode_max_rel_diff'], '8.1e')}  {r['hf_cache']}")
     result = {
-        "bench": "native_v4", "layers": layers, "topk": args.topk, "storage": args.storage, "threads": args.threads,
+        "bench": "native_v4", "layers": layers, "width": args.width, "shape": WIDTHS[args.width],
+        "state": args.state, "topk": args.topk, "storage": args.storage, "threads": args.threads,
         "decode_tokens": args.decode_tokens, "torch": torch.__version__, "machine": platform.machine(),
         "rows": rows,
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["RMSNorm", "Rotary", "rope_half", "rope_deinterleave", "rope_interleaved", "GrowBuffer", "topk_first",
@@ -35,14 +36,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if weighted else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)  # one fused op (fp32)
         if self.weight is None:
-            return h.to(dtype)
+            return h.to(x.dtype)
         if self.cast_after_weight:
-            return (self.weight * h).to(dtype)
-        return self.weight * h.to(dtype)
+            return (self.weight * h).to(x.dtype)
+        return self.weight * h.to(x.dtype)
 
 
 class Rotary(nn.Module):

@@ -49,13 +49,18 @@ from kvslim.spec_hf import spec_from_config  # noqa: E402
 KINDS = {"swa": "sliding_attention", "csa": "compressed_sparse_attention", "hca": "heavily_compressed_attention"}
 
 
-def build(layers: list[str], topk: int):
-    cfg = tiny_v4_config(
+def bench_config(layers: list[str], topk: int, **overrides):
+    """The benchmarks' V4 config (also used by ``bench/native_v4_model.py``); ``overrides`` go to the config."""
+    return tiny_v4_config(
         num_layers=len(layers), layer_types=[KINDS[k] for k in layers], hidden_size=256, num_attention_heads=4,
         head_dim=64, partial_rotary_factor=0.25, q_lora_rank=128, o_groups=2, o_lora_rank=64, sliding_window=128,
         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
-        index_n_heads=16, index_head_dim=16, index_topk=topk,
+        index_n_heads=16, index_head_dim=16, index_topk=topk, **overrides,
     )
+
+
+def build(layers: list[str], topk: int):
+    cfg = bench_config(layers, topk)
     hf = [hf_attention(cfg, i, seed=100 + i) for i in range(len(layers))]
     ours = [from_transformers(m) for m in hf]
     return cfg, hf, ours

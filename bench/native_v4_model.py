@@ -14,7 +14,8 @@ the hidden states entering each attention layer are the same in both models, so 
 own prefill would hold, which the logits comparison checks), then both decode ``--decode-tokens`` tokens
 (timed after 2 warm-up tokens), each step feeding both models kvslim's greedy token. Reported: the largest
 relative difference of the two models' last-token logits over all steps (and the prefill's, where both ran),
-and how many greedy tokens agree.
+and how many greedy tokens agree. "attn ms" is the part of each decode step spent inside the three attention
+modules (kvslim / transformers; forward hooks), the rest being the embedding, hyper-connections, MoE, norms and head.
 
     python bench/native_v4_model.py                   # default: 2k, 8k
     python bench/native_v4_model.py --contexts 2048,8192,32768,131072 --out results/native_v4_model_full.json
@@ -51,6 +52,23 @@ def build_models(layers: list[str], topk: int, vocab: int, experts: int, expert_
     return stock, use_native_attention(copy.deepcopy(stock))
 
 
+class AttentionClock:
+    """Seconds spent inside the attention modules of ``model`` (forward pre/post hooks on each ``self_attn``)."""
+
+    def __init__(self, model) -> None:
+        self.total = 0.0
+        self._t0 = 0.0
+        for layer in model.model.layers:
+            layer.self_attn.register_forward_pre_hook(self._start)
+            layer.self_attn.register_forward_hook(self._stop)
+
+    def _start(self, *_) -> None:
+        self._t0 = time.perf_counter()
+
+    def _stop(self, *_) -> None:
+        self.total += time.perf_counter() - self._t0
+
+
 @torch.no_grad()
 def timed(model, ids, **kw):
     t0 = time.perf_counter()
@@ -58,7 +76,7 @@ def timed(model, ids, **kw):
     return logits, time.perf_counter() - t0
 
 
-def run_context(stock, ours, n: int, args, gen: torch.Generator) -> dict:
+def run_context(stock, ours, clocks, n: int, args, gen: torch.Generator) -> dict:
     cfg = stock.config
     ids = torch.randint(0, cfg.vocab_size, (1, n), generator=gen)
     row: dict = {"context": n}
@@ -77,15 +95,18 @@ def run_context(stock, ours, n: int, args, gen: torch.Generator) -> dict:
         row["hf_cache"] = "copied from kvslim states (prefill skipped: over --hf-prefill-max)"
     row["hf_bytes_per_token"] = cache_nbytes(hf_cache) / n
     warm = 2
-    t_ours = t_hf = 0.0
+    t_ours = t_hf = a_ours = a_hf = 0.0
     diffs, agree = [], 0
     tok = last_ours.argmax(-1, keepdim=True)
     for i in range(args.decode_tokens):
+        before = [c.total for c in clocks]
         lo, dt_o = timed(ours, tok, cache=cache)
         lh, dt_h = timed(stock, tok, cache=hf_cache, use_cache=True)
         if i >= warm:
             t_ours += dt_o
             t_hf += dt_h
+            a_ours += clocks[0].total - before[0]
+            a_hf += clocks[1].total - before[1]
         diffs.append(rel(lo, lh))
         agree += int(lo.argmax(-1) == lh.argmax(-1))
         tok = lo.argmax(-1, keepdim=True)
@@ -93,6 +114,8 @@ def run_context(stock, ours, n: int, args, gen: torch.Generator) -> dict:
     row["kvslim_decode_ms"] = 1000 * t_ours / timed_steps
     row["hf_decode_ms"] = 1000 * t_hf / timed_steps
     row["decode_speedup"] = row["hf_decode_ms"] / row["kvslim_decode_ms"]
+    row["kvslim_decode_attention_ms"] = 1000 * a_ours / timed_steps
+    row["hf_decode_attention_ms"] = 1000 * a_hf / timed_steps
     row["prefill_speedup"] = row["hf_prefill_s"] / row["kvslim_prefill_s"] if row["hf_prefill_s"] else None
     row["decode_logits_max_rel_diff"] = max(diffs)
     row["greedy_agree"] = f"{agree}/{args.decode_tokens}"
@@ -118,10 +141,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     layers = args.layers.split(",")
     stock, ours = build_models(layers, args.topk, args.vocab, args.experts, args.expert_width)
+    clocks = (AttentionClock(ours), AttentionClock(stock))
     gen = torch.Generator().manual_seed(0)
     rows = []
     for n in (int(c) for c in args.contexts.split(",")):
-        rows.append(run_context(stock, ours, n, args, gen))
+        rows.append(run_context(stock, ours, clocks, n, args, gen))
         print(f"  done N={n}", file=sys.stderr, flush=True)
 
     def f(v, fmt):
@@ -130,11 +154,13 @@ def main() -> None:
     print(f"whole DeepseekV4ForCausalLM: layers={args.layers} hidden=256 heads=4x64 window=128 m=4 m'=128 "
           f"topk={args.topk} vocab={args.vocab} experts={args.experts}x{args.expert_width} hc_mult="
           f"{stock.config.hc_mult} storage={args.storage} threads={args.threads} decode_tokens={args.decode_tokens}")
-    print(f"{'N':>7} | {'kvslim dec ms':>13} {'hf dec ms':>10} {'x':>5} | {'kvslim pre s':>12} {'hf pre s':>9} "
-          f"{'x':>5} | {'B/tok':>7} {'hf B/tok':>8} | {'pre rel':>8} {'dec rel':>8} {'greedy':>6}  hf cache")
+    print(f"{'N':>7} | {'kvslim dec ms':>13} {'hf dec ms':>10} {'x':>5} {'attn ms':>11} | {'kvslim pre s':>12} "
+          f"{'hf pre s':>9} {'x':>5} | {'B/tok':>7} {'hf B/tok':>8} | {'pre rel':>8} {'dec rel':>8} {'greedy':>6}"
+          "  hf cache")
     for r in rows:
+        attn = f"{r['kvslim_decode_attention_ms']:.1f}/{r['hf_decode_attention_ms']:.1f}"
         print(f"{r['context']:>7} | {r['kvslim_decode_ms']:>13.2f} {r['hf_decode_ms']:>10.2f} "
-              f"{r['decode_speedup']:>5.1f} | {r['kvslim_prefill_s']:>12.2f} {f(r['hf_prefill_s'], '9.2f')} "
+              f"{r['decode_speedup']:>5.1f} {attn:>11} | {r['kvslim_prefill_s']:>12.2f} {f(r['hf_prefill_s'], '9.2f')} "
               f"{f(r['prefill_speedup'], '5.1f')} | {r['kvslim_bytes_per_token']:>7.1f} "
               f"{r['hf_bytes_per_token']:>8.1f} | {f(r['prefill_logits_rel_diff'], '8.1e')} "
               f"{r['decode_logits_max_rel_diff']:>8.1e} {r['greedy_agree']:>6}  {r['hf_cache']}")

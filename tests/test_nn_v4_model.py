@@ -109,6 +109,21 @@ def test_generate_greedy_equals_transformers(models, ids):
     assert cache.get_seq_length() == 23 + 12 - 1  # the last generated token is never fed back
 
 
+def test_generate_continues_a_cache(models, ids):
+    """A second generate with the whole sequence so far and the same cache feeds only the new tokens."""
+    stock, ours = models
+    cache = V4NativeCache(ours)
+    with torch.no_grad():
+        first = ours.generate(ids[:, :15], attention_mask=torch.ones_like(ids[:, :15]), max_new_tokens=4,
+                              do_sample=False, cache=cache)
+        longer = torch.cat([first, ids[:, 15:20]], 1)
+        got = ours.generate(longer, attention_mask=torch.ones_like(longer), max_new_tokens=6, do_sample=False,
+                            cache=cache)
+        want = stock.generate(longer, attention_mask=torch.ones_like(longer), max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
+    assert cache.get_seq_length() == longer.shape[1] + 6 - 1
+
+
 def test_model_without_head(models, ids):
     """use_native_attention also takes a bare DeepseekV4Model."""
     stock = models[0].model

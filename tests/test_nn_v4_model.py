@@ -136,6 +136,25 @@ def test_model_without_head(models, ids):
     assert rel(got, want) <= TOL
 
 
+def test_hash_moe_layers(ids):
+    """Hash-routed MoE layers (routing by token id, random ``tid2eid``) are left to transformers and still agree."""
+    from transformers import DeepseekV4ForCausalLM
+
+    cfg = tiny_v4_config(num_layers=3, layer_types=LAYERS, vocab_size=64, mlp_layer_types=["hash_moe"] * 2 + ["moe"])
+    stock = randomize_(DeepseekV4ForCausalLM(cfg), seed=4).eval()
+    gen = torch.Generator().manual_seed(2)
+    for name, buf in stock.named_buffers():
+        if name.endswith("tid2eid"):
+            buf.copy_(torch.randint(0, cfg.n_routed_experts, buf.shape, generator=gen))
+    ours = use_native_attention(copy.deepcopy(stock))
+    cache = V4NativeCache(ours)
+    with torch.no_grad():
+        want = stock(ids, use_cache=False).logits
+        got = torch.cat([ours(ids[:, :25], cache=cache).logits]
+                        + [ours(ids[:, t : t + 1], cache=cache).logits for t in range(25, N)], 1)
+    assert rel(got, want) <= TOL
+
+
 def test_shared_config_object_untouched(ids):
     """Two models built from one config object: patching one leaves the other's attention and caching alone."""
     from transformers import DeepseekV4ForCausalLM

@@ -59,12 +59,17 @@ WIDTHS = {
 }
 
 
-def build(layers: list[str], topk: int, width: str = "tiny"):
-    cfg = tiny_v4_config(
+def bench_config(layers: list[str], topk: int, width: str = "tiny", **overrides):
+    """The benchmarks' V4 config (also used by ``bench/native_v4_model.py``); ``overrides`` go to the config."""
+    return tiny_v4_config(
         num_layers=len(layers), layer_types=[KINDS[k] for k in layers], sliding_window=128,
         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
-        index_topk=topk, **WIDTHS[width],
+        index_topk=topk, **{**WIDTHS[width], **overrides},
     )
+
+
+def build(layers: list[str], topk: int, width: str = "tiny"):
+    cfg = bench_config(layers, topk, width)
     hf = [hf_attention(cfg, i, seed=100 + i) for i in range(len(layers))]
     ours = [from_transformers(m) for m in hf]
     return cfg, hf, ours

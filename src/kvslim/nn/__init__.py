@@ -24,6 +24,9 @@ _EXPORTS: dict[str, str] = {
     "CompressorState": "kvslim.nn.v4_compressor",
     "Indexer": "kvslim.nn.v4_indexer",
     "from_transformers": "kvslim.nn.loading",
+    "use_native_attention": "kvslim.nn.v4_model",
+    "NativeV4Attention": "kvslim.nn.v4_model",
+    "V4NativeCache": "kvslim.nn.v4_model",
 }
 
 __all__ = sorted(_EXPORTS)

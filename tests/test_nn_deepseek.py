@@ -122,6 +122,8 @@ def test_v4_equals_transformers_and_itself(name: str) -> None:
         assert state.compressor.count == 40 // c.compress_rate >= 3
     if c.kind == "csa":
         assert c.index_topk < state.compressor.count
+    c.prefill_chunk = 9  # a longer call runs as calls of <= 9 tokens (bounded prefill memory), same results
+    assert rel(ours(x), full) <= TOL
 
 
 def test_v4_decode_equals_transformers_decode() -> None:
@@ -169,6 +171,7 @@ def test_v4_state_bytes() -> None:
         (dict(kind="csa", index_head_dim=32, rope_dim=64), "index_head_dim 32"),
         (dict(num_heads=3, head_dim=65, o_groups=2), "not divisible by o_groups"),
         (dict(kind="mla"), "kind 'mla'"),
+        (dict(prefill_chunk=0), "prefill_chunk must be positive"),
     ],
 )
 def test_v4_refuses_impossible_configs(overrides: dict, needle: str) -> None:

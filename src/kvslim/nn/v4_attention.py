@@ -118,6 +118,9 @@ class V4Attention(nn.Module):
         b, s, _ = hidden.shape
         if s == 0:
             return hidden.new_zeros((b, 0, c.hidden_size))
+        if s > c.prefill_chunk:  # bounded memory: queries of at most prefill_chunk tokens at a time
+            return torch.cat([self.forward(hidden[:, i : i + c.prefill_chunk], state)
+                              for i in range(0, s, c.prefill_chunk)], 1)
         positions = torch.arange(state.seen, state.seen + s, device=hidden.device)
         cos, sin = self.rotary.cos_sin(positions)  # [S, r/2]
 

@@ -28,7 +28,10 @@ class V4Config:
 
     ``rope_dim`` trailing dims of each 512-d head carry RoPE; ``o_groups`` x ``o_lora_rank`` is the grouped output
     projection; ``compress_rate`` is m (CSA) or m' (HCA) and ignored for SWA; the ``index_*`` fields are CSA-only.
-    ``query_chunk`` bounds prefill memory (queries processed per block; results do not depend on it).
+    ``query_chunk`` bounds prefill memory (queries processed per block; results do not depend on it);
+    ``prefill_chunk``: a call with more tokens runs as consecutive calls of at most this many (a chunked prefill,
+    equal to a one-shot one to float tolerance), so a long prefill never holds queries for all its tokens at once
+    (at V4-Flash width those are 128 KiB per token).
     """
 
     hidden_size: int = 4096
@@ -48,6 +51,7 @@ class V4Config:
     rope_theta: float = 10000.0
     compress_rope_theta: float = 160000.0
     query_chunk: int = 256
+    prefill_chunk: int = 2048
 
     def __post_init__(self) -> None:
         self.validate()
@@ -59,7 +63,7 @@ class V4Config:
         if self.kind not in KINDS:
             bad(f"kind {self.kind!r} is not one of {KINDS}")
         for name in ("hidden_size", "num_heads", "head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "window",
-                     "query_chunk"):
+                     "query_chunk", "prefill_chunk"):
             if int(getattr(self, name)) <= 0:
                 bad(f"{name} must be positive, got {getattr(self, name)}")
         if self.rope_dim <= 0 or self.rope_dim % 2 or self.rope_dim > self.head_dim:

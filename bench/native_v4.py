@@ -1,21 +1,27 @@
 """Native V4 attention (kvslim.nn) vs transformers 5.24's DeepseekV4Attention: decode ms/token, prefill s, bytes.
 
-A stack of V4 attention layers (default: hidden 256, 4 heads of 64 with 16 RoPE dims, q_lora 128, 2 output
-groups of rank 64, window 128, layers SWA + CSA (m=4, indexer 16 heads x 16, top-k 512) + HCA (m'=128)), joined by
-residual sums, random weights, fp32, batch 1. kvslim's modules are built with ``from_transformers`` from the very
-transformers modules they are timed against, in the same process, one after the other.
+A stack of V4 attention layers (default layers SWA + CSA (m=4, top-k 512) + HCA (m'=128), window 128) joined by
+residual sums, random weights, fp32, batch 1, at ``--width tiny`` (hidden 256, 4 heads of 64 with 16 RoPE dims,
+q_lora 128, 2 output groups of rank 64, indexer 16 heads x 16) or ``--width flash`` (V4-Flash's attention shape:
+hidden 4096, 64 heads of 512 with 64 RoPE dims, q_lora 1024, 8 groups of rank 1024, indexer 64 x 128). kvslim's
+modules are built with ``from_transformers`` from the very transformers modules they are timed against, in the
+same process, one after the other.
 
 Per context N: both prefill N tokens (transformers only up to ``--hf-prefill-max``; beyond that its prefill is
 skipped and said so), then both decode ``--decode-tokens`` tokens (timed after 2 warm-up tokens). Where
 transformers' prefill was skipped, its decode runs on a cache copied from kvslim's state
 (``hf_v4_cache_from_states``; tested to decode exactly like transformers' own cache), and the decode outputs of the
-two are compared. Bytes: kvslim's ``V4State.nbytes()`` per token against the closed form
-W*d + N/m*(d + d_I) + N/m'*d values + compressor state, checked against the planner
-(``kvslim.plan.expected_cache_bytes(..., layout="plan")``, fp32 rows only: its fp8_ds_v4 layout assumes 64 RoPE
-dims), and transformers' cache bytes measured by ``kvslim.cache_nbytes``.
+two are compared. ``--state random`` fills kvslim's state with random rows where N tokens would leave it instead of
+a prefill (decode timing at widths and contexts whose prefill would take too long). Also reported: the matmul
+FLOPs of one decode token of each (``torch.utils.flop_counter``), and kvslim's prefill split into the lightning
+indexer (quadratic by definition) and the rest. Bytes: kvslim's ``V4State.nbytes()`` per token against the closed
+form W*d + N/m*(d + d_I) + N/m'*d values + compressor state, checked against the planner
+(``kvslim.plan.expected_cache_bytes(..., layout="plan")``, fp32 rows only), and transformers' cache bytes measured
+by ``kvslim.cache_nbytes``.
 
-    python bench/native_v4.py                  # default: 2k, 8k (about a minute idle, a few on busy cores)
-    python bench/native_v4.py --contexts 2048,8192,32768,131072 --out results/native_v4_full.json   # ~10 min
+    python bench/native_v4.py                  # default: 2k, 8k (about a minute)
+    python bench/native_v4.py --contexts 2048,8192,32768,131072 --out results/native_v4_full.json   # ~4 min
+    python bench/native_v4.py --width flash --state random --contexts 8192,32768,131072   # ~3 min, ~6 GB
 
 Prints a table, then one JSON line; writes results/native_v4.json.
 """

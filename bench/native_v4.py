@@ -162,6 +162,19 @@ def expected_bytes(cfg, layers: list[str], n: int, storage: str) -> int:
     return total
 
 
+def opt(v, fmt: str) -> str:
+    """``v`` formatted, or ``-`` where it was not measured."""
+    return "-" if v is None else format(v, fmt)
+
+
+def write_result(result: dict, path: str) -> None:
+    """Write the run's JSON to ``path`` (parents created) and print it as one line."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+
+
 def rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -262,9 +275,7 @@ def main() -> None:
         rows.append(row)
         print(f"  done N={n}", file=sys.stderr, flush=True)
 
-    def f(v, fmt):
-        return "-" if v is None else format(v, fmt)
-
+    f = opt
     w = WIDTHS[args.width]
     print(f"layers={args.layers} width={args.width} (hidden={w['hidden_size']} heads={w['num_attention_heads']}x"
           f"{w['head_dim']} indexer={w['index_n_heads']}x{w['index_head_dim']}) window=128 m=4 m'=128 "
@@ -287,10 +298,7 @@ def main() -> None:
         "decode_tokens": args.decode_tokens, "torch": torch.__version__, "machine": platform.machine(),
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

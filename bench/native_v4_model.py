@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import sys
 import time
@@ -40,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from kvslim.memory import cache_nbytes  # noqa: E402
 from kvslim.nn import V4NativeCache, use_native_attention  # noqa: E402
 from kvslim.nn.hf_reference import hf_v4_cache, hf_v4_cache_from_states, randomize_  # noqa: E402
-from native_v4 import bench_config, rel  # noqa: E402  (bench/ is on sys.path when run as a script)
+from native_v4 import bench_config, opt, rel, write_result  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 
 def build_models(layers: list[str], topk: int, vocab: int, experts: int, expert_width: int, seed: int = 0):
@@ -148,9 +147,7 @@ def main() -> None:
         rows.append(run_context(stock, ours, clocks, n, args, gen))
         print(f"  done N={n}", file=sys.stderr, flush=True)
 
-    def f(v, fmt):
-        return "-" if v is None else format(v, fmt)
-
+    f = opt
     print(f"whole DeepseekV4ForCausalLM: layers={args.layers} hidden=256 heads=4x64 window=128 m=4 m'=128 "
           f"topk={args.topk} vocab={args.vocab} experts={args.experts}x{args.expert_width} hc_mult="
           f"{stock.config.hc_mult} storage={args.storage} threads={args.threads} decode_tokens={args.decode_tokens}")
@@ -170,10 +167,7 @@ def main() -> None:
         "storage": args.storage, "threads": args.threads, "decode_tokens": args.decode_tokens,
         "torch": torch.__version__, "machine": platform.machine(), "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

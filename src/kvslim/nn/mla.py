@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kvslim.errors import InvalidInput
-from kvslim.nn._common import GrowBuffer, RMSNorm, Rotary, rope_deinterleave, rope_half
+from kvslim.nn._common import GrowBuffer, RMSNorm, Rotary, gather_rows, rope_deinterleave, rope_half
 
 __all__ = ["MLAConfig", "MLA", "MLACache"]
 
@@ -171,8 +171,7 @@ class MLA(nn.Module):
                 pk = picks[:, c0:c1]
                 bad = (pk < 0) | (pk > pos.view(1, -1, 1))
                 idx = pk.clamp(min=0)
-                bi = torch.arange(qn.shape[0]).view(-1, 1, 1)
-                ls, ks = lat[bi, idx], kr[bi, idx]  # [B, C, k, r], [B, C, k, r_R]: a real gather
+                ls, ks = gather_rows(lat, idx), gather_rows(kr, idx)  # [B, C, k, r], [B, C, k, r_R]: a real gather
                 bias = torch.zeros(pk.shape, dtype=qn.dtype).masked_fill(bad, float("-inf"))[:, None]
                 qa = torch.einsum("bshn,hnr->bhsr", qn, w_uk)
                 scores = torch.einsum("bhsr,bskr->bhsk", qa, ls) + torch.einsum("bshe,bske->bhsk", qr, ks)

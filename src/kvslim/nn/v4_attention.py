@@ -138,7 +138,7 @@ class V4Attention(nn.Module):
         if self.compressor is not None:
             self.compressor.update(hidden, state.compressor)
         if self.indexer is not None:
-            picks = self.indexer.select(hidden, q_res, positions, state.indexer, c.query_chunk)  # [B, S, k']
+            picks = self.indexer.select(hidden, q_res, cos, sin, positions, state.indexer, c.query_chunk)  # [B, S, k']
 
         if self.compressor is not None and picks is None:  # HCA reads every entry: O(N / m')
             entries = state.compressor.read_all(b, c.head_dim).to(q.dtype)

@@ -31,14 +31,16 @@ class Indexer(nn.Module):
         self.compressor = Compressor(hidden_size, head_dim, rate, overlap=True, rotary=rotary, eps=eps)
         self.q_b_proj = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)
         self.weights_proj = nn.Linear(hidden_size, n_heads, bias=False)
-        self.rotary = rotary
         self.softmax_scale = head_dim**-0.5
         self.weights_scaling = n_heads**-0.5
 
     @torch.no_grad()
-    def select(self, hidden: torch.Tensor, q_residual: torch.Tensor, positions: torch.Tensor,
-               state: CompressorState, chunk: int = 256) -> torch.Tensor:
+    def select(self, hidden: torch.Tensor, q_residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               positions: torch.Tensor, state: CompressorState, chunk: int = 256) -> torch.Tensor:
         """Update the key store with ``hidden`` [B, S, D] and return top-k entry indices [B, S, k'] (-1 = none).
+
+        ``cos``, ``sin`` [S, r/2]: the layer's (compress) RoPE table at ``positions``, also the queries' table here
+        (as in the V3.2 indexer, the caller computes them once for the layer).
 
         ``k' = min(topk, N)`` with N the number of keys after the update. Work per query: O(N * H_I * d_I).
         """
@@ -49,7 +51,6 @@ class Indexer(nn.Module):
         k = min(self.topk, n)
         if k == 0:
             return torch.empty((b, s, 0), dtype=torch.long)
-        cos, sin = self.rotary.cos_sin(positions)
         q = self.q_b_proj(q_residual).view(b, s, self.n_heads, self.head_dim)
         q = rope_interleaved(q, cos[:, None], sin[:, None]).float()
         w = self.weights_proj(hidden).float() * self.weights_scaling  # [B, S, H]

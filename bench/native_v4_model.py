@@ -19,6 +19,7 @@ modules (kvslim / transformers; forward hooks), the rest being the embedding, hy
 
     python bench/native_v4_model.py                   # default: 2k, 8k
     python bench/native_v4_model.py --contexts 2048,8192,32768,131072 --out results/native_v4_model_full.json
+    python bench/native_v4_model.py --dtype bfloat16 --out results/native_v4_model_bf16.json   # both models in bf16
 
 Prints a table, then one JSON line; writes results/native_v4_model.json.
 """
@@ -134,23 +135,31 @@ def main() -> None:
                     help="largest context at which transformers' prefill is run (it grows quadratically)")
     ap.add_argument("--storage", default="float", choices=["float", "v4"],
                     help="kvslim row storage: float (fp32, equal to transformers) or v4 (FP8-ds rows, FP4 keys)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of both models (half precision only up to --hf-prefill-max: copied caches are fp32)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="results/native_v4_model.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     layers = args.layers.split(",")
+    contexts = [int(c) for c in args.contexts.split(",")]
+    if args.dtype != "float32" and max(contexts) > args.hf_prefill_max:
+        sys.exit(f"error: --dtype {args.dtype} runs only contexts up to --hf-prefill-max ({args.hf_prefill_max}); "
+                 "transformers' cache copied from kvslim's states is fp32")
     stock, ours = build_models(layers, args.topk, args.vocab, args.experts, args.expert_width)
+    stock.to(getattr(torch, args.dtype))
+    ours.to(getattr(torch, args.dtype))
     clocks = (AttentionClock(ours), AttentionClock(stock))
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for n in (int(c) for c in args.contexts.split(",")):
+    for n in contexts:
         rows.append(run_context(stock, ours, clocks, n, args, gen))
         print(f"  done N={n}", file=sys.stderr, flush=True)
 
     f = opt
     print(f"whole DeepseekV4ForCausalLM: layers={args.layers} hidden=256 heads=4x64 window=128 m=4 m'=128 "
           f"topk={args.topk} vocab={args.vocab} experts={args.experts}x{args.expert_width} hc_mult="
-          f"{stock.config.hc_mult} storage={args.storage} threads={args.threads} decode_tokens={args.decode_tokens}")
+          f"{stock.config.hc_mult} dtype={args.dtype} storage={args.storage} threads={args.threads} decode_tokens={args.decode_tokens}")
     print(f"{'N':>7} | {'kvslim dec ms':>13} {'hf dec ms':>10} {'x':>5} {'attn ms':>11} | {'kvslim pre s':>12} "
           f"{'hf pre s':>9} {'x':>5} | {'B/tok':>7} {'hf B/tok':>8} | {'pre rel':>8} {'dec rel':>8} {'greedy':>6}"
           "  hf cache")
@@ -164,7 +173,7 @@ def main() -> None:
     result = {
         "bench": "native_v4_model", "layers": layers, "topk": args.topk, "vocab": args.vocab,
         "experts": args.experts, "expert_width": args.expert_width, "hc_mult": stock.config.hc_mult,
-        "storage": args.storage, "threads": args.threads, "decode_tokens": args.decode_tokens,
+        "dtype": args.dtype, "storage": args.storage, "threads": args.threads, "decode_tokens": args.decode_tokens,
         "torch": torch.__version__, "machine": platform.machine(), "rows": rows,
     }
     write_result(result, args.out)

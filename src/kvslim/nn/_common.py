@@ -146,11 +146,11 @@ def gather_rows(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 class GrowBuffer:
     """An append-only store of rows [B, n, d] with amortised O(1) appends (capacity doubles).
 
-    ``view()`` is the filled prefix; ``nbytes()`` counts the filled rows (what is stored), ``reserved_nbytes()``
-    the allocation.
+    ``dtype``: the stored dtype (``None``: that of the first rows appended, e.g. the model's). ``view()`` is the
+    filled prefix; ``nbytes()`` counts the filled rows (what is stored), ``reserved_nbytes()`` the allocation.
     """
 
-    def __init__(self, dtype: torch.dtype = torch.float32, min_capacity: int = 64):
+    def __init__(self, dtype: torch.dtype | None = None, min_capacity: int = 64):
         self.data: torch.Tensor | None = None
         self.length = 0
         self.dtype = dtype
@@ -160,6 +160,7 @@ class GrowBuffer:
         b, n, d = rows.shape
         if self.data is None:
             cap = max(self.min_capacity, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+            self.dtype = self.dtype or rows.dtype
             self.data = rows.new_empty((b, cap, d), dtype=self.dtype)
         elif self.length + n > self.data.shape[1]:
             cap = self.data.shape[1]

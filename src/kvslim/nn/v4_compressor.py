@@ -35,7 +35,7 @@ class CompressorState:
         self.fill = 0
         self.carry_kv: torch.Tensor | None = None  # [B, m, d] Ca of the last closed window (overlap only)
         self.carry_gate: torch.Tensor | None = None
-        self.entries = GrowBuffer(torch.uint8 if codec is not None else torch.float32)  # [B, n, d or bytes]
+        self.entries = GrowBuffer(torch.uint8 if codec is not None else None)  # [B, n, d] model dtype, or bytes
         self.count = 0
 
     def append(self, rows: torch.Tensor) -> None:

@@ -279,8 +279,8 @@ def test_half_precision_model_runs_and_decodes_like_its_prefill(models, ids, dty
         steps = torch.cat([half(ids[:, t : t + 1], cache=cache).logits for t in range(N)], 1)
         ref = models[1](ids).logits
     assert full.dtype == dtype and bool(torch.isfinite(full).all())
-    for st in cache.states:  # "float" storage keeps rows in the model's dtype (2 bytes, as transformers does)
-        held = [st.win_kv, st.compressor.entries.data, st.indexer.entries.data]
+    for state in cache.states:  # "float" storage keeps rows in the model's dtype (2 bytes, as transformers does)
+        held = [state.win_kv, state.compressor.entries.data, state.indexer.entries.data]
         assert all(t.dtype == dtype for t in held if t is not None)
     assert rel(full.float(), ref) < 0.1
     assert rel(steps.float(), full.float()) < 0.1

@@ -30,7 +30,7 @@ class CompressorState:
 
     def __init__(self, codec: object | None = None) -> None:
         self.codec = codec
-        self.buf_kv: torch.Tensor | None = None  # [B, m, width] (fp32 projections of the open window)
+        self.buf_kv: torch.Tensor | None = None  # [B, m, width] (projections of the open window, module dtype)
         self.buf_gate: torch.Tensor | None = None
         self.fill = 0
         self.carry_kv: torch.Tensor | None = None  # [B, m, d] Ca of the last closed window (overlap only)

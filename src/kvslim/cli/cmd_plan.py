@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..formats import FORMATS
 from ._common import console, fmt_bytes, one_line_errors, print_json
 
 DEFAULT_LADDER = (1 << 12, 1 << 15, 1 << 17, 1 << 20)  # 4k, 32k, 128k, 1M
@@ -110,9 +111,9 @@ def register(app: typer.Typer) -> None:
         ),
         kv_format: str = typer.Option(
             "bf16", "--kv-format", "-f",
-            help="Storage format: one name for every component (bf16, fp16, fp32, fp8, fp4, tq1..tq4, tq2.5, tq3.5, "
-            "tqprod2..4, kivi2, kivi4), 'production' (V3.2: 656 B FP8 MLA + FP8 indexer; V4: 584 B entries + FP4 "
-            "indexer; others bf16), or per component: kv=fp8_ds_v4,index=fp4.",
+            help=f"Storage format (kvslim.formats): one name for every component ({', '.join(FORMATS)}), "
+            "'production' (V3.2: 656 B FP8 MLA + FP8 indexer; V4: 584 B entries + FP4 indexer; others bf16), or per "
+            "component: kv=fp8_ds_v4,index=fp4.",
         ),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (rows: model, context, kv_bytes, decode_flops, ...)."),
         plot: Path | None = typer.Option(None, "--plot", help="Also draw KV GiB against context (log-log) to this PNG file."),

@@ -35,11 +35,34 @@ def _load(config: Any) -> Any:
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise InvalidInput(_unsupported(model_type))
+        _check_fields(config, model_type)
         from transformers import AutoConfig
 
         kwargs = {k: v for k, v in config.items() if k != "model_type"}
         return AutoConfig.for_model(model_type, **kwargs)
     return config
+
+
+_CORE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+
+
+def _check_fields(config: dict[str, Any], model_type: str) -> None:
+    """Refuse a config dict without ``num_hidden_layers`` (e.g. only ``model_type``), which would be planned silently
+    with transformers' defaults; warn naming the other core fields that fall back to those defaults."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    missing = [k for k in _CORE_FIELDS if k not in text and k not in config]
+    if "num_hidden_layers" in missing:
+        raise InvalidInput(
+            f"this {model_type} config lacks {', '.join(missing)}: it does not describe a model (the planner would "
+            "silently use transformers' defaults); give a model's complete config.json"
+        )
+    if missing:
+        import warnings
+
+        from .errors import KvslimWarning
+
+        warnings.warn(f"this {model_type} config lacks {', '.join(missing)}: planning with transformers' "
+                      f"{model_type} defaults for them", KvslimWarning, stacklevel=3)  # fmt: skip
 
 
 def _unsupported(model_type: Any) -> str:

@@ -70,6 +70,13 @@ def _plot(path: Path, specs: list[Any], contexts: list[int], fmt: Any) -> None:
     plt.close(fig)
 
 
+def plot_suffixes() -> tuple[str, ...]:
+    """File extensions matplotlib can write (``.png``, ``.pdf``, ``.svg``, ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return tuple(f".{k}" for k in FigureCanvasBase.get_supported_filetypes())
+
+
 def register(app: typer.Typer) -> None:
     @app.command("plan")
     @one_line_errors
@@ -88,9 +95,13 @@ def register(app: typer.Typer) -> None:
             "indexer; others bf16), or per component: kv=fp8_ds_v4,index=fp4.",
         ),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (rows: model, context, kv_bytes, decode_flops, ...)."),
-        plot: Path | None = typer.Option(None, "--plot", help="Also draw KV GiB against context (log-log) to this PNG file."),
+        plot: Path | None = typer.Option(
+            None, "--plot", help="Also draw KV GiB against context (log-log) to this image file (.png, .pdf, .svg, ...)."
+        ),
         do_fit: bool = typer.Option(False, "--fit", help="Say how many sequences of each context fit in --memory next to the weights."),
-        memory: str | None = typer.Option(None, "--memory", help="Device memory for --fit, e.g. 141GiB or 80GB."),
+        memory: str | None = typer.Option(
+            None, "--memory", help="Device memory for --fit, e.g. 141GiB (2^30 B) or 80GB (10^9 B); a whole number of bytes."
+        ),
         weights_format: str = typer.Option("bf16", "--weights-format", help="Weight storage for --fit: bf16, fp16, fp32, fp8 or fp4 (with block scales)."),
         allow_beyond_max: bool = typer.Option(False, "--allow-beyond-max", help="Plan contexts above a model's maximum context."),
     ) -> None:
@@ -101,9 +112,12 @@ def register(app: typer.Typer) -> None:
         qwen2.5-7b, gemma3-270m, smollm2-135m."""
         from ..errors import InvalidInput
         from ..formats import parse_kv_format, weight_bytes_per_param
+        from ..paths import check_output_file
         from ..plan import GiB, check_context, fit, parse_bytes, parse_contexts
         from ..presets import resolve_spec
 
+        if plot is not None:  # before any work: a plot path that cannot be written is refused first
+            check_output_file(plot, "--plot", plot_suffixes())
         spec = resolve_spec(model)
         base = resolve_spec(baseline) if baseline else None
         specs = [spec] + ([base] if base is not None else [])

@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache
 from ..errors import InvalidInput
 from ..recipe import LayerSpec, Recipe, parse_recipe
 from .attention import ATTN_NAME, current_attn, ensure_registered, switch_attention
+from .guard import check_update, owner_of
 from .layer import KvslimLayer
 from .rope import inv_freq_for_layer
 from .storage import CALIBRATED_CODECS, make_storage_codec
@@ -37,6 +38,11 @@ class KvslimCache(Cache):
         self.recipe = recipe
         self._model_ref = model
         self.previous_attn = previous_attn
+        self.owner = owner_of(model)  # the config facts it belongs to (kvslim.cache.guard)
+
+    def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+        check_update(self, key_states, layer_idx)  # another model or batch: one clear error, not a torch one
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def nbytes(self) -> int:
         """Bytes held by every layer (packed K/V, side tensors, latent bases) plus each codec's constants once."""

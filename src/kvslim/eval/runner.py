@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ContextTooLong, InvalidInput
-from .base import TASKS, get_task
 from ..paths import check_output_dir
 from ..units import check_int
+from .base import TASKS, get_task
 from .caches import FULL, CacheFactories, check_recipes
 from .executors import MAX_THREADS, Job, check_ray, make_executor
 from .prompt import Prompt

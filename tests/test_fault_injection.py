@@ -13,9 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+import kvslim
 from kvslim.eval.store import ResultStore
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(kvslim.__file__).resolve().parents[1])  # the kvslim under test, for subprocesses
 GRID = ["-m", "tiny-llama", "-l", "500,700", "-d", "0,0.25,0.5,0.75,1", "-r", "full,window:w=64", "--threads", "1"]
 CELLS = 2 * 5 * 2
 

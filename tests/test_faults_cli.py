@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import kvslim
 from kvslim.cli import app
 from kvslim.cli.cmd_niah import parse_list
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(kvslim.__file__).resolve().parents[1])  # the kvslim under test, for subprocesses
 
 
 def cli(*args):

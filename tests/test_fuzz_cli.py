@@ -16,19 +16,22 @@ from kvslim.cli import app
 from kvslim.errors import InvalidInput
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+NASTY = st.sampled_from(["[/bold]", "[red]x[/]", "caf\udce9", "\udcff", "\x00", " ", "", "-1", "1e309", "nan"])
 NUMBER = st.one_of(
     st.from_regex(r"\A[+-]?\d{0,25}(\.\d{0,6})?\s?[kKmMgGbB]?(i?[bB])?\Z", fullmatch=True),
     st.integers(min_value=-(1 << 70), max_value=1 << 70).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(str),
     st.text(max_size=12),
+    NASTY,
 )
 LISTS = st.lists(NUMBER, min_size=0, max_size=4).map(",".join)
 RECIPE = st.one_of(
     st.from_regex(r"\A(full|window|stream|blocks|v4|latent|sinks|[a-z]{1,6})(:([a-z]{1,6}=[-\d.e]{0,30},?){0,3})?"
                   r"(\+[a-z0-9.]{0,6})?\Z", fullmatch=True),
-    st.text(max_size=30),
+    st.text(alphabet=st.characters(exclude_categories=()), max_size=30),
+    NASTY,
 )
-TEXT = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF), max_size=20)
+TEXT = st.one_of(NASTY, st.text(alphabet=st.characters(exclude_categories=()), max_size=20))
 
 
 def _ok(res) -> None:

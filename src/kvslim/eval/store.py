@@ -148,6 +148,9 @@ class ResultStore:
         """Check ``config`` against the folder's and (if ``write``) record it; a different one raises unless ``force``."""
         if self.dir.exists() and not self.dir.is_dir():
             raise InvalidInput(f"{self.dir} exists and is not a folder: give --out a folder path")
+        for p in (self.results, self.config_path, self.lock_path):
+            if p.exists() and not p.is_file():
+                raise InvalidInput(f"{p} exists and is not a file: move it away, or use another --out")
         old = self.read_config()
         if old is not None and not force:
             diff = [k for k in IDENTITY if old.get(k) != config.get(k)]

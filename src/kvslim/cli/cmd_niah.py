@@ -79,14 +79,14 @@ def register(app: typer.Typer) -> None:
             help="Prompt lengths in tokens; k = 1024, M = 2^20 as in `kvslim plan` (e.g. 1000,2k,4k; 0.5k = 512).",
         ),
         depths: str = typer.Option("0,0.25,0.5,0.75,1", "--depths", "-d", help="Needle depths in [0, 1] (0 = start)."),
-        seeds: str = typer.Option("0", "--seeds", "-s", help="Seeds (each gives a different key/haystack cut)."),
+        seeds: str = typer.Option("0", "--seeds", "-s", help="Seeds, whole numbers >= 0 (each gives a different key/haystack cut)."),
         needles: int | None = typer.Option(None, "--needles", "-k", help="multi-needle: number of needles, 1..16 (default 3)."),
         eval_tokens: int | None = typer.Option(None, "--eval-tokens", help="fidelity: positions scored, >= 1 (default 64)."),
         max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", "-n", help="Answer budget in tokens, >= 1 (default: the task's)."),
         chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Force the chat template on/off (default: when present)."),
         ray: str | None = typer.Option(None, "--ray", help="Run on Ray: bare --ray (or --ray local) starts a local cluster; --ray ADDRESS joins one."),
         workers: int = typer.Option(2, "--workers", "-w", help="Ray actors, >= 1 (each loads the model once)."),
-        threads: int = typer.Option(0, "--threads", help="torch CPU threads per process (0: torch's default)."),
+        threads: int = typer.Option(0, "--threads", help="torch CPU threads per process, 0..4096 (0: torch's default)."),
         force: bool = typer.Option(False, "--force", help="Write into a folder holding another configuration's results."),
         as_json: bool = typer.Option(False, "--json", help="No progress bar; print one JSON object at the end."),
     ) -> None:
@@ -94,7 +94,8 @@ def register(app: typer.Typer) -> None:
 
         Every recipe sees identical prompts; `full` (a plain DynamicCache) is always a row. Rerunning the same command
         skips finished cells; one run at a time writes to OUT (a second is refused). Then `kvslim report OUT` prints
-        the table and writes heatmaps. Every option is checked before OUT is touched or the model is loaded.
+        the table and writes heatmaps. Every option is checked before anything is written to OUT (names and numbers
+        before the model loads; lengths against its context after).
         """
         from ..eval.runner import Grid, run_grid
         from ..units import check_int

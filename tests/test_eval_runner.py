@@ -129,7 +129,8 @@ def test_fidelity_collapses_depths(tmp_path, pair):
 
 def test_store_repair_and_skip_garbage(tmp_path):
     store = ResultStore(tmp_path)
-    store.append({"task": "t", "model": "m", "recipe": "full", "length": 1, "depth": 0, "seed": 0})
+    store.append({"task": "t", "model": "m", "recipe": "full", "length": 1, "depth": 0, "seed": 0, "success": True,
+                  "score": 0.0, "kv_bytes": 8, "prompt_tokens": 1})
     with store.results.open("a") as fh:
         fh.write("{broken")
     assert len(store.records()) == 1 and store.repair() == len("{broken")

@@ -6,7 +6,7 @@ non-zero, without a traceback. Messages say what was wrong and what to do instea
 
 from __future__ import annotations
 
-__all__ = ["KvslimError", "InvalidInput", "MissingModelPackage", "ContextTooLong"]
+__all__ = ["KvslimError", "InvalidInput", "MissingModelPackage", "ContextTooLong", "KvslimWarning"]
 
 
 class KvslimError(Exception):
@@ -23,3 +23,7 @@ class MissingModelPackage(KvslimError, ImportError):
 
 class ContextTooLong(InvalidInput):
     """A prompt or context longer than the model allows; the message gives both numbers."""
+
+
+class KvslimWarning(UserWarning):
+    """Something kvslim worked around but the user should know (the CLI prints it as one ``warning: ...`` line)."""

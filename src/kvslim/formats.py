@@ -289,6 +289,8 @@ def parse_kv_format(text: str) -> KVFormat:
         key, value = key.strip(), value.strip()
         if not sep or key not in ("kv", "index"):
             raise InvalidInput(f"bad --kv-format part {item!r}: use NAME, production, or kv=NAME,index=NAME")
+        if key in parts:
+            raise InvalidInput(f"--kv-format {text!r} gives {key}= twice: give each of kv=, index= at most once")
         parts[key] = check_format(value)
     kv = parts.get("kv", "bf16")
     return KVFormat(kv=kv, index=parts.get("index", kv))

@@ -66,6 +66,9 @@ def check_context(n_tokens: int, model: Any, what: str = "prompt") -> None:
 
 def encode_prompt(tokenizer: Any, prompt: str, chat: bool | None = None) -> Any:
     """Token ids ``[1, T]`` for ``prompt``; uses the chat template when there is one (or when ``chat`` is True)."""
+    from .paths import check_text
+
+    check_text(prompt or "", "the prompt")
     if not prompt or not prompt.strip():
         raise InvalidInput("the prompt is empty: give some text to continue or answer")
     use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
@@ -87,20 +90,39 @@ def generate(
     max_new_tokens: int = 64,
     cache: Any = None,
     chat: bool | None = None,
+    continue_cache: bool = False,
 ) -> GenerateResult:
     """Greedy generation of at most ``max_new_tokens`` tokens after ``prompt``.
 
     ``cache`` is any transformers ``Cache`` (a kvslim compressed cache too); by default a fresh ``DynamicCache``.
-    The cache is returned in the result so its bytes can be inspected further.
+    The cache is returned in the result so its bytes can be inspected further. A cache that already holds tokens is
+    refused unless ``continue_cache=True``: then ``prompt`` continues the context the cache holds (its tokens are
+    appended after the cached ones). A kvslim cache built for another model is refused too.
     """
     import torch
     from transformers import DynamicCache
 
-    if max_new_tokens <= 0:
-        raise InvalidInput(f"max_new_tokens must be positive, got {max_new_tokens}")
+    from .units import check_int
+
+    check_int(max_new_tokens, "max_new_tokens")
     ids = encode_prompt(tokenizer, prompt, chat)
     n_prompt = int(ids.shape[1])
-    check_context(n_prompt + max_new_tokens, model, what=f"the prompt ({n_prompt} tokens) plus {max_new_tokens} new tokens")
+    past = 0
+    if cache is not None:
+        from .cache.guard import check_model
+
+        check_model(cache, model)
+        past = int(cache.get_seq_length())
+        if past and not continue_cache:
+            raise InvalidInput(
+                f"the cache already holds {past} tokens of an earlier context: pass a fresh cache, or "
+                "continue_cache=True to continue that context"
+            )
+    what = f"the prompt ({n_prompt} tokens) plus {max_new_tokens} new tokens" + (f" after {past} cached" if past else "")
+    check_context(past + n_prompt + max_new_tokens, model, what=what)
+    if past:  # the cached positions are never fed again; any id stands for them in generate's input
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.cat([torch.full((1, past), pad, dtype=ids.dtype), ids], dim=1)
     if cache is None:
         cache = DynamicCache(config=model.config)
     t0 = time.perf_counter()
@@ -120,7 +142,7 @@ def generate(
     from .hf_config import full16_nbytes
 
     seen = int(cache.get_seq_length())
-    new = out[0, n_prompt:]
+    new = out[0, past + n_prompt :]
     return GenerateResult(
         text=tokenizer.decode(new, skip_special_tokens=True).strip(),
         prompt_tokens=n_prompt,

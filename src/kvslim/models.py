@@ -167,6 +167,10 @@ def _assemble_split(spec: EmbeddedModel) -> Path:
             f"reinstall with `{spec.install_command}`"
         )
     target = cache_dir() / "gguf" / spec.gguf_name
+    reason = None if target.is_file() else _writable(target.parent)
+    if reason is not None:
+        target = Path(tempfile.gettempdir()) / f"kvslim-{os.getuid() if hasattr(os, 'getuid') else 0}" / spec.gguf_name
+        _warn(f"cannot write kvslim's cache {cache_dir()} ({reason}): assembling {spec.gguf_name} in {target.parent}")
     size = sum(c.stat().st_size for c in chunks)
     if target.is_file() and target.stat().st_size == size:
         return target
@@ -212,6 +216,9 @@ def _convert_gguf(gguf: Path, target: Path, status: Callable[[str], None]) -> No
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        from .model_files import write_manifest
+
+        write_manifest(tmp)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -252,7 +259,6 @@ def load(
         ``(model, tokenizer)``, the model in eval mode.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     say = status or (lambda _msg: None)
     dtype = dtype or torch.float32
@@ -265,20 +271,82 @@ def load(
         raise AssertionError("unreachable")
 
     if source.is_file():  # a GGUF file: convert once, then load the cached safetensors
-        folder = _converted_dir(source)
-        if not (folder / "config.json").is_file():
-            _convert_gguf(source, folder, say)
+        model, tok = _load_gguf(source, dtype, say)
     else:
-        folder = source
-    say(f"loading {folder.name}")
-    try:
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidInput(f"{name_or_path} could not be loaded as a model: {first}") from exc
+        say(f"loading {source.name}")
+        model, tok = _from_folder(source, dtype, name_or_path)
     model.eval()
     return model, tok
+
+
+def _from_folder(folder: Path, dtype: Any, name: str, gguf: Path | None = None) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw: dict[str, Any] = {"local_files_only": True}
+    if gguf is not None:
+        kw["gguf_file"] = gguf.name
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), **kw)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **kw)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidInput(f"{name} could not be loaded as a model: {first}") from exc
+    return model, tok
+
+
+def _warn(message: str) -> None:
+    import warnings
+
+    from .errors import KvslimWarning
+
+    warnings.warn(message, KvslimWarning, stacklevel=4)
+
+
+def _writable(folder: Path) -> str | None:
+    """None if kvslim can create files in ``folder`` (made if missing), else the reason it cannot."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".kvslim-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def _load_gguf(gguf: Path, dtype: Any, say: Callable[[str], None]) -> tuple[Any, Any]:
+    """Load a GGUF model through its verified dequantised cache, rebuilding a damaged cache and falling back to an
+    in-memory load when the cache cannot be written."""
+    from .model_files import check_gguf, verify_folder, write_manifest
+
+    check_gguf(gguf, quick=True)
+    folder = _converted_dir(gguf)
+    if (folder / "config.json").is_file():
+        say(f"checking {folder.name}")
+        problem = verify_folder(folder)
+        if problem in (None, "no manifest"):
+            say(f"loading {folder.name}")
+            try:
+                pair = _from_folder(folder, dtype, str(gguf))
+            except Exception as exc:  # a cache built before manifests existed, damaged since: rebuild it
+                problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            else:
+                if problem == "no manifest" and _writable(folder) is None:
+                    write_manifest(folder)  # adopt a cache built by an older kvslim that loads fine
+                return pair
+        _warn(f"the dequantised cache {folder} is damaged ({problem}): rebuilding it from {gguf}")
+    check_gguf(gguf)  # the whole header, before transformers parses it
+    reason = _writable(folder.parent)
+    if reason is not None:
+        _warn(f"cannot write kvslim's model cache {folder.parent} ({reason}): dequantising {gguf.name} in memory for "
+              "this run only; set KVSLIM_CACHE to a writable folder to keep it")  # fmt: skip
+        say(f"dequantising {gguf.name} in memory")
+        model, tok = _from_folder(gguf.parent, dtype, str(gguf), gguf=gguf)
+        model.hf_quantizer = None
+        return model, tok
+    _convert_gguf(gguf, folder, say)
+    say(f"loading {folder.name}")
+    return _from_folder(folder, dtype, str(gguf))
 
 
 @dataclass(frozen=True)
@@ -338,6 +406,9 @@ def embedded_config(name: str) -> Any | None:
     folder = _converted_dir(gguf)
     if (folder / "config.json").is_file():
         return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    from .model_files import check_gguf
+
+    check_gguf(gguf)
     return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
 
 

@@ -20,7 +20,6 @@ Conventions (all functions):
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from .errors import ContextTooLong, InvalidInput
@@ -166,24 +165,13 @@ def check_context(spec: ArchSpec, n: int, allow_beyond_max: bool = False) -> int
     return n
 
 
-_CTX = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
-
-
 def parse_contexts(text: str) -> list[int]:
     """``"1M,128k,8k"`` -> [1048576, 131072, 8192]: k = 2^10 tokens, M = 2^20 tokens (1M = 1,048,576, as DeepSeek's
-    1M context); plain integers are token counts. Zero or negative values raise ``InvalidInput``."""
-    out = []
-    for part in text.split(","):
-        if part.strip().startswith("-"):
-            raise InvalidInput(f"context must be a positive number of tokens, got {part.strip()!r}")
-        m = _CTX.match(part)
-        if not m:
-            raise InvalidInput(f"bad context {part.strip()!r}: use token counts like 8192, 128k or 1M")
-        value = float(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20}[m.group(2).lower()]
-        if value <= 0 or not value.is_integer():
-            raise InvalidInput(f"context must be a positive whole number of tokens, got {part.strip()!r}")
-        out.append(int(value))
-    return out
+    1M context); plain integers are token counts. Exact (see :mod:`kvslim.units`): zero, negative, fractional
+    (``0.8005k``) or beyond-int64 values raise ``InvalidInput``."""
+    from .units import parse_counts
+
+    return parse_counts(text, "context")
 
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -191,15 +179,12 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 
 def parse_bytes(text: str) -> int:
-    """``"141GiB"`` -> 151397597184; units B, KB/MB/GB/TB (10^3k) and KiB/MiB/GiB/TiB (2^10k)."""
-    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$", text)
-    unit = m.group(2).lower() if m else ""
-    if not m or (unit and unit not in _UNITS):
-        raise InvalidInput(f"bad memory size {text!r}: use e.g. 141GiB, 80GB or 24e9 bytes as 24000000000")
-    value = int(float(m.group(1)) * _UNITS[unit or "b"])
-    if value <= 0:
-        raise InvalidInput(f"memory size must be positive, got {text!r}")
-    return value
+    """``"141GiB"`` -> 151397597184; units B, KB/MB/GB/TB (10^3k) and KiB/MiB/GiB/TiB (2^10k); exact (a size that
+    is not a whole number of bytes, e.g. ``0.1B``, or beyond int64 raises ``InvalidInput``)."""
+    from .units import check_int, parse_exact
+
+    value = parse_exact(text, {"": 1, **_UNITS}, "bad memory size", "141GiB, 80GB or 24000000000", "a size")
+    return check_int(value, f"memory size {text.strip()!r}")
 
 
 _HF_SLIDING_COUNTER_BYTES = 8  # DynamicSlidingWindowLayer holds `_sliding_window_tensor`, an int64 scalar

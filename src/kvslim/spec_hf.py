@@ -29,18 +29,54 @@ def _load(config: Any) -> Any:
         if not path.is_file():
             raise InvalidInput(f"{path} does not exist: give a config.json file or a model folder holding one")
         try:
-            config = json.loads(path.read_text())
+            config = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"{path} is not UTF-8 text (byte {exc.start}): give a config.json file") from None
         except json.JSONDecodeError as exc:
             raise InvalidInput(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        except OSError as exc:
+            raise InvalidInput(f"{path} cannot be read: {exc.strerror or exc}") from None
+        if not isinstance(config, dict):
+            raise InvalidInput(f"{path} holds a JSON {type(config).__name__}, not a config object")
     if isinstance(config, dict):
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise InvalidInput(_unsupported(model_type))
+        _check_fields(config, model_type)
         from transformers import AutoConfig
 
         kwargs = {k: v for k, v in config.items() if k != "model_type"}
-        return AutoConfig.for_model(model_type, **kwargs)
+        try:
+            return AutoConfig.for_model(model_type, **kwargs)
+        except Exception as exc:  # transformers' own validation of the fields: one line, not its traceback
+            raise InvalidInput(f"this {model_type} config is not valid: {_first_line(exc)}") from None
     return config
+
+
+_CORE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+
+
+def _check_fields(config: dict[str, Any], model_type: str) -> None:
+    """Refuse a config dict without ``num_hidden_layers`` (e.g. only ``model_type``), which would be planned silently
+    with transformers' defaults; warn naming the other core fields that fall back to those defaults."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    for k in (*_CORE_FIELDS, "intermediate_size", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        v = text.get(k, config.get(k))
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise InvalidInput(f"this {model_type} config has {k} = {v!r}: it must be a positive whole number")
+    missing = [k for k in _CORE_FIELDS if k not in text and k not in config]
+    if "num_hidden_layers" in missing:
+        raise InvalidInput(
+            f"this {model_type} config lacks {', '.join(missing)}: it does not describe a model (the planner would "
+            "silently use transformers' defaults); give a model's complete config.json"
+        )
+    if missing:
+        import warnings
+
+        from .errors import KvslimWarning
+
+        warnings.warn(f"this {model_type} config lacks {', '.join(missing)}: planning with transformers' "
+                      f"{model_type} defaults for them", KvslimWarning, stacklevel=3)  # fmt: skip
 
 
 def _unsupported(model_type: Any) -> str:
@@ -118,13 +154,22 @@ def spec_from_config(config: Any) -> ArchSpec:
     if hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config()
     model_type = getattr(cfg, "model_type", None)
-    if model_type in ("llama", "qwen2", "gemma3", "gemma3_text"):
-        return _gqa_spec(cfg)
-    if model_type in ("deepseek_v3", "deepseek_v32"):
-        return _deepseek_v3_spec(cfg)
-    if model_type == "deepseek_v4":
-        return _deepseek_v4_spec(cfg)
-    raise InvalidInput(_unsupported(model_type))
+    build = {"llama": _gqa_spec, "qwen2": _gqa_spec, "gemma3": _gqa_spec, "gemma3_text": _gqa_spec,
+             "deepseek_v3": _deepseek_v3_spec, "deepseek_v32": _deepseek_v3_spec, "deepseek_v4": _deepseek_v4_spec}
+    if model_type not in build:
+        raise InvalidInput(_unsupported(model_type))
+    try:
+        return build[model_type](cfg)
+    except (TypeError, ValueError, ZeroDivisionError, KeyError, AttributeError) as exc:
+        if isinstance(exc, InvalidInput):
+            raise
+        raise InvalidInput(f"this {model_type} config cannot be planned: a field is missing or has a wrong value "
+                           f"({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def from_config(config: Any) -> ArchSpec:

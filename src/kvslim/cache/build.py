@@ -25,6 +25,7 @@ from ..formats import REGISTRY
 from ..recipe import LayerSpec, Recipe, parse_recipe
 from .attention import kvslim_name_for, select_kvslim_attention
 from .base import BaseLayer, LayerContext
+from .guard import check_update, owner_of
 from .method import ModelShape
 from .rope import inv_freq_for_layer
 from .storage import make_storage_codec
@@ -35,10 +36,15 @@ __all__ = ["KvslimCache", "check_recipe", "compressed", "make_cache", "predict_n
 class KvslimCache(Cache):
     """A transformers ``Cache`` of kvslim layers (:class:`~kvslim.cache.base.BaseLayer` s) with exact bytes."""
 
-    def __init__(self, layers: list[BaseLayer], recipe: Recipe, shape: ModelShape) -> None:
+    def __init__(self, layers: list[BaseLayer], recipe: Recipe, shape: ModelShape, owner: dict | None = None) -> None:
         super().__init__(layers=layers)
         self.recipe = recipe
         self.shape = shape
+        self.owner = owner  # the config facts it belongs to (kvslim.cache.guard)
+
+    def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+        check_update(self, key_states, layer_idx)  # another model or batch: one clear error, not a torch one
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def nbytes(self) -> int:
         """Bytes held by every layer (packed K/V, side tensors, latent bases) plus each codec's constants once."""
@@ -122,7 +128,7 @@ def make_cache(model: Any, recipe: str | Recipe = "full", *, tokenizer: Any = No
         ctx = LayerContext(factory, i, inv.to(model.device) if inv is not None else None, extras.get(i, {}))
         layers.append(spec.build(ctx))
     select_kvslim_attention(model)
-    return KvslimCache(layers, r, shape)
+    return KvslimCache(layers, r, shape, owner_of(model))
 
 
 @contextlib.contextmanager

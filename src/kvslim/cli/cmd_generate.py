@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
     def generate_cmd(
         prompt: str = typer.Argument(..., help="The prompt (the chat template is applied when the model has one)."),
         model: str = typer.Option("smollm2-135m", "--model", "-m", help="Embedded model name, local HF folder or .gguf file."),
-        max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate (greedy)."),
+        max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Most tokens to generate (greedy), >= 1."),
         chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Force the chat template on or off (default: use it when present)."),
         recipe: str = typer.Option(
             None, "--recipe", "-r",
@@ -29,13 +29,15 @@ def register(app: typer.Typer) -> None:
         from ..errors import InvalidInput
         from ..generation import generate
         from ..models import load
+        from ..paths import check_text
         from ..recipe import parse_recipe
+        from ..units import check_int
 
         parsed = parse_recipe(recipe) if recipe is not None else None  # refuse a malformed recipe before loading
+        check_text(prompt, "the prompt")
         if not prompt.strip():
             raise InvalidInput("the prompt is empty: give some text to continue or answer")
-        if max_new_tokens <= 0:
-            raise InvalidInput(f"--max-new-tokens must be positive, got {max_new_tokens}")
+        check_int(max_new_tokens, "--max-new-tokens")
         with spinner(f"loading {model}", enabled=not as_json) as status:
             mdl, tok = load(model, status=status)
             status(f"generating up to {max_new_tokens} tokens")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from ._common import console, one_line_errors, print_json
+from ._common import console, one_line_errors, print_json, warn_line
 
 RAY_LOCAL = "local"
 
@@ -20,21 +20,44 @@ def expand_bare_ray(argv: list[str]) -> list[str]:
 
 
 def parse_list(text: str, kind: type, what: str) -> list:
-    """``"1000,2k,4096"`` -> ``[1000, 2000, 4096]`` (``k`` = 1000 for lengths); bad items raise InvalidInput."""
+    """``"1000,2k,1M"`` -> ``[1000, 2048, 1048576]`` for ``int`` (token counts: k = 1024, M = 2^20, exact, within
+    int64; see :mod:`kvslim.units`), plain numbers for ``float``; bad items raise InvalidInput."""
     from ..errors import InvalidInput
+    from ..units import check_int, parse_count, parse_exact
 
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
         raise InvalidInput(f"the grid is empty: --{what} has no values")
+    if kind is int and what == "lengths":
+        return [parse_count(t, f"--{what}") for t in items]
+    if kind is int:
+        return [check_int(parse_exact(t, {"": 1}, f"--{what}", "0, 1, 2"), f"--{what}", minimum=0) for t in items]
     out = []
     for t in items:
         try:
-            if kind is int and t.lower().endswith("k"):
-                out.append(int(float(t[:-1]) * 1000))
-            else:
-                out.append(kind(t))
+            out.append(kind(t))
         except ValueError:
-            raise InvalidInput(f"--{what}: {t!r} is not a {'whole number' if kind is int else 'number'}") from None
+            raise InvalidInput(f"--{what}: {t!r} is not a number") from None
+    return out
+
+
+def split_recipes(text: str) -> list[str]:
+    """Recipes of ``--recipes``: ``;``-separated when the text holds a ``;``, else comma-separated where an item that
+    is only ``key=value`` (no structure name) continues the previous recipe's parameters, so
+    ``full,blocks:m=4,k=32,w=128`` is ``[full, blocks:m=4,k=32,w=128]``."""
+    from ..errors import InvalidInput
+
+    if ";" in text:
+        return [t.strip() for t in text.split(";")]
+    out: list[str] = []
+    for part in text.split(","):
+        item = part.strip()
+        if out and out[-1] and "=" in item and ":" not in item.split("=", 1)[0] and "+" not in item.split("=", 1)[0]:
+            out[-1] += "," + item
+        elif "=" in item and ":" not in item.split("=", 1)[0]:
+            raise InvalidInput(f"--recipes: {item!r} is a parameter without a recipe before it: write NAME:{item}")
+        else:
+            out.append(item)
     return out
 
 
@@ -45,27 +68,43 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Option(..., "--out", "-o", help="Results folder (results.jsonl, config.json); reruns resume it."),
         model: str = typer.Option("smollm2-135m", "--model", "-m", help="Embedded model name, local HF folder or .gguf file."),
         task: str = typer.Option("passkey", "--task", "-t", help="passkey, needle, multi-needle or fidelity."),
-        recipes: str = typer.Option("full", "--recipes", "-r", help="Comma-separated recipe names; full is always included."),
-        lengths: str = typer.Option("1000,2000", "--lengths", "-l", help="Prompt lengths in tokens, e.g. 1000,2k,4k."),
+        recipes: str = typer.Option(
+            "full", "--recipes", "-r",
+            help="Recipes, comma- or ';'-separated, parameters included: 'full,v4+tq3,blocks:m=4,k=32,w=128' or "
+            "'window:w=64;v4'; spellings of one recipe are one row (stored in canonical form); full is always included.",
+        ),
+        recipe: list[str] | None = typer.Option(None, "--recipe", help="One more recipe (repeatable), e.g. --recipe blocks:m=4,k=32."),
+        lengths: str = typer.Option(
+            "1000,2000", "--lengths", "-l",
+            help="Prompt lengths in tokens; k = 1024, M = 2^20 as in `kvslim plan` (e.g. 1000,2k,4k; 0.5k = 512).",
+        ),
         depths: str = typer.Option("0,0.25,0.5,0.75,1", "--depths", "-d", help="Needle depths in [0, 1] (0 = start)."),
-        seeds: str = typer.Option("0", "--seeds", "-s", help="Seeds (each gives a different key/haystack cut)."),
-        needles: int | None = typer.Option(None, "--needles", "-k", help="multi-needle: number of needles (default 3)."),
-        eval_tokens: int | None = typer.Option(None, "--eval-tokens", help="fidelity: positions scored (default 64)."),
-        max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", "-n", help="Answer budget (task default)."),
+        seeds: str = typer.Option("0", "--seeds", "-s", help="Seeds, whole numbers >= 0 (each gives a different key/haystack cut)."),
+        needles: int | None = typer.Option(None, "--needles", "-k", help="multi-needle: number of needles, 1..16 (default 3)."),
+        eval_tokens: int | None = typer.Option(None, "--eval-tokens", help="fidelity: positions scored, >= 1 (default 64)."),
+        max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", "-n", help="Answer budget in tokens, >= 1 (default: the task's)."),
         chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Force the chat template on/off (default: when present)."),
         ray: str | None = typer.Option(None, "--ray", help="Run on Ray: bare --ray (or --ray local) starts a local cluster; --ray ADDRESS joins one."),
-        workers: int = typer.Option(2, "--workers", "-w", help="Ray actors (each loads the model once)."),
-        threads: int = typer.Option(0, "--threads", help="torch CPU threads per process (0: torch's default)."),
+        workers: int = typer.Option(2, "--workers", "-w", help="Ray actors, >= 1 (each loads the model once)."),
+        threads: int = typer.Option(0, "--threads", help="torch CPU threads per process, 0..4096 (0: torch's default)."),
         force: bool = typer.Option(False, "--force", help="Write into a folder holding another configuration's results."),
         as_json: bool = typer.Option(False, "--json", help="No progress bar; print one JSON object at the end."),
     ) -> None:
         """Run a needle-in-a-haystack grid and append one JSON line per finished cell to OUT/results.jsonl.
 
         Every recipe sees identical prompts; `full` (a plain DynamicCache) is always a row. Rerunning the same command
-        skips finished cells. Then `kvslim report OUT` prints the table and writes heatmaps.
+        skips finished cells; one run at a time writes to OUT (a second is refused). Then `kvslim report OUT` prints
+        the table and writes heatmaps. Every option is checked before anything is written to OUT (names and numbers
+        before the model loads; lengths against its context after).
         """
         from ..eval.runner import Grid, run_grid
+        from ..units import check_int
 
+        for flag, value in (("--needles", needles), ("--eval-tokens", eval_tokens), ("--max-new-tokens", max_new_tokens)):
+            if value is not None:
+                check_int(value, flag)
+        names = split_recipes(recipes) if recipes.strip() else []
+        names += list(recipe or [])
         options: dict = {}
         if needles is not None:
             options["k"] = needles
@@ -78,13 +117,14 @@ def register(app: typer.Typer) -> None:
         grid = Grid(
             task=task,
             model=model,
-            recipes=[r for r in recipes.split(",")] if recipes.strip() else [],
+            recipes=names,
             lengths=parse_list(lengths, int, "lengths"),
             depths=parse_list(depths, float, "depths"),
             seeds=parse_list(seeds, int, "seeds"),
             options=options,
         )
-        res = run_grid(grid, out, ray=ray, workers=workers, threads=threads, force=force, progress=not as_json)
+        res = run_grid(grid, out, ray=ray, workers=workers, threads=threads, force=force, progress=not as_json,
+                       warn=warn_line)
         if as_json:
             print_json(res)
         else:

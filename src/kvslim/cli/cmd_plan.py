@@ -98,6 +98,13 @@ def _recipes(spec: Any, recipes: list[str], context: str | None, dtype: str, all
               "read/step = KV bytes one decode step reads; FLOPs = 2 x active params + attention core[/]")  # fmt: skip
 
 
+def plot_suffixes() -> tuple[str, ...]:
+    """File extensions matplotlib can write (``.png``, ``.pdf``, ``.svg``, ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return tuple(f".{k}" for k in FigureCanvasBase.get_supported_filetypes())
+
+
 def register(app: typer.Typer) -> None:
     @app.command("plan")
     @one_line_errors
@@ -116,9 +123,13 @@ def register(app: typer.Typer) -> None:
             "component: kv=fp8_ds_v4,index=fp4.",
         ),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (rows: model, context, kv_bytes, decode_flops, ...)."),
-        plot: Path | None = typer.Option(None, "--plot", help="Also draw KV GiB against context (log-log) to this PNG file."),
+        plot: Path | None = typer.Option(
+            None, "--plot", help="Also draw KV GiB against context (log-log) to this image file (.png, .pdf, .svg, ...)."
+        ),
         do_fit: bool = typer.Option(False, "--fit", help="Say how many sequences of each context fit in --memory next to the weights."),
-        memory: str | None = typer.Option(None, "--memory", help="Device memory for --fit, e.g. 141GiB or 80GB."),
+        memory: str | None = typer.Option(
+            None, "--memory", help="Device memory for --fit, e.g. 141GiB (2^30 B) or 80GB (10^9 B); a whole number of bytes."
+        ),
         weights_format: str = typer.Option("bf16", "--weights-format", help="Weight storage for --fit: bf16, fp16, fp32, fp8 or fp4 (with block scales)."),
         allow_beyond_max: bool = typer.Option(False, "--allow-beyond-max", help="Plan contexts above a model's maximum context."),
         recipe: list[str] | None = typer.Option(
@@ -135,9 +146,12 @@ def register(app: typer.Typer) -> None:
         qwen2.5-7b, gemma3-270m, smollm2-135m."""
         from ..errors import InvalidInput
         from ..formats import parse_kv_format, weight_bytes_per_param
+        from ..paths import check_output_file
         from ..plan import GiB, check_context, fit, parse_bytes, parse_contexts
         from ..presets import resolve_spec
 
+        if plot is not None:  # before any work: a plot path that cannot be written is refused first
+            check_output_file(plot, "--plot", plot_suffixes())
         spec = resolve_spec(model)
         if recipe:
             if baseline or do_fit or plot is not None:

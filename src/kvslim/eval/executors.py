@@ -21,7 +21,10 @@ from .base import get_task
 from .caches import cache_factory
 from .prompt import Prompt
 
-__all__ = ["Job", "run_cell", "LocalExecutor", "RayExecutor", "make_executor"]
+__all__ = ["Job", "run_cell", "LocalExecutor", "RayExecutor", "make_executor", "check_ray", "MAX_THREADS", "MAX_WORKERS"]
+
+MAX_THREADS = 4096  # --threads above this is a typo, not a machine
+MAX_WORKERS = 4096
 
 
 @dataclass
@@ -93,6 +96,35 @@ class _Worker:
         return run_cell(self.job, self.task, self.model, self.tokenizer, cell, prompt)
 
 
+def check_ray(address: str, workers: int, timeout: float = 3.0) -> None:
+    """Refuse, in one line and within ``timeout`` seconds, what would make Ray fail after the model loaded: ray not
+    installed, ``workers`` out of range, an address that is not ``HOST:PORT`` / ``ray://HOST:PORT`` or that nothing
+    listens on (``local`` and ``auto`` are left to Ray)."""
+    import socket
+
+    from ..units import check_int
+
+    check_int(workers, "--workers", maximum=MAX_WORKERS)
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise InvalidInput("--ray needs the ray package: pip install ray (or install kvslim[dev])") from None
+    if address in ("local", "auto"):
+        return
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = hostport.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInput(f"--ray {address!r} is not a Ray address: give HOST:PORT (e.g. 10.0.0.5:6379) or "
+                           "ray://HOST:PORT, or a bare --ray for a local cluster")  # fmt: skip
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise InvalidInput(f"cannot reach a Ray cluster at {address} ({reason}): start one there with `ray start "
+                           "--head`, or use a bare --ray for a local cluster") from None  # fmt: skip
+
+
 class RayExecutor:
     """Runs cells on ``workers`` Ray actors; ``address`` "local" starts a private local cluster, else joins it."""
 
@@ -117,10 +149,14 @@ class RayExecutor:
         if started:
             kw: dict[str, Any] = {"runtime_env": {"env_vars": env}, "include_dashboard": False,
                                   "log_to_driver": False, "configure_logging": False}
-            if self.address == "local":
-                ray.init(num_cpus=self.workers, **kw)
-            else:
-                ray.init(address=self.address, **kw)
+            try:
+                if self.address == "local":
+                    ray.init(num_cpus=self.workers, **kw)
+                else:
+                    ray.init(address=self.address, **kw)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise InvalidInput(f"could not start or join Ray at {self.address}: {first}") from None
         try:
             actor = ray.remote(num_cpus=1)(_Worker)
             pool = ActorPool([actor.remote(job) for _ in range(min(self.workers, len(todo)))])

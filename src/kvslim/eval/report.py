@@ -85,7 +85,7 @@ def summarize(records: list[dict[str, Any]]) -> list[Summary]:
                 bytes_per_token=fmean(r["kv_bytes"] / r["prompt_tokens"] for r in mine),
                 mean_acc=fmean(_metric(r) for r in mine),
                 cells=len(mine),
-                ppl=fmean(r["ppl"] for r in mine) if all("ppl" in r for r in mine) else None,
+                ppl=fmean(r["ppl"] for r in mine) if all(r.get("ppl") is not None for r in mine) else None,
                 grid={k: fmean(v) for k, v in grid.items()},
             ))
         out.append(Summary(task, model, "accuracy" if has_success else "mean KL (nats)", lengths, depths, rows))
@@ -191,17 +191,27 @@ def _frontier(s: Summary, path: Path) -> None:
 def build_report(out: str | Path, images: bool = True) -> dict[str, Any]:
     """Summarise ``<out>/results.jsonl``; write heatmaps, the frontier, ``summary.md`` and ``summary.json``.
 
-    Returns ``{"summaries": [Summary...], "files": [paths written]}``.
+    Bad lines of the store are skipped and duplicate cells counted once (the first record wins); both are listed in
+    ``warnings`` and in ``summary.md``. Every output file is checked (writable, not a folder) before any is written.
+
+    Returns ``{"summaries": [Summary...], "files": [paths written], "warnings": [lines]}``.
     """
+    from ..paths import check_output_file
+    from .runner import stored_recipe_key
+
+    if not str(out).strip():
+        raise InvalidInput("the results folder is empty: give the folder written by `kvslim niah --out`")
     folder = Path(out)
-    store = ResultStore(folder)
+    store = ResultStore(folder, recipe_key=stored_recipe_key)
     if not store.results.is_file():
         raise InvalidInput(f"{folder} holds no results.jsonl: run `kvslim niah ... --out {folder}` first")
-    records = store.records()
-    if not records:
-        raise InvalidInput(f"{store.results} holds no finished cells yet")
-    summaries = summarize(records)
-    files: list[str] = []
+    found = store.read()
+    warnings = found.messages(store.results)
+    if not found.records:
+        bad = f" ({len(found.bad)} unreadable lines)" if found.bad else ""
+        raise InvalidInput(f"{store.results} holds no finished cells yet{bad}")
+    summaries = summarize(found.records)
+    plan: list[tuple[Path, Any]] = []  # (path, writer) for every image, decided before anything is written
     md = ["# Needle-in-a-haystack results", ""]
     for s in summaries:
         prefix = "" if len(summaries) == 1 else f"{_slug(s.task)}-{_slug(s.model)}-"
@@ -211,17 +221,24 @@ def build_report(out: str | Path, images: bool = True) -> dict[str, Any]:
         if images:
             for r in s.rows:
                 p = folder / f"{prefix}heatmap-{_slug(r.recipe)}.png"
-                _heatmap(s, r, p)
-                files.append(str(p))
+                plan.append((p, lambda p, s=s, r=r: _heatmap(s, r, p)))
                 md.append(f"![{r.recipe}]({p.name})")
             p = folder / f"{prefix}frontier.png"
-            _frontier(s, p)
-            files.append(str(p))
+            plan.append((p, lambda p, s=s: _frontier(s, p)))
             md += ["", f"![frontier]({p.name})", ""]
-    (folder / "summary.md").write_text("\n".join(md) + "\n")
-    (folder / "summary.json").write_text(json.dumps([summary_json(s) for s in summaries], indent=1) + "\n")
-    files += [str(folder / "summary.md"), str(folder / "summary.json")]
-    return {"summaries": summaries, "files": files}
+    if warnings:
+        md += ["## Skipped while reading", "", *[f"- {w}" for w in warnings], ""]
+    texts = [folder / "summary.md", folder / "summary.json"]
+    for p in [p for p, _ in plan] + texts:
+        check_output_file(p, "report output")
+    files: list[str] = []
+    for p, write in plan:
+        write(p)
+        files.append(str(p))
+    texts[0].write_text("\n".join(md) + "\n", encoding="utf-8")
+    texts[1].write_text(json.dumps([summary_json(s) for s in summaries], indent=1) + "\n")
+    files += [str(p) for p in texts]
+    return {"summaries": summaries, "files": files, "warnings": warnings}
 
 
 def summary_json(s: Summary) -> dict[str, Any]:

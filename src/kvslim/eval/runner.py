@@ -20,14 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ContextTooLong, InvalidInput
+from ..paths import check_output_dir
+from ..units import check_int
 from .base import TASKS, get_task
-from .caches import CacheFactories, check_recipes
-from .executors import Job, make_executor
+from .caches import FULL, CacheFactories, check_recipes
+from .executors import MAX_THREADS, Job, check_ray, make_executor
 from .loading import check_model_name, load_pair
 from .prompt import Prompt
 from .store import FORMAT, ResultStore, cell_key
 
-__all__ = ["Grid", "Cell", "run_grid", "load_pair", "check_model_name"]
+__all__ = ["Grid", "Cell", "run_grid", "load_pair", "check_model_name", "check_options", "recipe_key"]
 
 
 @dataclass
@@ -55,12 +57,21 @@ class Grid:
         bad = [d for d in self.depths if not (isinstance(d, (int, float)) and math.isfinite(d) and 0.0 <= d <= 1.0)]
         if bad:
             raise InvalidInput(f"depth {bad[0]} is outside [0, 1]: depths are fractions of the haystack (0 = start, 1 = end)")
-        bad_len = [n for n in self.lengths if int(n) != n or n <= 0]
+        bad_len = [n for n in self.lengths if not _whole(n) or n <= 0]
         if bad_len:
             raise InvalidInput(f"length {bad_len[0]} is not a positive whole number of tokens")
+        for n in self.lengths:
+            check_int(int(n), "a length")
+        bad_seed = [s for s in self.seeds if not _whole(s)]
+        if bad_seed:
+            raise InvalidInput(f"seed {bad_seed[0]!r} is not a whole number")
+        for s in self.seeds:
+            check_int(int(s), "a seed", minimum=0)
+        check_options(self.task, self.options)
         task = get_task(self.task, **self.options)  # validates the options
         depths = sorted({round(float(d), 6) for d in self.depths}) if task.uses_depth else [0.0]
-        return Grid(self.task, self.model, check_recipes(self.recipes, extra), sorted({int(n) for n in self.lengths}),
+        recipes = list(dict.fromkeys(recipe_key(r, extra) for r in check_recipes(self.recipes, extra)))
+        return Grid(self.task, self.model, recipes, sorted({int(n) for n in self.lengths}),
                     depths, sorted({int(s) for s in self.seeds}), task.options())
 
     def config(self) -> dict[str, Any]:
@@ -82,6 +93,49 @@ class Cell:
         return cell_key(self.__dict__)
 
 
+def _whole(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and int(v) == v
+
+
+def recipe_key(name: str, extra: CacheFactories | None = None) -> str:
+    """The one spelling a recipe is run, stored and reported under (``stream`` and ``window:w=256`` are one recipe):
+    its canonical form; ``full`` and test factories keep their names. Raises ``InvalidInput`` for a bad recipe."""
+    if name == FULL or (extra and name in extra):
+        return name
+    from ..recipe import canonical
+
+    return canonical(name)
+
+
+def stored_recipe_key(name: str) -> str:
+    """:func:`recipe_key` for a recipe read back from a store (a name that no longer parses is kept as it is)."""
+    try:
+        return recipe_key(name)
+    except Exception:
+        return name
+
+
+_OPTION_FLAGS = {"k": "--needles", "max_new_tokens": "--max-new-tokens", "eval_tokens": "--eval-tokens", "chat": "--chat"}
+
+
+def check_options(task: str, options: dict[str, Any]) -> None:
+    """Range-check a task's options before anything is written: whole-number options are >= 1 (>= 0 where the
+    task's default is 0, meaning "automatic") and within int64; flags are true, false or None."""
+    import dataclasses
+
+    defaults = {f.name: getattr(get_task(task), f.name) for f in dataclasses.fields(get_task(task)) if not f.name.startswith("_")}
+    for name, value in options.items():
+        if name not in defaults or value is None:
+            continue  # unknown names are refused by get_task
+        what = f"{_OPTION_FLAGS.get(name, name)} ({task})"
+        default = defaults[name]
+        if default is None or isinstance(default, bool):
+            if value not in (True, False):
+                raise InvalidInput(f"{what} must be true or false, got {value!r}")
+        elif isinstance(default, int):
+            check_int(value, what, minimum=0 if default == 0 else 1)
+
+
 def _max_context(model: Any) -> int:
     from ..generation import max_context
 
@@ -91,6 +145,12 @@ def _max_context(model: Any) -> int:
 def build_prompts(grid: Grid, tokenizer: Any, context: int) -> dict[tuple[int, float, int], Prompt]:
     """Every prompt of the grid, checked against the model's context (prompt + answer budget)."""
     task = get_task(grid.task, **grid.options)
+    budget = max([v for k, v in grid.options.items() if k in ("max_new_tokens", "eval_tokens") and v] or [0])
+    if context and max(grid.lengths) + budget > context:  # refused before building a prompt of that size
+        raise ContextTooLong(
+            f"length {max(grid.lengths)} plus a {budget}-token answer budget does not fit: {grid.model}'s maximum "
+            f"context is {context} tokens; use shorter lengths or a smaller budget"
+        )
     prompts = {}
     for length in grid.lengths:
         for depth in grid.depths:
@@ -127,6 +187,7 @@ def run_grid(
     pair: tuple[Any, Any] | None = None,
     progress: bool = True,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run every unfinished cell of ``grid`` and append its record to ``<out>/results.jsonl``.
 
@@ -137,37 +198,59 @@ def run_grid(
             much faster than oversubscribed threads.
         factories: extra ``{recipe: fn(model) -> Cache}`` (tests); they take precedence over ``kvslim.make_cache``.
         pair: an already loaded ``(model, tokenizer)`` for the local executor (else loaded by name).
+        warn: receives one line per problem found in the store (bad lines, duplicate cells); default: a
+            ``KvslimWarning``.
+
+    Raises ``InvalidInput`` before anything is written for a bad grid, option, output folder or Ray address, and
+    when another run holds the folder.
 
     Returns:
         ``{"ran": n, "skipped": n, "total": n, "out": path}``.
     """
     grid = grid.validate(factories)
-    if threads < 0:
-        raise InvalidInput(f"--threads must be 0 (torch's default) or more, got {threads}")
+    check_int(threads, "--threads", minimum=0, maximum=MAX_THREADS)
+    if ray is not None:
+        check_ray(ray, workers)  # ray installed, --workers in range, the address reachable: before anything loads
+    say = warn or _warn
+    store = ResultStore(check_output_dir(out), recipe_key=stored_recipe_key)
+    store.claim(grid.config(), force=force, write=False)  # refuse a mismatch before loading anything
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    store = ResultStore(out)
-    store.claim(grid.config(), force=force, write=False)  # refuse a mismatch before loading anything
     model, tokenizer = pair if pair is not None else load_pair(grid.model)
     prompts = build_prompts(grid, tokenizer, _max_context(model))
     job = Job(grid.task, grid.options, grid.model, dict(factories or {}), threads)
     for recipe in grid.recipes:  # a recipe the model cannot take fails here, before any cell runs
         job.factory(recipe)(model)
-    store.claim(grid.config(), force=force)
-    store.repair()
-    done = store.done()
-    cells = list(plan_cells(grid))
-    todo = [(c, prompts[(c.length, c.depth, c.seed)]) for c in cells if c.key not in done]
-    executor = make_executor(ray, workers=workers, pair=(model, tokenizer))
-    with _progress(progress, len(cells), len(cells) - len(todo), grid) as advance:
-        for record in executor.run(job, todo):
-            store.append(record)
-            if on_record:
-                on_record(record)
-            advance(record)
+    store.lock()  # one writer per folder (the first thing written): a second run on it is refused here
+    try:
+        store.claim(grid.config(), force=force)
+        store.repair()
+        found = store.read()
+        for msg in found.messages(store.results):
+            say(msg)
+        done = {cell_key(r) for r in found.records}
+        cells = list(plan_cells(grid))
+        todo = [(c, prompts[(c.length, c.depth, c.seed)]) for c in cells if c.key not in done]
+        executor = make_executor(ray, workers=workers, pair=(model, tokenizer))
+        with _progress(progress, len(cells), len(cells) - len(todo), grid) as advance:
+            for record in executor.run(job, todo):
+                store.append(record)
+                if on_record:
+                    on_record(record)
+                advance(record)
+    finally:
+        store.unlock()
     return {"ran": len(todo), "skipped": len(cells) - len(todo), "total": len(cells), "out": str(store.results)}
+
+
+def _warn(message: str) -> None:
+    import warnings
+
+    from ..errors import KvslimWarning
+
+    warnings.warn(message, KvslimWarning, stacklevel=3)
 
 
 class _progress:

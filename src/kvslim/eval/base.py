@@ -59,6 +59,21 @@ class Task:
         """Score one cell; returns at least ``success``, ``score``, ``answer``, ``kv_bytes``."""
         raise NotImplementedError
 
+    batchable: bool = False  # True: run_batch gives what run would, for prompts of one length (kvslim.eval.batch)
+
+    def run_batch(self, model: Any, tokenizer: Any, prompts: list[Prompt], make_cache: Callable[[], Any],
+                  recipe: str) -> list[dict[str, Any]]:
+        """Score several cells of one recipe and length in batched passes (only when ``batchable``)."""
+        from .batch import run_retrieval_batch
+
+        if not self.batchable:
+            raise NotImplementedError(f"task {self.name} has no batched run")
+        return [self.finish(r) for r in run_retrieval_batch(model, tokenizer, prompts, make_cache)]
+
+    def finish(self, res: dict[str, Any]) -> dict[str, Any]:
+        """What the task adds to :func:`run_retrieval`'s result (batched runs call it per cell)."""
+        return res
+
 
 def task_rng(task: str, seed: int, length: int, depth: float) -> random.Random:
     """The cell's random source: a function of the task and the grid coordinates only (never of the recipe)."""
@@ -111,7 +126,11 @@ class RecallTask(Task):
     """A task scored as RULER scores: ``score`` = ``retrieved`` (its ``string_match_all``: the fraction of the
     expected strings found in the greedy answer); ``success`` = all found; ``logprob`` kept beside them."""
 
+    batchable = True
+
     def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callable[[], Any], recipe: str) -> dict[str, Any]:
-        res = run_retrieval(model, tokenizer, prompt, make_cache)
+        return self.finish(run_retrieval(model, tokenizer, prompt, make_cache))
+
+    def finish(self, res: dict[str, Any]) -> dict[str, Any]:
         res["score"] = res["retrieved"]
         return res

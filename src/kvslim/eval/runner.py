@@ -148,6 +148,7 @@ def run_grid(
     pair: tuple[Any, Any] | None = None,
     progress: bool = True,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    batch: int = 1,
 ) -> dict[str, Any]:
     """Run every unfinished cell of ``grid`` and append its record to ``<out>/results.jsonl``.
 
@@ -158,6 +159,8 @@ def run_grid(
             much faster than oversubscribed threads.
         factories: extra ``{recipe: fn(model) -> Cache}`` (tests); they take precedence over ``kvslim.make_cache``.
         pair: an already loaded ``(model, tokenizer)`` for the local executor (else loaded by name).
+        batch: the local executor runs up to this many cells of one recipe and length together (batched passes,
+            the same records; :mod:`kvslim.eval.batch`); the Ray executor runs one cell per call.
 
     Returns:
         ``{"ran": n, "skipped": n, "total": n, "out": path}``.
@@ -183,7 +186,7 @@ def run_grid(
     done = store.done()
     cells = list(plan_cells(grid))
     todo = [(c, prompts[(c.length, c.depth, c.seed)]) for c in cells if c.key not in done]
-    executor = make_executor(ray, workers=workers, pair=(model, tokenizer))
+    executor = make_executor(ray, workers=workers, pair=(model, tokenizer), batch=batch)
     with _progress(progress, len(cells), len(cells) - len(todo), grid) as advance:
         for record in executor.run(job, todo):
             store.append(record)

@@ -4,7 +4,8 @@ Runs the same small grid (default: SmolLM2, passkey, 1000 tokens, 5 depths x 2 s
 times into fresh temporary stores, alternating the configurations (``--configs``: ``BATCH:THREADS`` pairs) round by
 round so machine noise hits them alike; reports each configuration's median cells per minute over the rounds, the
 ratio to the first configuration, and whether every record (answer, success, retrieved, KV bytes) equals the first
-configuration's and by how much the log-probabilities differ. Prints one JSON line at the end.
+configuration's and by how much the log-probabilities differ. Prints one JSON line at the end and writes it to
+``results/harness_throughput.json``, which ``bench/ruler_baseline.py`` quotes in ``docs/ruler.md``.
 
     python bench/harness_throughput.py                              # 1:1 vs 5:1 vs 10:1, 2 rounds
     python bench/harness_throughput.py --configs 1:1,1:2,5:1,5:2 --rounds 1
@@ -68,8 +69,12 @@ def main() -> None:
                         "records_equal": same, "max_logprob_diff": dlp})
         print(f"batch {c[0]:>2} threads {c[1]}: {med:6.1f} cells/min  x{med / base:.2f}  records equal: {same}  "
               f"max |d logprob| {dlp:.2e}")
-    print(json.dumps({"bench": "harness_throughput", "model": args.model, "task": args.task, "length": args.length,
-                      "cells": len(ref), "results": summary}))
+    line = {"bench": "harness_throughput", "model": args.model, "task": args.task, "length": args.length,
+            "recipes": args.recipes, "cells": len(ref), "rounds": args.rounds, "results": summary}
+    out = Path(__file__).resolve().parents[1] / "results" / "harness_throughput.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(line, indent=1) + "\n")  # docs/ruler.md quotes it (bench/ruler_baseline.py)
+    print(json.dumps(line))
 
 
 if __name__ == "__main__":

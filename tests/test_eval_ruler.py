@@ -203,3 +203,16 @@ def test_real_tokenizers(name):
             text = haystack_text(tok, p)
             if task in KEYED:
                 assert all(count_in(text, v) == 1 for v in p.answers)
+
+
+@pytest.mark.parametrize("haystack", ["noise", "essay", "needles"])
+@pytest.mark.parametrize("values", ["numbers", "words", "uuids"])
+def test_single_needle_haystack_and_value_kinds(haystack, values):
+    t = get_task("niah_single_1", haystack=haystack, values=values)
+    p = t.build(TOK, 2000, 0.35, 4)
+    assert len(p.ids) == 2000
+    check_positions(p)
+    text = haystack_text(TOK, p)
+    assert count_in(text, p.answers[0]) == 1 and count_in(text, p.meta["keys"][0]) == 1
+    if values == "words":
+        assert p.answers[0].count("-") == 1

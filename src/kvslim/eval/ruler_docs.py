@@ -14,7 +14,27 @@ from .store import ResultStore
 from .suite import SUITES
 from .suite_report import suite_tables, tables_markdown
 
-__all__ = ["verdict", "baseline_markdown"]
+__all__ = ["verdict", "baseline_markdown", "throughput_markdown"]
+
+
+def throughput_markdown(path: Path) -> list[str]:
+    """The harness-throughput section from ``bench/harness_throughput.py``'s JSON (nothing if it has not run)."""
+    import json
+
+    if not path.is_file():
+        return []
+    d = json.loads(path.read_text())
+    lines = ["## Harness throughput: one by one vs batched", "",
+             f"`python bench/harness_throughput.py` (written to `results/{path.name}`): {d['cells']} cells of "
+             f"`{d['task']}` at {d['length']} tokens on {d['model']} (recipes `{d['recipes']}`), each configuration "
+             f"run {d['rounds']} time(s), alternating, on the shared machine; median cells per minute, ratio to the "
+             "first row, and whether every record (answer, success, retrieved, KV bytes) equals the first row's.", "",
+             "| batch | threads | cells/min | speed-up | records equal | max abs logprob diff |",
+             "|---|---|---|---|---|---|"]
+    for r in d["results"]:
+        lines.append(f"| {r['batch']} | {r['threads']} | {r['cells_per_min']:.2f} | {r['speedup']:.2f}x | "
+                     f"{'yes' if r['records_equal'] else 'NO'} | {r['max_logprob_diff']:.1e} |")
+    return [*lines, ""]
 
 
 def verdict(cell: dict[str, Any]) -> str:
@@ -78,6 +98,7 @@ def baseline_markdown(store: Path, *, models: list[str], grid: dict[str, list[in
                 if task != "average":
                     lines.append("| " + " | ".join([task, *[verdict(row[n]) if n in row else "-" for n in cols]]) + " |")
             md += [f"### Which tasks are informative for compression on {model}", "", *lines, ""]
+    md += throughput_markdown(store.parent / "harness_throughput.json")
     md += ["## Missing", ""]
     md += [f"- {m}" for m in summary["missing"]] if summary["missing"] else ["Nothing: every planned cell ran."]
     md += ["", f"Time spent in cells (sum of the per-cell `seconds`): {seconds / 60:.1f} min.", ""]

@@ -51,7 +51,7 @@ def baseline_markdown(store: Path, *, models: list[str], grid: dict[str, list[in
         f"Uncompressed (`{'`, `'.join(recipes)}`) scores of the `ruler` suite (`kvslim niah --suite ruler`; tasks listed below). Each cell of a table is the RULER score -- the mean over cells of the fraction of "
         "expected answers found in the greedy answer (string match, RULER's `string_match_all`) -- with its 95 % "
         f"Wilson interval and cell count n: {len(depths)} depths x {len(seeds)} seed(s) per task and length "
-        "(cwe and fwe have no depth: as many seeds instead). `average` is RULER's unweighted mean over the tasks.",
+        "(cwe and fwe have no depth: as many seeds instead). `average` is RULER's unweighted mean over the tasks (shown only where every task ran).",
         "",
         "Verdict per task and length: *informative* = the interval lies above 0.5 (a compressed recipe has room to "
         "lose and a loss shows), *floor* = the score is at most 0.2 (the model cannot do it uncompressed), *weak* "
@@ -80,7 +80,7 @@ def baseline_markdown(store: Path, *, models: list[str], grid: dict[str, list[in
                     have = sum(1 for r in by_task[t] if int(r["length"]) == n and r["recipe"] == rec)
                     if have < per:
                         summary["missing"].append(f"{model} {t} at {n} tokens ({rec}): {have} of {per} cells")
-        tables = suite_tables({t: v for t, v in by_task.items() if v})
+        tables = suite_tables({t: v for t, v in by_task.items() if v}, tasks=tasks)  # no average over a part
         md += [f"## {model}", ""]
         if not tables:
             md += ["Not run yet.", ""]

@@ -51,20 +51,21 @@ def _cell(scores: list[float]) -> dict[str, Any]:
     return {"score": p, "n": len(scores), "ci": list(wilson(p, len(scores)))}
 
 
-def suite_tables(by_task: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def suite_tables(by_task: dict[str, list[dict[str, Any]]], tasks: list[str] | None = None) -> list[dict[str, Any]]:
     """One table per (model, recipe): ``{"model", "recipe", "lengths", "rows": {task | "average": {length | "all":
-    {"score", "n", "ci"}}}}``."""
+    {"score", "n", "ci"}}}}``. The average of a column needs every task (of ``tasks``, default those present)."""
+    required = list(tasks or [])
     groups: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for task, recs in by_task.items():
         for r in recs:
             if ruler_score(r) is not None:
                 groups[(r["model"], r["recipe"])][task].append(r)
     tables = []
-    for (model, recipe), tasks in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "full", kv[0][1])):
-        lengths = sorted({int(r["length"]) for recs in tasks.values() for r in recs})
+    for (model, recipe), mine in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "full", kv[0][1])):
+        lengths = sorted({int(r["length"]) for recs in mine.values() for r in recs})
         rows: dict[str, dict[Any, dict[str, Any]]] = {}
-        for task in [t for t in by_task if t in tasks]:
-            recs = tasks[task]
+        for task in [t for t in by_task if t in mine]:
+            recs = mine[task]
             row = {n: _cell([ruler_score(r) for r in recs if int(r["length"]) == n]) for n in lengths
                    if any(int(r["length"]) == n for r in recs)}
             row["all"] = _cell([ruler_score(r) for r in recs])
@@ -72,7 +73,7 @@ def suite_tables(by_task: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any
         avg: dict[Any, dict[str, Any]] = {}
         for col in [*lengths, "all"]:
             have = [rows[t][col] for t in rows if col in rows[t]]
-            if len(have) == len(rows):  # an average over every task, or none
+            if len(have) == len(rows) and all(t in rows for t in required):  # over every task, or none
                 p = fmean(c["score"] for c in have)
                 n = sum(c["n"] for c in have)
                 avg[col] = {"score": p, "n": n, "ci": list(wilson(p, n))}

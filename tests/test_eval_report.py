@@ -41,7 +41,7 @@ def test_table_and_files(folder):
         assert Path(f).stat().st_size > 100
     assert (folder / "heatmap-small.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = markdown_table(res["summaries"][0])
-    assert "| small | 0.50 | 0.25 | 0.38 |" in table
+    assert "| small | 0.50 [0.15, 0.85] n=4 | 0.25 [0.05, 0.70] n=4 | 0.38 [0.14, 0.69] n=8 |" in table
     assert "0.250x" in table and "2.000x" in table and "488.3 KiB" in table
     md = (folder / "summary.md").read_text()
     assert table in md and "![small](heatmap-small.png)" in md

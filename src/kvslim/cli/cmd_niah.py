@@ -61,13 +61,45 @@ def split_recipes(text: str) -> list[str]:
     return out
 
 
+def parse_opts(items: list[str]) -> dict:
+    """``["haystack=noise", "n_keys=4", "example=false"]`` -> options (ints, floats, booleans, else strings)."""
+    from ..errors import InvalidInput
+
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInput(f"--opt {item!r}: give KEY=VALUE, e.g. --opt haystack=noise")
+        value: object = raw.strip()
+        low = raw.strip().lower()
+        if low in ("true", "false"):
+            value = low == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(raw)
+                    break
+                except ValueError:
+                    continue
+        out[key.strip()] = value
+    return out
+
+
 def register(app: typer.Typer) -> None:
     @app.command("niah")
     @one_line_errors
     def niah_cmd(
         out: str = typer.Option(..., "--out", "-o", help="Results folder (results.jsonl, config.json); reruns resume it."),
         model: str = typer.Option("smollm2-135m", "--model", "-m", help="Embedded model name, local HF folder or .gguf file."),
-        task: str = typer.Option("passkey", "--task", "-t", help="passkey, needle, multi-needle or fidelity."),
+        task: str = typer.Option("passkey", "--task", "-t", help="passkey, needle, multi-needle, fidelity, distractor, or "
+                                 "a RULER task: niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe, fwe."),
+        suite: str | None = typer.Option(None, "--suite", help="Run a whole suite instead of --task: `ruler` (its tasks "
+                                         "into OUT/<task>/; `kvslim report OUT` prints the RULER table)."),
+        suite_tasks: str | None = typer.Option(None, "--suite-tasks", help="With --suite: only these tasks (comma-separated)."),
+        opts: list[str] | None = typer.Option(None, "--opt", help="A task option KEY=VALUE (repeatable), e.g. --opt "
+                                              "haystack=noise --opt values=uuids."),
+        batch: int = typer.Option(1, "--batch", "-b", help="Run up to this many cells of one recipe and length "
+                                  "together (batched forward passes; answers identical to one by one), 1..4096."),
         recipes: str = typer.Option(
             "full", "--recipes", "-r",
             help="Recipes, comma- or ';'-separated, parameters included: 'full,v4+tq3,blocks:m=4,k=32,w=128' or "
@@ -103,6 +135,7 @@ def register(app: typer.Typer) -> None:
         for flag, value in (("--needles", needles), ("--eval-tokens", eval_tokens), ("--max-new-tokens", max_new_tokens)):
             if value is not None:
                 check_int(value, flag)
+        check_int(batch, "--batch", minimum=1, maximum=4096)
         names = split_recipes(recipes) if recipes.strip() else []
         names += list(recipe or [])
         options: dict = {}
@@ -114,6 +147,22 @@ def register(app: typer.Typer) -> None:
             options["max_new_tokens"] = max_new_tokens
         if chat is not None:
             options["chat"] = chat
+        options.update(parse_opts(opts or []))
+        if suite is not None:
+            from ..eval.suite import run_suite, suite_grids
+
+            grids = suite_grids(suite, model=model, recipes=names, lengths=parse_list(lengths, int, "lengths"),
+                                depths=parse_list(depths, float, "depths"), seeds=parse_list(seeds, int, "seeds"),
+                                options=options,
+                                tasks=[t.strip() for t in suite_tasks.split(",") if t.strip()] if suite_tasks else None)
+            res = run_suite(grids, out, suite=suite, ray=ray, workers=workers, threads=threads, force=force,
+                            progress=not as_json, batch=batch, warn=warn_line)
+            if as_json:
+                print_json(res)
+            else:
+                console.print(f"{res['ran']} cells run, {res['skipped']} already done over {len(grids)} tasks; "
+                              f"results in {res['out']}/<task>/; then `kvslim report {out}`")
+            return
         grid = Grid(
             task=task,
             model=model,
@@ -124,7 +173,7 @@ def register(app: typer.Typer) -> None:
             options=options,
         )
         res = run_grid(grid, out, ray=ray, workers=workers, threads=threads, force=force, progress=not as_json,
-                       warn=warn_line)
+                       warn=warn_line, batch=batch)
         if as_json:
             print_json(res)
         else:

@@ -18,7 +18,7 @@ from ..errors import InvalidInput
 from .engine import eos_ids, greedy, prefill, teacher_logprob
 from .prompt import Prompt
 
-__all__ = ["Task", "TASKS", "get_task", "task_rng", "run_retrieval", "score_answer"]
+__all__ = ["Task", "RecallTask", "TASKS", "get_task", "task_rng", "run_retrieval", "score_answer"]
 
 # task name -> "module:Class" (imported on demand)
 TASKS: dict[str, str] = {
@@ -26,6 +26,19 @@ TASKS: dict[str, str] = {
     "needle": "kvslim.eval.needle:Needle",
     "multi-needle": "kvslim.eval.multi_needle:MultiNeedle",
     "fidelity": "kvslim.eval.fidelity:Fidelity",
+    # the RULER-style suite (kvslim.eval.suite): retrieval, multi-hop tracing, aggregation
+    "niah_single_1": "kvslim.eval.niah_single:NiahSingle1",
+    "niah_single_2": "kvslim.eval.niah_single:NiahSingle2",
+    "niah_single_3": "kvslim.eval.niah_single:NiahSingle3",
+    "niah_multikey_1": "kvslim.eval.niah_multikey:NiahMultikey1",
+    "niah_multikey_2": "kvslim.eval.niah_multikey:NiahMultikey2",
+    "niah_multikey_3": "kvslim.eval.niah_multikey:NiahMultikey3",
+    "niah_multivalue": "kvslim.eval.niah_multivalue:NiahMultivalue",
+    "niah_multiquery": "kvslim.eval.niah_multiquery:NiahMultiquery",
+    "vt": "kvslim.eval.variable_tracking:VariableTracking",
+    "cwe": "kvslim.eval.common_words:CommonWords",
+    "fwe": "kvslim.eval.frequent_words:FrequentWords",
+    "distractor": "kvslim.eval.niah_multikey:Distractor",
 }
 
 
@@ -45,6 +58,21 @@ class Task:
     def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callable[[], Any], recipe: str) -> dict[str, Any]:
         """Score one cell; returns at least ``success``, ``score``, ``answer``, ``kv_bytes``."""
         raise NotImplementedError
+
+    batchable: bool = False  # True: run_batch gives what run would, for prompts of one length (kvslim.eval.batch)
+
+    def run_batch(self, model: Any, tokenizer: Any, prompts: list[Prompt], make_cache: Callable[[], Any],
+                  recipe: str) -> list[dict[str, Any]]:
+        """Score several cells of one recipe and length in batched passes (only when ``batchable``)."""
+        from .batch import run_retrieval_batch
+
+        if not self.batchable:
+            raise NotImplementedError(f"task {self.name} has no batched run")
+        return [self.finish(r) for r in run_retrieval_batch(model, tokenizer, prompts, make_cache)]
+
+    def finish(self, res: dict[str, Any]) -> dict[str, Any]:
+        """What the task adds to :func:`run_retrieval`'s result (batched runs call it per cell)."""
+        return res
 
 
 def task_rng(task: str, seed: int, length: int, depth: float) -> random.Random:
@@ -92,3 +120,17 @@ def run_retrieval(model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callab
         "answer": answer,
         "kv_bytes": pre.kv_bytes,
     }
+
+
+class RecallTask(Task):
+    """A task scored as RULER scores: ``score`` = ``retrieved`` (its ``string_match_all``: the fraction of the
+    expected strings found in the greedy answer); ``success`` = all found; ``logprob`` kept beside them."""
+
+    batchable = True
+
+    def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callable[[], Any], recipe: str) -> dict[str, Any]:
+        return self.finish(run_retrieval(model, tokenizer, prompt, make_cache))
+
+    def finish(self, res: dict[str, Any]) -> dict[str, Any]:
+        res["score"] = res["retrieved"]
+        return res

@@ -21,7 +21,8 @@ from .base import get_task
 from .caches import cache_factory
 from .prompt import Prompt
 
-__all__ = ["Job", "run_cell", "LocalExecutor", "RayExecutor", "make_executor", "check_ray", "MAX_THREADS", "MAX_WORKERS"]
+__all__ = ["Job", "run_cell", "make_record", "run_cells_batched", "LocalExecutor", "RayExecutor", "make_executor",
+           "check_ray", "MAX_THREADS", "MAX_WORKERS"]
 
 MAX_THREADS = 4096  # --threads above this is a typo, not a machine
 MAX_WORKERS = 4096
@@ -50,7 +51,11 @@ def run_cell(job: Job, task: Any, model: Any, tokenizer: Any, cell: Any, prompt:
 
     t0 = time.perf_counter()
     res = task.run(model, tokenizer, prompt, fresh, cell.recipe)
-    seconds = time.perf_counter() - t0
+    return make_record(cell, prompt, res, time.perf_counter() - t0, model)
+
+
+def make_record(cell: Any, prompt: Prompt, res: dict[str, Any], seconds: float, model: Any) -> dict[str, Any]:
+    """A cell's record from the task's result (see :mod:`kvslim.eval.store` for the fields)."""
     full16 = full16_nbytes(model.config, len(prompt))
     rec: dict[str, Any] = {
         "task": cell.task, "model": cell.model, "recipe": cell.recipe, "length": cell.length,
@@ -66,15 +71,42 @@ def run_cell(job: Job, task: Any, model: Any, tokenizer: Any, cell: Any, prompt:
 
 
 class LocalExecutor:
-    """Runs cells one after another in this process, with an already loaded model."""
+    """Runs cells one after another in this process, with an already loaded model; with ``batch`` > 1 the cells of
+    one recipe and length run ``batch`` at a time (:mod:`kvslim.eval.batch`) when the task can."""
 
-    def __init__(self, pair: tuple[Any, Any]) -> None:
+    def __init__(self, pair: tuple[Any, Any], batch: int = 1) -> None:
+        if batch < 1:
+            raise InvalidInput(f"--batch must be at least 1, got {batch}")
         self.model, self.tokenizer = pair
+        self.batch = batch
 
     def run(self, job: Job, todo: list[tuple[Any, Prompt]]) -> Iterator[dict[str, Any]]:
         task = get_task(job.task, **job.options)
-        for cell, prompt in todo:
-            yield run_cell(job, task, self.model, self.tokenizer, cell, prompt)
+        if self.batch == 1 or not task.batchable:
+            for cell, prompt in todo:
+                yield run_cell(job, task, self.model, self.tokenizer, cell, prompt)
+            return
+        from .batch import batches
+
+        for group in batches(todo, self.batch):
+            if len(group) == 1:
+                yield run_cell(job, task, self.model, self.tokenizer, *group[0])
+            else:
+                yield from run_cells_batched(job, task, self.model, self.tokenizer, group)
+
+
+def run_cells_batched(job: Job, task: Any, model: Any, tokenizer: Any, group: list[tuple[Any, Prompt]]
+                      ) -> list[dict[str, Any]]:
+    """Run cells of one recipe and one length together; each record's ``seconds`` is the batch's time / B."""
+    make = job.factory(group[0][0].recipe)
+
+    def fresh() -> Any:
+        return make(model)
+
+    t0 = time.perf_counter()
+    results = task.run_batch(model, tokenizer, [p for _, p in group], fresh, group[0][0].recipe)
+    seconds = (time.perf_counter() - t0) / len(group)
+    return [make_record(c, p, r, seconds, model) for (c, p), r in zip(group, results, strict=True)]
 
 
 class _Worker:
@@ -166,5 +198,5 @@ class RayExecutor:
                 ray.shutdown()
 
 
-def make_executor(ray: str | None, *, workers: int, pair: tuple[Any, Any]) -> LocalExecutor | RayExecutor:
-    return LocalExecutor(pair) if ray is None else RayExecutor(ray, workers)
+def make_executor(ray: str | None, *, workers: int, pair: tuple[Any, Any], batch: int = 1) -> LocalExecutor | RayExecutor:
+    return LocalExecutor(pair, batch) if ray is None else RayExecutor(ray, workers)

@@ -48,5 +48,7 @@ class Needle(Task):
         return Prompt(ids, pos, nids, start, hay, answers=[fact.answer], answer_ids=encode(tokenizer, " " + fact.answer),
                       max_new_tokens=self.max_new_tokens, meta={"needle": fact.needle.strip()})
 
+    batchable = True  # run_batch: kvslim.eval.batch, the same records
+
     def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Any, recipe: str) -> dict[str, Any]:
         return run_retrieval(model, tokenizer, prompt, make_cache)

@@ -22,7 +22,7 @@ from typing import Any
 from ..errors import InvalidInput
 from .haystack import encode, tokens_ending_at, tokens_starting_at
 
-__all__ = ["Frame", "Prompt", "frame_for", "assemble", "ids_hash"]
+__all__ = ["Frame", "Prompt", "frame_for", "frame_pieces", "assemble", "ids_hash"]
 
 _PLACEHOLDER = "\x00KVSLIM-CONTENT\x00"
 
@@ -82,6 +82,19 @@ class Prompt:
         return len(self.ids)
 
 
+def frame_pieces(tokenizer: Any, instruction: str, question: str, primer: str, chat: bool | None = None
+                 ) -> tuple[list[int], list[int]]:
+    """``(head, tail)``: the ids before the haystack (frame prefix + instruction) and after it (question, frame
+    suffix, primer)."""
+    frame = frame_for(tokenizer, chat)
+    head = list(frame.prefix) + encode(tokenizer, instruction)
+    if frame.chat:
+        tail = encode(tokenizer, "\n\n" + question) + list(frame.suffix) + encode(tokenizer, primer)
+    else:
+        tail = encode(tokenizer, "\n\n" + question + "\n") + encode(tokenizer, primer)
+    return head, tail
+
+
 def assemble(
     tokenizer: Any,
     *,
@@ -108,14 +121,9 @@ def assemble(
     """
     if len(depths) != len(needles):
         raise ValueError("one depth per needle")
-    frame = frame_for(tokenizer, chat)
-    instr = encode(tokenizer, instruction)
-    if frame.chat:
-        tail = encode(tokenizer, "\n\n" + question) + list(frame.suffix) + encode(tokenizer, primer)
-    else:
-        tail = encode(tokenizer, "\n\n" + question + "\n") + encode(tokenizer, primer)
+    head, tail = frame_pieces(tokenizer, instruction, question, primer, chat)
     needle_ids = [encode(tokenizer, n) for n in needles]
-    fixed = len(frame.prefix) + len(instr) + len(tail) + sum(map(len, needle_ids))
+    fixed = len(head) + len(tail) + sum(map(len, needle_ids))
     hay = length - fixed
     if hay < 8 * max(1, len(needles)):
         raise InvalidInput(
@@ -129,7 +137,7 @@ def assemble(
     for size in sizes[1:]:
         seg, cursor = tokens_starting_at(tokenizer, sentences, cursor, size)
         segments.append(seg)
-    ids = list(frame.prefix) + instr
+    ids = list(head)
     start = len(ids)
     positions = []
     for i, seg in enumerate(segments):

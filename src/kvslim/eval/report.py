@@ -20,6 +20,7 @@ from statistics import fmean
 from typing import Any
 
 from ..errors import InvalidInput
+from .stats import fmt_ci, wilson
 from .store import ResultStore
 
 __all__ = ["Row", "Summary", "summarize", "build_report", "markdown_table", "table_rows", "summary_json"]
@@ -39,6 +40,7 @@ class Row:
     cells: int
     ppl: float | None = None  # fidelity: mean perplexity over all cells
     grid: dict[tuple[float, int], float] = field(default_factory=dict)  # (depth, length) -> accuracy
+    n: dict[int, int] = field(default_factory=dict)  # length -> cells (the n of each accuracy's interval)
 
 
 @dataclass
@@ -87,6 +89,7 @@ def summarize(records: list[dict[str, Any]]) -> list[Summary]:
                 cells=len(mine),
                 ppl=fmean(r["ppl"] for r in mine) if all(r.get("ppl") is not None for r in mine) else None,
                 grid={k: fmean(v) for k, v in grid.items()},
+                n={k: len(v) for k, v in at.items()},
             ))
         out.append(Summary(task, model, "accuracy" if has_success else "mean KL (nats)", lengths, depths, rows))
     return out
@@ -109,11 +112,16 @@ def table_rows(s: Summary) -> tuple[list[str], list[list[str]]]:
             "vs fp16 full", "B/token"]
     body = []
     for r in s.rows:
-        fmt = (lambda v: f"{v:.2f}") if s.metric == "accuracy" else (lambda v: f"{v:.4f}")
+        if s.metric == "accuracy":  # every accuracy with its 95 % Wilson interval and cell count
+            at = [fmt_ci(r.acc[n], r.n.get(n, 0)) if n in r.acc else "-" for n in s.lengths]
+            mean = fmt_ci(r.mean_acc, r.cells)
+        else:
+            at = [f"{r.acc[n]:.4f}" if n in r.acc else "-" for n in s.lengths]
+            mean = f"{r.mean_acc:.4f}"
         body.append([
             r.recipe,
-            *[fmt(r.acc[n]) if n in r.acc else "-" for n in s.lengths],
-            fmt(r.mean_acc),
+            *at,
+            mean,
             (f"{r.ppl:.3f}" if r.ppl is not None else "-") if ppl else f"{fmean(r.score.values()):.2f}",
             _fmt_bytes(r.kv_bytes[top]) if top in r.kv_bytes else "-",
             f"{r.ratio16[top]:.3f}x" if top in r.ratio16 else "-",
@@ -169,7 +177,12 @@ def _frontier(s: Summary, path: Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for i, r in enumerate(sorted(s.rows, key=lambda r: r.bytes_per_token)):
-        ax.scatter([r.bytes_per_token], [r.mean_acc], s=40)
+        if s.metric == "accuracy":  # 95 % Wilson interval of the accuracy over the row's cells
+            lo, hi = wilson(r.mean_acc, r.cells)
+            ax.errorbar([r.bytes_per_token], [r.mean_acc], yerr=[[r.mean_acc - lo], [hi - r.mean_acc]], fmt="o",
+                        ms=6, capsize=3)
+        else:
+            ax.scatter([r.bytes_per_token], [r.mean_acc], s=40)
         # stagger labels vertically so neighbours at similar bytes stay readable
         ax.annotate(r.recipe, (r.bytes_per_token, r.mean_acc), textcoords="offset points", xytext=(4, 5 + 11 * (i % 3)),
                     fontsize=8)
@@ -216,7 +229,8 @@ def build_report(out: str | Path, images: bool = True) -> dict[str, Any]:
     for s in summaries:
         prefix = "" if len(summaries) == 1 else f"{_slug(s.task)}-{_slug(s.model)}-"
         md += [f"## {s.task} on {s.model}", "", f"Metric: {s.metric}; depths {', '.join(f'{d:g}' for d in s.depths)}; "
-               f"KV bytes are held after prefill, ratio against a 16-bit full cache of the same prompt.", "",
+               f"KV bytes are held after prefill, ratio against a 16-bit full cache of the same prompt; accuracies "
+               f"carry their 95 % Wilson interval and cell count n.", "",
                markdown_table(s), ""]
         if images:
             for r in s.rows:
@@ -245,5 +259,14 @@ def summary_json(s: Summary) -> dict[str, Any]:
     return {
         "task": s.task, "model": s.model, "metric": s.metric, "lengths": s.lengths, "depths": s.depths,
         "rows": [{"recipe": r.recipe, "acc": r.acc, "mean_acc": r.mean_acc, "score": r.score, "kv_bytes": r.kv_bytes,
-                  "ratio16": r.ratio16, "bytes_per_token": r.bytes_per_token, "cells": r.cells, "ppl": r.ppl} for r in s.rows],
+                  "ratio16": r.ratio16, "bytes_per_token": r.bytes_per_token, "cells": r.cells, "ppl": r.ppl,
+                  **_intervals(s, r)} for r in s.rows],
     }
+
+
+def _intervals(s: Summary, r: Row) -> dict[str, Any]:
+    """Cell counts and 95 % Wilson intervals of a row's accuracies (none for fidelity's KL)."""
+    if s.metric != "accuracy":
+        return {"n": r.n}
+    return {"n": r.n, "acc_ci": {n: list(wilson(v, r.n.get(n, 0))) for n, v in r.acc.items()},
+            "mean_acc_ci": list(wilson(r.mean_acc, r.cells))}

@@ -188,6 +188,7 @@ def run_grid(
     progress: bool = True,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    batch: int = 1,
 ) -> dict[str, Any]:
     """Run every unfinished cell of ``grid`` and append its record to ``<out>/results.jsonl``.
 
@@ -200,6 +201,9 @@ def run_grid(
         pair: an already loaded ``(model, tokenizer)`` for the local executor (else loaded by name).
         warn: receives one line per problem found in the store (bad lines, duplicate cells); default: a
             ``KvslimWarning``.
+
+        batch: the local executor runs up to this many cells of one recipe and length together (batched passes,
+            the same records; :mod:`kvslim.eval.batch`); the Ray executor runs one cell per call.
 
     Raises ``InvalidInput`` before anything is written for a bad grid, option, output folder or Ray address, and
     when another run holds the folder.
@@ -233,7 +237,7 @@ def run_grid(
         done = {cell_key(r) for r in found.records}
         cells = list(plan_cells(grid))
         todo = [(c, prompts[(c.length, c.depth, c.seed)]) for c in cells if c.key not in done]
-        executor = make_executor(ray, workers=workers, pair=(model, tokenizer))
+        executor = make_executor(ray, workers=workers, pair=(model, tokenizer), batch=batch)
         with _progress(progress, len(cells), len(cells) - len(todo), grid) as advance:
             for record in executor.run(job, todo):
                 store.append(record)

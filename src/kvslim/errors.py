@@ -6,7 +6,7 @@ non-zero, without a traceback. Messages say what was wrong and what to do instea
 
 from __future__ import annotations
 
-__all__ = ["KvslimError", "InvalidInput", "MissingModelPackage", "ContextTooLong"]
+__all__ = ["KvslimError", "InvalidInput", "MissingModelPackage", "ContextTooLong", "ColdTierError"]
 
 
 class KvslimError(Exception):
@@ -23,3 +23,8 @@ class MissingModelPackage(KvslimError, ImportError):
 
 class ContextTooLong(InvalidInput):
     """A prompt or context longer than the model allows; the message gives both numbers."""
+
+
+class ColdTierError(KvslimError, OSError):
+    """The cold tier of a tiered cache failed under a live cache (its file deleted or truncated, the disk full); the
+    message names the file. The cache cannot answer correctly any more and must be rebuilt."""

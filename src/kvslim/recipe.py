@@ -87,6 +87,20 @@ _V4 = {
     "pool": (str, "mean", "pooling weights: mean | norm | attn"),
     **_WQ,
 }
+_RECALL = {
+    "m": (int, 32, "tokens per block (one summary each)"),
+    "k": (int, 8, "blocks fetched from the cold tier per query and KV head (0 = all: lossless)"),
+    "w": (int, 128, "exact recent tokens"),
+    "sinks": (int, 4, "exact first tokens"),
+    "summary": (str, "bbox", "block summary: mean | bbox (Quest min/max bound) | reps (r representative keys)"),
+    "r": (int, 2, "reps: representative keys per block"),
+    "nbr": (int, 0, "neighbour blocks fetched on each side of a selected block"),
+    "gqa": (str, "max", "combine a KV group's query heads: max | sum"),
+    "store": (str, "ram", "cold tier: ram | disk (memory-mapped files)"),
+    "cold": (str, "none", "codec of the cold tier: none (exact) | fp16 | bf16 | fp8 | fp4 | tq1..tq4"),
+    "dir": (str, "", "disk: folder for the cold files (default: a temporary folder, removed with the cache)"),
+    "prefill": (str, "dense", "prefill attention: dense (exact, cold read in chunks) | select (top-k per query)"),
+}
 _LATENT = {"r": (int, 64, "latent rank per KV head (<= head dim)"), "calib": (int, 2048, "calibration tokens")}
 
 # kind -> (one-line description, parameters)
@@ -97,6 +111,7 @@ KINDS: dict[str, tuple[str, dict[str, tuple[type, Any, str]]]] = {
     "heavy": ("HCA-like: tokens leaving the window pooled m:1, all entries attended", _HEAVY),
     "v4": ("DeepSeek-V4-like interleave: CSA and HCA layers alternate over the global layers", _V4),
     "latent": ("MLA-like low-rank keys/values on a basis calibrated on pydoc_data.topics", _LATENT),
+    "recall": ("tiered: block summaries + window hot, exact tokens cold, top-k blocks fetched per query", _RECALL),
 }
 
 # named presets: name -> (recipe text, description)
@@ -131,6 +146,7 @@ class LayerSpec:
     sliding: int | None = None
     label: str = "full"
     window_codec: str = ""  # storage of the exact window when it differs from ``codec`` ("" = same)
+    options: tuple[tuple[str, Any], ...] = ()  # every parameter of the recipe, for kinds that read more
 
 
 @dataclass(frozen=True)
@@ -171,6 +187,8 @@ class Recipe:
             raise InvalidInput(f"{self.kind}: wq must be 0 or 1, got {p['wq']}")
         if "pool" in p and p["pool"] not in POOLS:
             raise InvalidInput(f"{self.kind}: pool must be one of {', '.join(POOLS)}, got {p['pool']!r}")
+        if self.kind == "recall":
+            _check_recall(p)
 
     def get(self, key: str) -> Any:
         return dict(self.params)[key]
@@ -227,10 +245,33 @@ class Recipe:
                         codec=self.codec, label="csa" if csa else "hca", window_codec=wcodec,
                     )
                 )
+            elif self.kind == "recall":
+                specs.append(
+                    LayerSpec(
+                        mode="recall", window=p["w"], sinks=p["sinks"], block=p["m"], topk=p["k"], codec=self.codec,
+                        label="recall", window_codec=wcodec, options=tuple(p.items()),
+                    )
+                )
             else:  # latent
                 specs.append(LayerSpec(mode="latent", rank=p["r"], codec=self.codec, label="latent"))
             n_global += 1
         return specs
+
+
+def _check_recall(p: dict[str, Any]) -> None:
+    from .cache.cold import COLD_STORES
+    from .cache.summaries import GQA_MODES, SUMMARIES
+
+    choices = {"summary": SUMMARIES, "gqa": GQA_MODES, "store": COLD_STORES, "prefill": ("dense", "select")}
+    for key, allowed in choices.items():
+        if p[key] not in allowed:
+            raise InvalidInput(f"recall: {key} must be one of {', '.join(allowed)}, got {p[key]!r}")
+    if p["r"] < 1:
+        raise InvalidInput(f"recall: r must be at least 1, got {p['r']}")
+    if p["cold"] not in CODECS or p["cold"].startswith("kivi") or p["cold"] in ("tq2.5", "tq3.5"):
+        raise InvalidInput(f"recall: cold codec must be none, fp16, bf16, fp8, fp4, tq1..tq4 or tqprod2..4, got {p['cold']!r}")
+    if p["dir"] and p["store"] != "disk":
+        raise InvalidInput("recall: dir= names the folder of the disk store; add store=disk")
 
 
 def _valid_keys(kind: str) -> str:

@@ -37,6 +37,7 @@ class KvslimCache(Cache):
         self.recipe = recipe
         self._model_ref = model
         self.previous_attn = previous_attn
+        self.tier = None  # the cold tier of tiered layers (recall), set by make_cache
 
     def nbytes(self) -> int:
         """Bytes held by every layer (packed K/V, side tensors, latent bases) plus each codec's constants once."""
@@ -57,7 +58,26 @@ class KvslimCache(Cache):
         return out
 
     def layer_labels(self) -> list[str]:
-        return [layer.spec.label for layer in self.layers]
+        return [getattr(layer, "label", None) or layer.spec.label for layer in self.layers]
+
+    def tier_nbytes(self) -> dict[str, int]:
+        """Bytes by tier: ``hot`` (= ``nbytes()``), ``cold`` (rows in the cold tier), and the cold bytes fetched:
+        ``fetched_last_step`` (the last decode step, all layers), ``fetched_total`` and ``fetched_tokens_last_step``
+        (per KV head, summed over layers). Caches without a cold tier report zeros for the cold figures."""
+        cold = fetched = total = tokens = 0
+        for layer in self.layers:
+            if hasattr(layer, "cold_nbytes") and layer.is_initialized:
+                cold += layer.cold_nbytes()
+                fetched += layer.last_fetched_bytes
+                total += layer.cold_k.fetched_bytes + layer.cold_v.fetched_bytes
+                tokens += layer.last_fetched_tokens
+        return {"hot": self.nbytes(), "cold": cold, "fetched_last_step": fetched, "fetched_total": total,
+                "fetched_tokens_last_step": tokens}  # fmt: skip
+
+    def close(self) -> None:
+        """Release the cold tier (its files and temporary folder); the cache cannot be used afterwards."""
+        if self.tier is not None:
+            self.tier.close()
 
     def restore_attention(self) -> None:
         """Switch the model back to the attention implementation it had before ``make_cache``."""
@@ -104,6 +124,13 @@ def check_recipe(model: Any, recipe: str | Recipe) -> tuple[Recipe, list[LayerSp
             raise InvalidInput(f"latent rank r={spec.rank} exceeds the model's head dim {d}; use r <= {d}")
     for spec in specs:  # refuses unknown/unavailable codecs (or a dim they cannot take) up front
         make_storage_codec(r.codec, spec.rank if spec.mode == "latent" else d, role="key")
+        if spec.mode == "recall":
+            from .cold import _check_folder, check_cold_codec
+
+            opts = dict(spec.options)
+            check_cold_codec(opts["cold"], d)
+            if opts["dir"]:
+                _check_folder(opts["dir"])
     return r, specs
 
 
@@ -124,9 +151,20 @@ def make_cache(model: Any, recipe: str | Recipe = "full", *, tokenizer: Any = No
         from .latent import latent_bases
 
         bases = latent_bases(model, latent_layers, types, r.get("r"), r.get("calib"), tokenizer)
-    layers = []
+    layers: list[Any] = []
+    tier = None
     pool: dict[tuple, Any] = {}  # codec instances shared by layers (one rotation per codec, dim and role)
     for i, spec in enumerate(specs):
+        if spec.mode == "recall":
+            from .cold import ColdTier
+            from .recall import RecallLayer
+
+            opts = dict(spec.options)
+            if tier is None:
+                tier = ColdTier(opts["store"], opts["dir"] or None)
+            opts.update(codec=spec.codec, window_codec=spec.window_codec)
+            layers.append(RecallLayer(opts, tier, f"layer{i}"))
+            continue
         inv = inv_freq_for_layer(model, types[i]) if spec.mode in ("blocks", "latent") else None
         basis = bases.get(i)
         if basis is not None:
@@ -144,7 +182,9 @@ def make_cache(model: Any, recipe: str | Recipe = "full", *, tokenizer: Any = No
     ensure_registered()
     previous = current_attn(model)
     switch_attention(model, ATTN_NAME)
-    return KvslimCache(layers, r, model, previous if previous != ATTN_NAME else "sdpa")
+    cache = KvslimCache(layers, r, model, previous if previous != ATTN_NAME else "sdpa")
+    cache.tier = tier
+    return cache
 
 
 @contextlib.contextmanager

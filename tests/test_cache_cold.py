@@ -80,9 +80,9 @@ def test_user_folder_keeps_folder_removes_files(tmp_path):
     tier = ColdTier("disk", tmp_path)
     s = _stream(tier)
     s.append(torch.randn(1, 1, 5, 16))
-    assert (tmp_path / "l0.k.cold").exists()
+    assert [p.name for p in tmp_path.glob("l0.k-*.cold")] == [s.path.name]
     tier.close()
-    assert tmp_path.exists() and not (tmp_path / "l0.k.cold").exists()
+    assert tmp_path.exists() and not list(tmp_path.glob("*.cold"))
 
 
 def test_temporary_folder_removed_when_collected():
@@ -148,7 +148,7 @@ def test_a_real_file_size_limit_is_reported(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "ERR cold file" in out.stdout and "l0.v.cold" in out.stdout
+    assert "ERR cold file" in out.stdout and "l0.v-" in out.stdout
 
 
 def test_batch_reorder(tmp_path):
@@ -158,3 +158,21 @@ def test_batch_reorder(tmp_path):
     s.append(x)
     s.select_batch(lambda t: t[torch.tensor([2, 0])])
     assert torch.equal(s.read(0, 9), x[[2, 0]])
+
+
+@pytest.mark.parametrize("store", ["ram", "disk"])
+def test_deep_copy_has_its_own_rows(store, tmp_path):
+    import copy
+
+    tier = ColdTier(store, tmp_path if store == "disk" else None)
+    s = _stream(tier)
+    x = torch.randn(1, 2, 30, 16)
+    s.append(x)
+    c = copy.deepcopy(s)
+    c.append(torch.zeros(1, 2, 5, 16))
+    assert s.n == 30 and c.n == 35 and torch.equal(c.read(0, 30), x)
+    if store == "disk":
+        assert c.path != s.path and c.path.parent == tmp_path
+    del c
+    gc.collect()
+    assert torch.equal(s.read(0, 30), x)

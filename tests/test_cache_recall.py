@@ -141,3 +141,19 @@ def test_deleted_cold_file_fails_loudly(models, tmp_path):
             _logits(model, cache, ids[:, :1], [1])
         cache.close()
     assert not list(tmp_path.glob("*.cold"))
+
+
+@pytest.mark.parametrize("store", ["ram", "disk"])
+def test_deep_copy_continues_like_the_original(models, store):
+    """The niah harness scores answers on a deep copy of the prefilled cache."""
+    import copy
+
+    model = models["llama"]
+    ids = _ids(50)
+    with compressed(model, f"recall:{SMALL},k=2,store={store}") as cache:
+        _logits(model, cache, ids[:, :45], [45])
+        twin = copy.deepcopy(cache)
+        a = _logits(model, twin, ids[:, 45:], [1] * 5)
+        b = _logits(model, cache, ids[:, 45:], [1] * 5)
+        assert torch.equal(a, b)
+        assert twin.tier_nbytes()["cold"] == cache.tier_nbytes()["cold"] > 0

@@ -7,7 +7,7 @@ packed fields of the codec side by side (``none`` = the model dtype, lossless; `
 contiguous run, in
 
 * ``ram``: a uint8 tensor on the CPU (pinned when the cache computes on a GPU), grown by 1.5x;
-* ``disk``: a file ``<folder>/<name>.cold`` reserved in steps (``posix_fallocate``, so a full disk is reported when
+* ``disk``: a file ``<folder>/<name>-<unique>.cold`` reserved in steps (``posix_fallocate``, so a full disk is reported when
   space is reserved, never as a crash on a mapped page), written with ``pwrite`` and read through ``mmap``.
 
 ``fetch(idx [b, h, k])`` decodes just those rows; ``read(start, stop)`` a run of tokens (dense reading, chunk by
@@ -23,6 +23,7 @@ names only the tier's own files are removed.
 
 from __future__ import annotations
 
+import copy
 import mmap
 import os
 import shutil
@@ -89,6 +90,13 @@ class ColdTier:
             else:
                 self.folder = _check_folder(Path(folder))
 
+    def __deepcopy__(self, memo: dict) -> ColdTier:
+        """A copy with its own files (in a new temporary folder, or beside these in the user's folder)."""
+        user = self.folder if self._finalizer is None else None
+        new = ColdTier(self.store, user)
+        memo[id(self)] = new
+        return new
+
     def stream(self, name: str, codec: Any, out_dtype: torch.dtype, device: torch.device) -> ColdStream:
         s = ColdStream(self, name, codec, out_dtype, device)
         self.streams.append(s)
@@ -109,9 +117,12 @@ class ColdTier:
 class _File:
     """The OS resources of one disk stream, closed by a finalizer that does not keep the stream alive."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    def __init__(self, folder: Path, stem: str) -> None:
+        try:  # a unique name: several caches may share the user's folder
+            self.fd, name = tempfile.mkstemp(dir=folder, prefix=f"{stem}-", suffix=".cold")
+        except OSError as e:
+            raise ColdTierError(f"cannot create a cold file in {folder} ({e.strerror})") from None
+        self.path = Path(name)
         self.map: mmap.mmap | None = None
         self.view: np.ndarray | None = None
 
@@ -150,8 +161,24 @@ class ColdStream:
         self.file: _File | None = None
         self._finalizer = None
         if tier.store == "disk":
-            self.file = _File(tier.folder / f"{name}.cold")
+            self.file = _File(tier.folder, name)
             self._finalizer = weakref.finalize(self, self.file.close)
+
+    def __deepcopy__(self, memo: dict) -> ColdStream:
+        tier = copy.deepcopy(self.tier, memo)
+        new = tier.stream(self.name, copy.deepcopy(self.codec, memo), self.out_dtype, self.device)
+        memo[id(self)] = new
+        new.layout, new.template, new.row_bytes, new.bh = self.layout, self.template, self.row_bytes, self.bh
+        new.fetched_bytes, new.read_bytes = self.fetched_bytes, self.read_bytes
+        if self.n:
+            self._check()
+            new._grow(self.n)
+            if new.file is None:
+                new.rows[: self.n] = self.rows[: self.n]
+            else:
+                new._write(np.ascontiguousarray(self.file.view[: self.n]).tobytes(), 0)
+            new.n = self.n
+        return new
 
     @property
     def path(self) -> Path | None:
@@ -228,16 +255,17 @@ class ColdStream:
         if self.file is None:
             self.rows[self.n : self.n + n_new] = rows
         else:
-            f = self.file
-            per_token = rows[0].numel()
-            data = rows.numpy().tobytes()
-            try:
-                written = os.pwrite(f.fd, data, self.n * per_token)
-            except OSError as e:
-                raise ColdTierError(f"cold file {f.path}: write failed ({e.strerror})") from None
-            if written != len(data):
-                raise ColdTierError(f"cold file {f.path}: short write ({written} of {len(data)} bytes)")
+            self._write(rows.numpy().tobytes(), self.n * rows[0].numel())
         self.n += n_new
+
+    def _write(self, data: bytes, offset: int) -> None:
+        f = self.file
+        try:
+            written = os.pwrite(f.fd, data, offset)
+        except OSError as e:
+            raise ColdTierError(f"cold file {f.path}: write failed ({e.strerror})") from None
+        if written != len(data):
+            raise ColdTierError(f"cold file {f.path}: short write ({written} of {len(data)} bytes)")
 
     def _check(self) -> None:
         """Refuse to read a file deleted or truncated under the live cache."""

@@ -24,7 +24,8 @@ def register(app: typer.Typer) -> None:
         """Answer PROMPT greedily; print the answer, tokens/s and the KV-cache bytes held at the end.
 
         The bytes are measured from the cache's tensors; their ratio to a 16-bit full cache of the same tokens is computed
-        exactly from the model config and the token count. --recipe picks a compressed cache (see `kvslim recipes`)."""
+        exactly from the model config and the token count. --recipe picks a compressed cache (see `kvslim recipes`);
+        a tiered recipe (recall) also reports its cold bytes and the cold bytes fetched per decode step."""
         from ..cache import make_cache
         from ..errors import InvalidInput
         from ..generation import generate
@@ -56,3 +57,10 @@ def register(app: typer.Typer) -> None:
             f"{res.kv_ratio:.3f}x a 16-bit full cache of the same {res.kv_tokens} tokens "
             f"({fmt_bytes(res.kv_full16_bytes)}, computed from the config)[/]"
         )
+        if res.kv_cold_bytes:
+            steps = max(1, res.new_tokens - 1)  # the first token comes from the prefill, which fetches nothing
+            console.print(
+                f"[dim]tiers: hot {fmt_bytes(res.kv_bytes)} (above), cold {fmt_bytes(res.kv_cold_bytes)} "
+                f"({res.kv_cold_bytes:,} B); fetched from cold: {fmt_bytes(res.kv_fetched_last_step)} in the last decode "
+                f"step, {fmt_bytes(res.kv_fetched_total // steps)} per decode step on average[/]"
+            )

@@ -57,7 +57,7 @@ def _peak_rss() -> int:
 
 
 def _prompt_ids(tok, n: int) -> torch.Tensor:
-    from kvslim.cache.latent import _calibration_text
+    from kvslim.cache.calibration import _calibration_text
 
     text = _calibration_text(n * 6)
     ids = tok(text, return_tensors="pt")["input_ids"][:, :n]
@@ -90,16 +90,14 @@ def _run_one(model, tok, ids, recipe: str, decode: int) -> dict:
                 nxt = out.logits[:, -1:].argmax(-1)
         kv = cache_nbytes(cache)
         tiers = cache.tier_nbytes() if hasattr(cache, "tier_nbytes") else {}
-        tiered = [layer for layer in cache.layers if hasattr(layer, "cold_nbytes")]
-        context = ids.shape[1] + decode - 1  # tokens before the last decode step's own
-        share = tiers.get("fetched_tokens_last_step", 0) / (len(tiered) * context) if tiered else 0.0
+        tiered = [layer for layer in cache.layers if hasattr(layer, "fetched_tokens")]
+        context = ids.shape[1] + decode  # tokens the last decode step's query sees, itself included
+        share = sum(layer.fetched_tokens for layer in tiered) / (len(tiered) * context) if tiered else 0.0
     finally:
-        if recipe != "dynamic":
-            cache.restore_attention()
-            if hasattr(cache, "close"):
-                cache.close()
+        if recipe != "dynamic" and hasattr(cache, "close"):
+            cache.close()
     return {"prefill_s": prefill, "decode_ms": 1000 * statistics.median(steps), "kv_bytes": kv, "peak_rss": _peak_rss(),
-            "cold_bytes": tiers.get("cold", 0), "fetched_bytes_step": tiers.get("fetched_last_step", 0),
+            "cold_bytes": tiers.get("cold", 0), "fetched_bytes_step": tiers.get("fetched", 0),
             "fetched_share": share}
 
 

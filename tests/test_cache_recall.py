@@ -9,6 +9,8 @@ import torch
 from transformers import DynamicCache
 
 from kvslim.cache import compressed, make_cache
+from kvslim.cache.build import predict_nbytes
+from kvslim.cache.method import ModelShape
 from kvslim.errors import ColdTierError, InvalidInput
 from kvslim.testing import tiny_gemma3, tiny_llama
 
@@ -47,7 +49,7 @@ def test_lossless_when_every_block_is_fetched(models, arch, opts):
     with compressed(model, f"recall:{opts}") as cache:
         out = _greedy(model, ids, cache)
         tiers = cache.tier_nbytes()
-        assert tiers["cold"] > 0 and tiers["fetched_last_step"] > 0
+        assert tiers["cold"] > 0 and tiers["fetched"] > 0
     assert torch.equal(out, ref), opts
 
 
@@ -87,8 +89,8 @@ def test_selection_changes_the_answer_only_through_k(models):
         few = _logits(model, c, ids, [59, 1])
         t = c.tier_nbytes()
         # 2 layers x 2 KV heads x 4 tokens x (K + V) x 16 dims x 4 bytes
-        assert t["fetched_last_step"] == 2 * 2 * 4 * 2 * 16 * 4
-        assert t["fetched_tokens_last_step"] == 2 * 4
+        assert t["fetched"] == 2 * 2 * 4 * 2 * 16 * 4
+        assert [layer.fetched_tokens for layer in c.layers] == [4, 4]
     with compressed(model, f"recall:{SMALL},k=100") as c:
         allb = _logits(model, c, ids, [59, 1])
     assert torch.allclose(few[:, :59], allb[:, :59], atol=1e-5)  # dense prefill
@@ -105,6 +107,16 @@ def test_hot_and_cold_bytes_are_exact(models):
         per_layer_hot = 2 * (2 * exact * 16 * 4) + 2 * n_blocks * 2 * 16 * 4 + exact + n_blocks
         assert c.nbytes() == 2 * per_layer_hot
         assert c.tier_nbytes()["cold"] == 2 * 2 * 2 * n_blocks * 4 * 16 * 4
+        shape = ModelShape.from_model(model)
+        for recipe in (f"recall:{SMALL},k=2,summary=bbox", f"recall:{SMALL},k=2,summary=reps,r=3+fp8"):
+            with compressed(model, recipe) as c2:
+                _logits(model, c2, ids, [45])
+                measured = [layer.nbytes(include_codec_state=False) for layer in c2.layers]
+                assert measured == predict_nbytes(shape, recipe, 45)
+                pred = c2.layers[0].predict(c2.layers[0].spec, 46, shape)
+                _logits(model, c2, ids[:, :1], [1])
+                assert pred["fetched"] == c2.layers[0].tier_nbytes()["fetched"]
+                assert pred["cold"] == c2.layers[0].tier_nbytes()["cold"]
 
 
 def test_batch_of_two_left_padded(models):
@@ -121,7 +133,7 @@ def test_batch_of_two_left_padded(models):
 
 def test_bad_parameters_refused_before_allocation(models, tmp_path):
     model = models["llama"]
-    for bad in ("recall:summary=box", "recall:r=0", "recall:cold=kivi2", "recall:store=tape", "recall:dir=/x",
+    for bad in ("recall:summary=box", "recall:r=0", "recall:cold=kivi2", "recall:cold=tq2.5", "recall:store=tape", "recall:dir=/x",
                 "recall:prefill=sparse"):  # fmt: skip
         with pytest.raises(InvalidInput):
             make_cache(model, bad).restore_attention()

@@ -29,7 +29,6 @@ class GenerateResult:
     kv_full16_bytes: int = 0  # what a stock 16-bit DynamicCache holds for kv_tokens, computed from the config
     kv_cold_bytes: int = 0  # tiered caches: bytes in the cold tier (kv_bytes is the hot tier)
     kv_fetched_last_step: int = 0  # cold bytes the last decode step fetched (all layers)
-    kv_fetched_total: int = 0  # cold bytes fetched by all decode steps
 
     @property
     def kv_ratio(self) -> float:
@@ -53,7 +52,6 @@ class GenerateResult:
             "kv_ratio_vs_full16": round(self.kv_ratio, 4),
             "kv_cold_bytes": self.kv_cold_bytes,
             "kv_fetched_last_step": self.kv_fetched_last_step,
-            "kv_fetched_total": self.kv_fetched_total,
         }
 
 
@@ -122,7 +120,7 @@ def generate(
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )
     seconds = time.perf_counter() - t0
-    from .cache.build import full16_nbytes
+    from .hf_config import full16_nbytes
 
     seen = int(cache.get_seq_length())
     new = out[0, n_prompt:]
@@ -137,6 +135,5 @@ def generate(
         kv_tokens=seen,
         kv_full16_bytes=full16_nbytes(model, seen),
         kv_cold_bytes=tiers.get("cold", 0),
-        kv_fetched_last_step=tiers.get("fetched_last_step", 0),
-        kv_fetched_total=tiers.get("fetched_total", 0),
+        kv_fetched_last_step=tiers.get("fetched", 0),
     )

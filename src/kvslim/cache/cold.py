@@ -39,24 +39,31 @@ import torch
 from ..errors import ColdTierError, InvalidInput
 from .storage import make_storage_codec
 
-__all__ = ["COLD_STORES", "ColdStream", "ColdTier", "check_cold_codec"]
+__all__ = ["COLD_STORES", "ColdStream", "ColdTier", "check_cold_codec", "check_folder", "cold_codecs"]
 
 COLD_STORES = ("ram", "disk")
 _RESERVE_TOKENS = 256  # smallest growth step (tokens)
 
 
+def cold_codecs() -> tuple[str, ...]:
+    """Codec names a cold tier can store: ``none`` and every per-token, uncalibrated K/V format."""
+    from ..formats import REGISTRY, codec_formats
+
+    ok = [n for n in codec_formats("gqa") if not (REGISTRY[n].append_only or REGISTRY[n].calibrated or REGISTRY[n].per_role)]
+    return ("none", *ok)
+
+
 def check_cold_codec(name: str, dim: int) -> Any:
     """The codec for cold rows of dim ``dim``; refuses codecs whose rows are not independent per token."""
-    codec = make_storage_codec(name, dim, role="key")
-    if type(codec).__name__ == "KiviCodec" or getattr(codec, "calibrated", True) is False:
+    if name not in cold_codecs():
         raise InvalidInput(
-            f"cold codec {name!r} shares scales between tokens or calibrates on the first data; "
-            "use none, fp16, bf16, fp8, fp4, tq1..tq4 or tqprod2..4"
+            f"cold codec {name!r} is not one a cold tier can hold (its rows must be independent per token); "
+            f"use one of {', '.join(cold_codecs())}"
         )
-    return codec
+    return make_storage_codec(name, dim, role="key")
 
 
-def _check_folder(folder: Path) -> Path:
+def check_folder(folder: Path) -> Path:
     folder = Path(folder).expanduser()
     if not folder.exists():
         raise InvalidInput(f"cold folder {folder} does not exist: create it or leave the folder unset (a temp folder)")
@@ -88,7 +95,7 @@ class ColdTier:
                 self.folder = Path(tempfile.mkdtemp(prefix="kvslim-cold-"))
                 self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
             else:
-                self.folder = _check_folder(Path(folder))
+                self.folder = check_folder(Path(folder))
 
     def __deepcopy__(self, memo: dict) -> ColdTier:
         """A copy with its own files (in a new temporary folder, or beside these in the user's folder)."""

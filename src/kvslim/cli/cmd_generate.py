@@ -58,9 +58,8 @@ def register(app: typer.Typer) -> None:
             f"({fmt_bytes(res.kv_full16_bytes)}, computed from the config)[/]"
         )
         if res.kv_cold_bytes:
-            steps = max(1, res.new_tokens - 1)  # the first token comes from the prefill, which fetches nothing
             console.print(
                 f"[dim]tiers: hot {fmt_bytes(res.kv_bytes)} (above), cold {fmt_bytes(res.kv_cold_bytes)} "
-                f"({res.kv_cold_bytes:,} B); fetched from cold: {fmt_bytes(res.kv_fetched_last_step)} in the last decode "
-                f"step, {fmt_bytes(res.kv_fetched_total // steps)} per decode step on average[/]"
+                f"({res.kv_cold_bytes:,} B); the last decode step fetched {fmt_bytes(res.kv_fetched_last_step)} "
+                f"({res.kv_fetched_last_step:,} B) from the cold tier[/]"
             )

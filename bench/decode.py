@@ -76,29 +76,26 @@ def _run_one(model, tok, ids, recipe: str, decode: int) -> dict:
         cache = DynamicCache(config=model.config)
     else:
         cache = make_cache(model, recipe, tokenizer=tok)
-    try:
-        with torch.inference_mode():
+    with torch.inference_mode():
+        t0 = _now()
+        out = model(ids, cache=cache, logits_to_keep=1)
+        prefill = _now() - t0
+        nxt = out.logits[:, -1:].argmax(-1)
+        steps = []
+        for _ in range(decode):
             t0 = _now()
-            out = model(ids, cache=cache, logits_to_keep=1)
-            prefill = _now() - t0
+            out = model(nxt, cache=cache)
+            steps.append(_now() - t0)
             nxt = out.logits[:, -1:].argmax(-1)
-            steps = []
-            for _ in range(decode):
-                t0 = _now()
-                out = model(nxt, cache=cache)
-                steps.append(_now() - t0)
-                nxt = out.logits[:, -1:].argmax(-1)
-        kv = cache_nbytes(cache)
-        tiers = cache.tier_nbytes() if hasattr(cache, "tier_nbytes") else {}
-        tiered = [layer for layer in cache.layers if hasattr(layer, "fetched_tokens")]
-        context = ids.shape[1] + decode  # tokens the last decode step's query sees, itself included
-        share = sum(layer.fetched_tokens for layer in tiered) / (len(tiered) * context) if tiered else 0.0
-    finally:
-        if recipe != "dynamic" and hasattr(cache, "close"):
-            cache.close()
+    kv = cache_nbytes(cache)
+    tiers = cache.tier_nbytes() if hasattr(cache, "tier_nbytes") else {}
+    tiered = [layer for layer in cache.layers if hasattr(layer, "fetched_tokens")]
+    context = ids.shape[1] + decode  # tokens the last decode step's query sees, itself included
+    share = sum(layer.fetched_tokens for layer in tiered) / (len(tiered) * context) if tiered else 0.0
+    if hasattr(cache, "close"):
+        cache.close()  # a tiered cache's cold files
     return {"prefill_s": prefill, "decode_ms": 1000 * statistics.median(steps), "kv_bytes": kv, "peak_rss": _peak_rss(),
-            "cold_bytes": tiers.get("cold", 0), "fetched_bytes_step": tiers.get("fetched", 0),
-            "fetched_share": share}
+            "cold_bytes": tiers.get("cold", 0), "fetched_bytes_step": tiers.get("fetched", 0), "fetched_share": share}
 
 
 def _warm_up(model, tok) -> None:

@@ -14,8 +14,9 @@ A decode query at column ``t`` scores the ``n(t)`` blocks out of its window per 
 combined by ``gqa``), fetches the exact tokens of the top ``k`` (+ ``nbr`` neighbours each side) and attends
 exactly over sinks + fetched tokens + window; the bytes fetched are counted (``tier_nbytes()["fetched"]``).
 Prefill: ``dense`` (default) attends exactly to every earlier token, the cold tier read chunk by chunk and merged
-by log-sum-exp (:mod:`kvslim.cache.segments`); ``select`` applies the decode rule to every prefill query. Both
-depend only on the query's column, so one-shot == chunked == token-by-token; ``k=0`` (all blocks) is lossless.
+by log-sum-exp (:mod:`kvslim.cache.segments`); ``select`` applies the decode rule to every prefill query, so
+what a query sees depends only on its column: one-shot == chunked == token-by-token. ``dense`` agrees over chunks
+of two or more tokens; a one-token forward is a decode step (it selects). ``k=0`` (all blocks) is lossless.
 Index letters: b batch, h KV head, g group, s queries, n tokens, j blocks, d dim.
 """
 
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import InvalidInput
+from ...formats import REGISTRY
 from ..base import BaseLayer, LayerSpec, stream_nbytes
 from ..cold import COLD_STORES, ColdTier, check_cold_codec, check_folder, cold_codecs
 from ..method import Method, Params, param, register
@@ -83,7 +85,9 @@ class Recall(Method):
     summary = "tiered: block summaries + window hot, exact tokens cold, top-k blocks fetched per query"
     Params = RecallParams
     lossless = ({"m": 4, "k": 0, "w": 16, "sinks": 2}, {"m": 4, "k": 0, "w": 16, "store": "disk", "prefill": "select"})
-    examples = ({"m": 4, "k": 2, "w": 8, "sinks": 2},
+    # prefill=select: every query follows the decode rule, so one-shot == chunked == token-by-token; the default
+    # prefill=dense is invariant over chunks of 2+ tokens only (a 1-token forward is a decode step: it selects)
+    examples = ({"m": 4, "k": 2, "w": 8, "sinks": 2, "prefill": "select"},
                 {"m": 4, "k": 1, "w": 8, "sinks": 2, "summary": "reps", "nbr": 1, "prefill": "select"})  # fmt: skip
 
     def check(self, shape: Any) -> list[str]:
@@ -211,7 +215,12 @@ class RecallLayer(BaseLayer):
             return s[:, :, :upto]
         new = self._block_summaries(tail_k, upto)
         x = new.reshape(self.batch, self.heads, -1, self.dim).to(self.dtype)
-        new = self.ck.decode(self.ck.encode(x)).to(self.dtype).reshape(new.shape)
+        fmt = REGISTRY.get(self.spec.codec)
+        if fmt is not None and fmt.append_only:  # KIVI: the newest vectors are held in fp16 until a group fills
+            x = x.half().to(self.dtype)
+        else:
+            x = self.ck.decode(self.ck.encode(x)).to(self.dtype)
+        new = x.reshape(new.shape)
         return new if s is None else torch.cat([s, new], 2)
 
     # ---- attention -------------------------------------------------------------------------------------------

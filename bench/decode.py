@@ -7,7 +7,8 @@ shared machine, other processes' load does not inflate them); ``--clock wall`` m
 every other row is ``kvslim.make_cache(model, recipe)``. Recipes run interleaved, ``--repeats`` rounds in rotated
 order, and each figure is the median over rounds, so machine load hits all rows alike. Peak RSS is the process's
 high-water mark during that row (``/proc/self/clear_refs`` reset before each row; Linux only, else the
-process-wide peak).
+process-wide peak). Tiered recipes (``recall``) also report their cold bytes, the cold bytes the last decode step
+fetched and the fetched share (tokens fetched per KV head and tiered layer / context) in the JSON rows.
 
 Prints a table, then one JSON line; writes ``results/decode.json``. Default: SmolLM2 at 1k/2k tokens with 8
 decode steps (a few minutes on two busy cores). The issue's full configuration::
@@ -87,7 +88,14 @@ def _run_one(model, tok, ids, recipe: str, decode: int) -> dict:
             steps.append(_now() - t0)
             nxt = out.logits[:, -1:].argmax(-1)
     kv = cache_nbytes(cache)
-    return {"prefill_s": prefill, "decode_ms": 1000 * statistics.median(steps), "kv_bytes": kv, "peak_rss": _peak_rss()}
+    tiers = cache.tier_nbytes() if hasattr(cache, "tier_nbytes") else {}
+    tiered = [layer for layer in cache.layers if hasattr(layer, "fetched_tokens")]
+    context = ids.shape[1] + decode  # tokens the last decode step's query sees, itself included
+    share = sum(layer.fetched_tokens for layer in tiered) / (len(tiered) * context) if tiered else 0.0
+    if hasattr(cache, "close"):
+        cache.close()  # a tiered cache's cold files
+    return {"prefill_s": prefill, "decode_ms": 1000 * statistics.median(steps), "kv_bytes": kv, "peak_rss": _peak_rss(),
+            "cold_bytes": tiers.get("cold", 0), "fetched_bytes_step": tiers.get("fetched", 0), "fetched_share": share}
 
 
 def _warm_up(model, tok) -> None:
@@ -144,6 +152,8 @@ def main() -> None:
                     "decode_speedup_vs_dynamic": round(base["decode_ms"] / med["decode_ms"], 3),
                     "kv_bytes": per[r][-1]["kv_bytes"], "kv_ratio_vs_full16": round(per[r][-1]["kv_bytes"] / full16, 4),
                     "peak_rss_mib": round(max(x["peak_rss"] for x in per[r]) / 2**20, 1),
+                    "cold_bytes": per[r][-1]["cold_bytes"], "fetched_bytes_step": per[r][-1]["fetched_bytes_step"],
+                    "fetched_share": round(per[r][-1]["fetched_share"], 4),
                 })
                 print_row(rows[-1], header=len(rows) == 1)
         del model

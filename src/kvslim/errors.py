@@ -6,7 +6,7 @@ non-zero, without a traceback. Messages say what was wrong and what to do instea
 
 from __future__ import annotations
 
-__all__ = ["KvslimError", "InvalidInput", "MissingModelPackage", "ContextTooLong", "KvslimWarning"]
+__all__ = ["KvslimError", "InvalidInput", "MissingModelPackage", "ContextTooLong", "ColdTierError", "KvslimWarning"]
 
 
 class KvslimError(Exception):
@@ -27,3 +27,8 @@ class ContextTooLong(InvalidInput):
 
 class KvslimWarning(UserWarning):
     """Something kvslim worked around but the user should know (the CLI prints it as one ``warning: ...`` line)."""
+
+
+class ColdTierError(KvslimError, OSError):
+    """The cold tier of a tiered cache failed under a live cache (its file deleted or truncated, the disk full); the
+    message names the file. The cache cannot answer correctly any more and must be rebuilt."""

@@ -27,6 +27,8 @@ class GenerateResult:
     cache: Any = field(default=None, repr=False)
     kv_tokens: int = 0  # tokens the cache has seen (prompt + generated - 1)
     kv_full16_bytes: int = 0  # what a stock 16-bit DynamicCache holds for kv_tokens, computed from the config
+    kv_cold_bytes: int = 0  # tiered caches: bytes in the cold tier (kv_bytes is the hot tier)
+    kv_fetched_last_step: int = 0  # cold bytes the last decode step fetched (all layers)
 
     @property
     def kv_ratio(self) -> float:
@@ -48,6 +50,8 @@ class GenerateResult:
             "kv_tokens": self.kv_tokens,
             "kv_full16_bytes": self.kv_full16_bytes,
             "kv_ratio_vs_full16": round(self.kv_ratio, 4),
+            "kv_cold_bytes": self.kv_cold_bytes,
+            "kv_fetched_last_step": self.kv_fetched_last_step,
         }
 
 
@@ -143,6 +147,7 @@ def generate(
 
     seen = int(cache.get_seq_length())
     new = out[0, past + n_prompt :]
+    tiers = cache.tier_nbytes() if callable(getattr(cache, "tier_nbytes", None)) else {}
     return GenerateResult(
         text=tokenizer.decode(new, skip_special_tokens=True).strip(),
         prompt_tokens=n_prompt,
@@ -152,4 +157,6 @@ def generate(
         cache=cache,
         kv_tokens=seen,
         kv_full16_bytes=full16_nbytes(model, seen),
+        kv_cold_bytes=tiers.get("cold", 0),
+        kv_fetched_last_step=tiers.get("fetched", 0),
     )

@@ -69,6 +69,13 @@ class KvslimCache(Cache):
         tiers = [layer.tier_nbytes() for layer in self.layers]
         return {"hot": self.nbytes(), "cold": sum(t["cold"] for t in tiers), "fetched": sum(t["fetched"] for t in tiers)}
 
+    def close(self) -> None:
+        """Release what layers hold outside the process's tensors (a tiered method's cold files); the cache
+        cannot be used afterwards. Garbage collection does the same."""
+        for layer in self.layers:
+            if callable(getattr(layer, "close", None)):
+                layer.close()
+
     def layer_labels(self) -> list[str]:
         return [layer.spec.label for layer in self.layers]
 

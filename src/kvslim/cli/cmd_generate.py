@@ -24,7 +24,8 @@ def register(app: typer.Typer) -> None:
         """Answer PROMPT greedily; print the answer, tokens/s and the KV-cache bytes held at the end.
 
         The bytes are measured from the cache's tensors; their ratio to a 16-bit full cache of the same tokens is computed
-        exactly from the model config and the token count. --recipe picks a compressed cache (see `kvslim recipes`)."""
+        exactly from the model config and the token count. --recipe picks a compressed cache (see `kvslim recipes`);
+        a tiered recipe (recall) also reports its cold bytes and the cold bytes fetched per decode step."""
         from ..cache import make_cache
         from ..errors import InvalidInput
         from ..generation import generate
@@ -54,3 +55,9 @@ def register(app: typer.Typer) -> None:
             f"{res.kv_ratio:.3f}x a 16-bit full cache of the same {res.kv_tokens} tokens "
             f"({fmt_bytes(res.kv_full16_bytes)}, computed from the config)[/]"
         )
+        if res.kv_cold_bytes:
+            console.print(
+                f"[dim]tiers: hot {fmt_bytes(res.kv_bytes)} (above), cold {fmt_bytes(res.kv_cold_bytes)} "
+                f"({res.kv_cold_bytes:,} B); the last decode step fetched {fmt_bytes(res.kv_fetched_last_step)} "
+                f"({res.kv_fetched_last_step:,} B) from the cold tier[/]"
+            )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-BUILTIN = ("full", "window", "blocks", "heavy", "v4", "latent")
+BUILTIN = ("full", "window", "blocks", "heavy", "v4", "latent", "recall")
 
 for _name in BUILTIN:
     importlib.import_module(f"{__name__}.{_name}")

@@ -1,0 +1,44 @@
+"""Exact attention over K/V given in segments (read one at a time), merged by log-sum-exp.
+
+``attend_segment`` attends queries to one segment and returns the partial output with its log-sum-exp;
+``merge`` combines partials into the attention over the union of the segments, exactly (up to float rounding).
+Used to attend densely over a cold tier read chunk by chunk. Index letters: b batch, h KV head, g query heads
+per KV head, s queries, n keys, d dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["attend_segment", "merge"]
+
+
+def attend_segment(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q [b, h*g, s, d]``, ``k/v [b, h, n, d]``, ``mask [b|1, h|1, s, n]`` (True = attend) ->
+    (``out [b, h*g, s, d]`` float32, ``lse [b, h*g, s]``; ``-inf`` where a query sees nothing here)."""
+    b, hq, s, d = q.shape
+    h = k.shape[1]
+    g = hq // h
+    logits = torch.matmul(q.float().reshape(b, h, g * s, d), k.float().transpose(-1, -2)) * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if mask is not None:
+        m = mask.expand(b, h, s, k.shape[2])[:, :, None].expand(b, h, g, s, k.shape[2])
+        logits = logits.masked_fill(~m.reshape(b, h, g * s, -1), float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    p = torch.exp(logits - lse).nan_to_num(0.0)
+    out = torch.matmul(p, v.float())
+    return out.reshape(b, hq, s, -1), lse.reshape(b, hq, s)
+
+
+def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Partials ``(out, lse)`` -> the attention over every segment ``[b, h*g, s, d]`` (float32)."""
+    if len(parts) == 1:
+        return parts[0][0]
+    lse = torch.stack([p[1] for p in parts])  # [P, b, hq, s]
+    total = torch.logsumexp(lse, dim=0)
+    w = torch.exp(lse - total).nan_to_num(0.0)
+    return sum(w[i][..., None] * parts[i][0] for i in range(len(parts)))

@@ -1,0 +1,77 @@
+"""Block summaries and selection: the bounding box bounds q.k, every block is selected when k >= blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvslim.cache.summaries import score_blocks, select_blocks, summarize
+from kvslim.errors import InvalidInput
+
+
+def _exact_block_max(q, keys, gqa):
+    """max over a block's tokens of q.k per query head, combined over the group like score_blocks."""
+    b, hq, s, d = q.shape
+    h = keys.shape[1]
+    per = torch.einsum("bhgsd,bhnmd->bhgsnm", q.reshape(b, h, hq // h, s, d), keys)
+    if gqa == "max":
+        return per.amax(-1).amax(2)
+    return per.sum(2).amax(-1)  # the group's summed logit of the best token
+
+
+@pytest.mark.parametrize("gqa", ["max", "sum"])
+def test_bbox_upper_bounds_every_key(gqa):
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(2, 3, 7, 8, 16, generator=g) * torch.rand(16, generator=g) * 3
+    q = torch.randn(2, 6, 5, 16, generator=g)
+    bound = score_blocks("bbox", q, summarize("bbox", keys), gqa)
+    exact = _exact_block_max(q, keys, gqa)
+    assert bound.shape == (2, 3, 5, 7)
+    assert (bound >= exact - 1e-4).all()
+    assert (bound > exact + 1e-3).any()  # a bound, not the exact value
+
+
+def test_reps_with_every_key_is_exact():
+    keys = torch.randn(1, 2, 4, 6, 8)
+    q = torch.randn(1, 4, 3, 8)
+    got = score_blocks("reps", q, summarize("reps", keys, r=6), "max")
+    assert torch.allclose(got, _exact_block_max(q, keys, "max"), atol=1e-5)
+
+
+def test_reps_start_from_the_largest_key_and_spread():
+    keys = torch.zeros(1, 1, 1, 4, 2)
+    keys[0, 0, 0] = torch.tensor([[1.0, 0], [0.9, 0.1], [-1, 0], [5, 0]])
+    reps = summarize("reps", keys, r=2)[0, 0, 0]
+    assert torch.equal(reps, torch.tensor([[5.0, 0], [-1, 0]]))
+
+
+def test_mean_and_padding():
+    keys = torch.arange(8.0).reshape(1, 1, 2, 4, 1)
+    valid = torch.tensor([[[True, True, False, False], [False] * 4]])
+    summ = summarize("mean", keys, valid)
+    assert summ[0, 0, 0, 0, 0] == 0.5 and summ[0, 0, 1, 0, 0] == 0.0
+    box = summarize("bbox", keys, valid)
+    assert box[0, 0, 0, :, 0].tolist() == [0.0, 1.0]
+
+
+def test_every_block_selected_when_k_covers_them():
+    scores = torch.randn(2, 3, 4, 9)
+    vis = torch.ones(1, 1, 4, 9, dtype=torch.bool)
+    vis[..., 0, 5:] = False  # the first query sees 5 blocks
+    idx, ok = select_blocks(scores, vis, k=9)
+    assert idx.shape == (2, 3, 4, 9)
+    assert ok[..., 0, :].sum(-1).eq(5).all() and ok[..., 1:, :].all()
+    assert torch.equal(idx[..., 0, :5], torch.arange(5).expand(2, 3, 5))
+
+
+def test_topk_with_neighbours():
+    scores = torch.zeros(1, 1, 1, 10)
+    scores[..., 4] = 5.0
+    scores[..., 9] = 4.0
+    vis = torch.ones(1, 1, 1, 10, dtype=torch.bool)
+    idx, ok = select_blocks(scores, vis, k=2, nbr=1)
+    assert idx[ok].tolist() == [3, 4, 5, 8, 9]
+    idx, ok = select_blocks(scores, vis, k=1)
+    assert idx[ok].tolist() == [4]
+    with pytest.raises(InvalidInput):
+        select_blocks(scores, vis, k=0)

@@ -71,7 +71,7 @@ def select_keep(
 
     The first ``min(sinks, budget)`` tokens and then the last ``min(recent, budget - sinks)`` are kept whatever
     their score; the remaining budget goes to the highest scores between them (ties: the earlier token).
-    ``valid [b, n]`` (False = padding) ranks padding last. ``budget >= n`` keeps everything.
+    ``valid [b, n]`` or ``[b, h, n]`` (False = padding) ranks padding last. ``budget >= n`` keeps everything.
     """
     b, h, n = scores.shape
     if budget >= n:
@@ -85,8 +85,9 @@ def select_keep(
     free = budget - ns - nr
     if free:
         mid = scores[..., lo:hi].float()
-        if valid is not None:
-            mid = mid.masked_fill(~valid[:, None, lo:hi], float("-inf"))
+        if valid is not None:  # [b, n] or per head [b, h, n]
+            vh = valid[:, None] if valid.ndim == 2 else valid
+            mid = mid.masked_fill(~vh[..., lo:hi], float("-inf"))
         # stable ranking: sort descending, ties keep their order (earlier token first)
         order = torch.sort(mid, dim=-1, descending=True, stable=True).indices[..., :free]
         parts.append(order + lo)
@@ -107,7 +108,7 @@ def causal_probs(
     """Attention probabilities ``[b, h, g, s, n]`` (float32) of queries ``q [b, h*g, s, d]`` over keys ``k [b, h, n, d]``.
 
     Query ``i`` sits at column ``first + i`` (default ``first = n - s``: the queries are the last ``s`` tokens)
-    and sees the columns up to its own. ``valid [b, n]`` (False = padding) hides padding columns.
+    and sees the columns up to its own. ``valid [b, n]`` or ``[b, h, n]`` (False = padding) hides padding columns.
     """
     b, hq, s, d = q.shape
     h, n = k.shape[1], k.shape[2]
@@ -120,10 +121,11 @@ def causal_probs(
         logits = torch.tanh(logits / softcap) * softcap
     cols = torch.arange(n, device=q.device)
     mask = cols[None, :] <= (first + torch.arange(s, device=q.device))[:, None]  # [s, n]
-    if valid is not None:
-        mask = mask[None] & valid[:, None, :]  # [b, s, n]
+    if valid is not None:  # [b, n] or per head [b, h, n]
+        vh = valid[:, None] if valid.ndim == 2 else valid
+        mask = mask[None, None] & vh[:, :, None, :]  # [b, h|1, s, n]
         mask = mask | ~mask.any(-1, keepdim=True)  # a padding query sees everything (its output is unused)
-        mask = mask[:, None, None]
+        mask = mask[:, :, None]
     return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
 
 

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import InvalidInput
 from .evict import EvictLayer, Policy
-from .scores import causal_probs, key_norm_scores, keep_budget, snapkv_scores, tova_scores
+from .scores import causal_probs, keep_budget, key_norm_scores, snapkv_scores, tova_scores
 
 __all__ = ["BASELINES", "H2O", "KeyNorm", "SnapKV", "Streaming", "TOVA", "make_evict_cache", "parse_baseline"]
 

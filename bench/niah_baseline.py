@@ -87,6 +87,41 @@ def run(args: argparse.Namespace) -> None:
             return
 
 
+def family(recipe: str) -> str:
+    """``baseline`` (the field's eviction methods), ``quant`` (full + a codec) or ``kvslim`` (kvslim's structures)."""
+    from kvslim.cache.baselines import BASELINES
+
+    head = recipe.partition("+")[0].partition(":")[0]
+    if head in BASELINES:
+        return "baseline"
+    return "reference" if recipe == "full" else "quant" if head == "full" else "kvslim"
+
+
+def frontier_lines(rows: list) -> list[str]:
+    """The memory/accuracy frontier in words, computed from the rows: the recipes no other recipe beats (at most the
+    bytes per token and at least the mean accuracy, one of them strictly), and for each baseline the cheapest kvslim
+    recipe (structure or quant-only) at least as accurate, if any."""
+    def beats(a, b) -> bool:
+        return (a.bytes_per_token <= b.bytes_per_token and a.mean_acc >= b.mean_acc
+                and (a.bytes_per_token < b.bytes_per_token or a.mean_acc > b.mean_acc))
+
+    front = sorted((r for r in rows if not any(beats(o, r) for o in rows)), key=lambda r: r.bytes_per_token)
+    out = ["Frontier (no recipe has fewer bytes per token and at least the accuracy): "
+           + ", ".join(f"`{r.recipe}` ({family(r.recipe)}, {r.bytes_per_token:.0f} B/token, acc {r.mean_acc:.2f})"
+                       for r in front) + "."]
+    ours = [r for r in rows if family(r.recipe) in ("kvslim", "quant")]
+    for b in sorted((r for r in rows if family(r.recipe) == "baseline"), key=lambda r: r.recipe):
+        win = [r for r in ours if r.mean_acc >= b.mean_acc and r.bytes_per_token <= b.bytes_per_token]
+        if win:
+            w = min(win, key=lambda r: r.bytes_per_token)
+            out.append(f"- `{b.recipe}` (acc {b.mean_acc:.2f}, {b.bytes_per_token:.0f} B/token): matched or beaten by "
+                       f"`{w.recipe}` (acc {w.mean_acc:.2f}, {w.bytes_per_token:.0f} B/token)")
+        else:
+            out.append(f"- `{b.recipe}` (acc {b.mean_acc:.2f}, {b.bytes_per_token:.0f} B/token): no kvslim recipe "
+                       "is as accurate at as few bytes")
+    return [*out, ""]
+
+
 def write_docs(args: argparse.Namespace) -> dict:
     from kvslim.eval.report import _frontier, markdown_table, summarize
     from kvslim.eval.store import ResultStore
@@ -140,6 +175,7 @@ def write_docs(args: argparse.Namespace) -> dict:
             for r in recs:
                 cells[r["recipe"]] = cells.get(r["recipe"], 0) + 1
             md += [markdown_table(s), "", "Cells per recipe: " + ", ".join(f"`{k}` {v}" for k, v in cells.items()) + ".", ""]
+            md += frontier_lines(s.rows)
             png = img / f"niah-frontier-{model}-{task}{'-aware' if aware else ''}.png"
             _frontier(s, png)
             md += [f"![{task} frontier on {model}, {mode}](img/{png.name})", ""]

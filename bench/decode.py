@@ -62,7 +62,7 @@ def _peak_rss() -> int:
 
 
 def _prompt_ids(tok, n: int) -> torch.Tensor:
-    from kvslim.cache.latent import _calibration_text
+    from kvslim.cache.calibration import _calibration_text
 
     text = _calibration_text(n * 6)
     ids = tok(text, return_tensors="pt")["input_ids"][:, :n]

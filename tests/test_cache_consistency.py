@@ -120,8 +120,10 @@ def test_bytes_held_match_the_layout(tiny_models):
         assert cache.layer_nbytes() == [data + state, data] and cache.nbytes() == 2 * data + state
 
 
-def test_refusals_before_allocation(tiny_models):
-    model = tiny_models["llama"]
+def test_refusals_before_allocation():
+    from kvslim.testing import tiny_llama
+
+    model = tiny_llama()  # fresh: a refused recipe must leave it untouched
     with pytest.raises(kvslim.InvalidInput, match="exceeds the model's head dim 16"):
         kvslim.make_cache(model, "latent:r=32")
     with pytest.raises(kvslim.InvalidInput, match="full_first=9 exceeds"):

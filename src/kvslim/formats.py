@@ -1,10 +1,10 @@
-"""Storage formats: how many bytes one stored vector takes (the byte contract shared by planner, codecs and caches).
+"""Storage formats: the one registry of how vectors are stored, what one stored vector costs, and which codec stores it.
 
 A *vector* is one token's key, or value, or MLA latent, or V4 entry, or indexer key, for one KV head, of dimension
-``d``. ``bytes_per_vector(fmt, d)`` is the contract every kvslim codec's packed storage must meet, and
-``vectors_nbytes(fmt, d, n, role)`` the exact bytes of a stream of ``n`` such vectors (it differs from
-``n * bytes_per_vector`` only for KIVI, whose newest tokens stay in fp16 and whose key scales are shared by groups of
-tokens). Per-codec constants shared by all vectors (rotation signs, codebooks, outlier indices) are *not* counted here:
+``d``. Each :class:`Format` declares its bytes-per-vector formula (the contract every codec's packed storage meets),
+its flags and its codec factory; the recipes (``kvslim.recipe.CODECS``), the codecs (``kvslim.quant.CODEC_NAMES``,
+``make_codec``), the planner, the compressed caches and ``kvslim.nn``'s packed V4 storage all read :data:`REGISTRY`.
+Per-codec constants shared by all vectors (rotation signs, codebooks, outlier indices) are *not* counted here:
 codecs report them as ``state_nbytes()``, once per cache layer.
 
 | name | layout | bytes per vector of dim d |
@@ -21,14 +21,22 @@ codecs report them as ``state_nbytes()``, once per cache layer.
 | fp8_ds_mla | FlashMLA V3.2 token: (d-64) e4m3 + fp32 scale per 128 + 64 bf16 RoPE | 656 at d = 576 |
 | fp8_ds_v4 | FlashMLA V4 entry: (d-64) e4m3 + ue8m0 scale per 64, padded to 8 B + 64 bf16 RoPE | 584 at d = 512 |
 
+Flags: ``lossless`` (exact for inputs in the storage dtype), ``append_only`` (stored as a stream that can only
+grow: KIVI's key scales are shared by groups of tokens, so a sliding window cannot drop its oldest tokens),
+``calibrated`` (fitted to the first vectors stored: never shared between layers or streams), ``chunk_invariant``
+(encoding a vector does not depend on the vectors stored with it, so chunked prefill stores what one-shot stores).
+
 KIVI streams (``vectors_nbytes``), after KIVI paper section 3.3 with G = 32, R = 128: keys are quantised R tokens at a
 time, so ``n % R`` newest keys are fp16 and the rest quantised; values are a FIFO whose ``min(n, R)`` newest are fp16.
+This module imports nothing heavy: codec factories are ``"module:function"`` paths resolved on first use.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import InvalidInput
@@ -37,11 +45,16 @@ __all__ = [
     "FORMATS",
     "KIVI_GROUP",
     "KIVI_RESIDUAL",
+    "REGISTRY",
+    "Format",
     "KVFormat",
     "bytes_per_vector",
     "check_format",
+    "codec_formats",
+    "get_format",
     "kivi_fp16_tokens",
     "parse_kv_format",
+    "register_format",
     "vectors_nbytes",
     "weight_bytes_per_param",
 ]
@@ -50,26 +63,162 @@ KIVI_GROUP = 32
 KIVI_RESIDUAL = 128
 ROPE_DIMS = 64  # the bf16 RoPE part of DeepSeek's production layouts
 
-FORMATS: tuple[str, ...] = (
-    "fp32", "fp16", "bf16", "fp8", "fp4",
-    "tq1", "tq2", "tq2.5", "tq3", "tq3.5", "tq4",
-    "tqprod2", "tqprod3", "tqprod4",
-    "kivi2", "kivi4",
-    "fp8_ds_mla", "fp8_ds_v4",
-)  # fmt: skip
+
+@dataclass(frozen=True)
+class Format:
+    """One storage format.
+
+    ``bytes(d, role)`` is the bytes-per-vector formula (raise ``InvalidInput`` for a dim the format cannot take);
+    ``stream_nbytes(d, n, role)``, when set, the exact bytes of a stream of ``n`` vectors (else ``n * bytes``).
+    ``codec`` is ``"module:function"``, the factory ``function(name, dim, seed, **options) -> Codec`` (``None``:
+    a layout the planner prices but no codec writes); ``store`` (append-only formats) ``"module:Class"`` of the
+    streaming store a cache keeps. ``kinds``: the layer kinds it fits (``gqa`` separate K and V per head, ``mla``
+    latents, ``v4`` shared K=V entries); ``index``: usable for indexer keys; ``per_role``: keys and values are encoded differently (one codec each).
+    """
+
+    name: str
+    description: str
+    bytes: Callable[[int, str], int | float]
+    codec: str | None = None
+    lossless: bool = False
+    append_only: bool = False
+    calibrated: bool = False
+    chunk_invariant: bool = True
+    kinds: tuple[str, ...] = ("gqa", "mla", "v4")
+    index: bool = True
+    per_role: bool = False
+    stream_nbytes: Callable[[int, int, str], int] | None = None
+    store: str | None = None
+
+    def make_codec(self, dim: int, seed: int = 0, **options) -> object:
+        """The codec for vectors of dimension ``dim`` (``InvalidInput`` when the format has none)."""
+        if self.codec is None:
+            raise InvalidInput(f"{self.name} is a layout the planner prices; no kvslim codec writes it")
+        return _resolve(self.codec)(self.name, dim, seed, **options)
+
+    def make_store(self, codec: object) -> object:
+        """The streaming store of an append-only format."""
+        return _resolve(self.store)(codec)
+
+
+def _resolve(path: str) -> Callable:
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _tq(bits: float) -> Callable[[int, str], int]:
+    return lambda d, role: math.ceil(d * bits / 8) + 2
+
+
+def _split(name: str, hi: int, lo: int, share: int) -> Callable[[int, str], int]:
+    def per(d: int, role: str) -> int:
+        if d % share:
+            raise InvalidInput(f"{name} puts d/{share} channels at {hi} bits; d={d} is not divisible by {share}")
+        return math.ceil(d // share * hi / 8) + math.ceil((share - 1) * d // share * lo / 8) + 4
+
+    return per
+
+
+def _tqprod(bits: int) -> Callable[[int, str], int]:
+    return lambda d, role: math.ceil(d * (bits - 1) / 8) + math.ceil(d / 8) + 4
+
+
+def _kivi(bits: int) -> Callable[[int, str], int | float]:
+    def per(d: int, role: str) -> int | float:
+        if role == "key":
+            amortised = 4 * d / KIVI_GROUP
+            return math.ceil(d * bits / 8) + (int(amortised) if amortised.is_integer() else amortised)
+        if role == "value":
+            return math.ceil(d * bits / 8) + 4 * math.ceil(d / KIVI_GROUP)
+        raise InvalidInput(f"KIVI role must be 'key' or 'value', got {role!r}")
+
+    return per
+
+
+def _kivi_stream(bits: int) -> Callable[[int, int, str], int]:
+    def stream(d: int, n: int, role: str) -> int:
+        codes = math.ceil(d * bits / 8)
+        fp = kivi_fp16_tokens(n, role)
+        q = n - fp
+        if role == "key":  # q is a multiple of R (hence of G): one fp16 scale + zero per channel per group of G tokens
+            return q * codes + (q // KIVI_GROUP) * 4 * d + fp * 2 * d
+        return q * (codes + 4 * math.ceil(d / KIVI_GROUP)) + fp * 2 * d
+
+    return stream
+
+
+def _ds(scales: Callable[[int], int]) -> Callable[[int, str], int]:
+    def per(d: int, role: str) -> int:
+        nope = d - ROPE_DIMS
+        if nope <= 0:
+            raise InvalidInput(f"this layout needs a dimension above {ROPE_DIMS} (NoPE + 64 RoPE dims), got {d}")
+        return nope + scales(nope) + 2 * ROPE_DIMS
+
+    return per
+
+
+_Q = "kvslim.quant.registry:"
+REGISTRY: dict[str, Format] = {}
+
+
+def register_format(fmt: Format) -> Format:
+    """Add ``fmt`` to the registry (its name must be new); returns it."""
+    if fmt.name in REGISTRY:
+        raise InvalidInput(f"storage format {fmt.name!r} is registered twice")
+    REGISTRY[fmt.name] = fmt
+    return fmt
+
+
+for _f in (
+    Format("fp32", "float32", lambda d, r: 4 * d, _Q + "plain", lossless=True),
+    Format("fp16", "float16", lambda d, r: 2 * d, _Q + "plain", lossless=True),
+    Format("bf16", "bfloat16", lambda d, r: 2 * d, _Q + "plain", lossless=True),
+    Format("fp8", "e4m3 codes + one fp32 scale per 128 values", lambda d, r: d + 4 * math.ceil(d / 128), _Q + "fp8"),
+    Format("fp4", "e2m1 codes + ue8m0 scale per 32 values", lambda d, r: math.ceil(d / 2) + math.ceil(d / 32),
+           _Q + "fp4"),
+    Format("tq1", "TurboQuant-MSE 1 bit", _tq(1), _Q + "tq"),
+    Format("tq2", "TurboQuant-MSE 2 bits", _tq(2), _Q + "tq"),
+    Format("tq2.5", "TurboQuant-MSE 2.5 bits, outlier channels at 3", _split("tq2.5", 3, 2, 4), _Q + "tq_split",
+           calibrated=True, chunk_invariant=False),
+    Format("tq3", "TurboQuant-MSE 3 bits", _tq(3), _Q + "tq"),
+    Format("tq3.5", "TurboQuant-MSE 3.5 bits, outlier channels at 4", _split("tq3.5", 4, 3, 2), _Q + "tq_split",
+           calibrated=True, chunk_invariant=False),
+    Format("tq4", "TurboQuant-MSE 4 bits", _tq(4), _Q + "tq"),
+    Format("tqprod2", "TurboQuant-prod 2 bits: 1-bit MSE + 1-bit QJL residual sketch", _tqprod(2), _Q + "tq_prod"),
+    Format("tqprod3", "TurboQuant-prod 3 bits", _tqprod(3), _Q + "tq_prod"),
+    Format("tqprod4", "TurboQuant-prod 4 bits", _tqprod(4), _Q + "tq_prod"),
+    Format("kivi2", "KIVI 2 bits, keys per channel, values per token", _kivi(2), _Q + "kivi", append_only=True,
+           chunk_invariant=False, kinds=("gqa",), per_role=True, stream_nbytes=_kivi_stream(2), store="kvslim.quant.kivi:KiviStore"),
+    Format("kivi4", "KIVI 4 bits", _kivi(4), _Q + "kivi", append_only=True, chunk_invariant=False, kinds=("gqa",),
+           per_role=True, stream_nbytes=_kivi_stream(4), store="kvslim.quant.kivi:KiviStore"),
+    Format("fp8_ds_mla", "FlashMLA V3.2 token: e4m3 NoPE + fp32 scale per 128 + bf16 RoPE",
+           _ds(lambda nope: 4 * math.ceil(nope / 128)), kinds=("mla",), index=False),
+    Format("fp8_ds_v4", "FlashMLA V4 entry: e4m3 NoPE + ue8m0 scale per 64 (8-B padded) + bf16 RoPE",
+           _ds(lambda nope: 8 * math.ceil(math.ceil(nope / 64) / 8)), _Q + "fp8_ds_v4", kinds=("v4",), index=False),
+):  # fmt: skip
+    register_format(_f)
+
+FORMATS: tuple[str, ...] = tuple(REGISTRY)  # the built-in names, in table order
+
+
+def get_format(fmt: str) -> Format:
+    """The registered format ``fmt``, else ``InvalidInput`` naming the closest known names."""
+    found = REGISTRY.get(fmt) if isinstance(fmt, str) else None
+    if found is not None:
+        return found
+    close = difflib.get_close_matches(str(fmt), REGISTRY, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise InvalidInput(f"unknown storage format {fmt!r}: {hint}known formats are {', '.join(REGISTRY)}")
 
 
 def check_format(fmt: str) -> str:
     """``fmt`` if it is a known format name, else ``InvalidInput`` naming the closest known names."""
-    if fmt in FORMATS:
-        return fmt
-    close = difflib.get_close_matches(fmt, FORMATS, n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise InvalidInput(f"unknown storage format {fmt!r}: {hint}known formats are {', '.join(FORMATS)}")
+    return get_format(fmt).name
 
 
-def _tq_bits(fmt: str) -> float:
-    return float(fmt[2:])
+def codec_formats(kind: str = "gqa") -> tuple[str, ...]:
+    """Names of the formats a codec writes for layers of ``kind`` (``gqa``: the recipe codecs, ``CODEC_NAMES``)."""
+    return tuple(n for n, f in REGISTRY.items() if f.codec is not None and kind in f.kinds)
 
 
 def bytes_per_vector(fmt: str, dim: int, role: str = "key") -> int | float:
@@ -78,49 +227,10 @@ def bytes_per_vector(fmt: str, dim: int, role: str = "key") -> int | float:
     ``role`` ("key" or "value") matters only for KIVI; the KIVI key figure is the amortised one (a float when
     ``dim`` is not a multiple of 8). Raises ``InvalidInput`` for an unknown format or a dim the format cannot take.
     """
-    check_format(fmt)
+    f = get_format(fmt)
     if dim <= 0:
         raise InvalidInput(f"vector dimension must be positive, got {dim}")
-    d = dim
-    if fmt == "fp32":
-        return 4 * d
-    if fmt in ("fp16", "bf16"):
-        return 2 * d
-    if fmt == "fp8":
-        return d + 4 * math.ceil(d / 128)
-    if fmt == "fp4":
-        return math.ceil(d / 2) + math.ceil(d / 32)
-    if fmt == "tq2.5":
-        if d % 4:
-            raise InvalidInput(f"tq2.5 needs a dimension divisible by 4, got {d}")
-        return math.ceil(d // 4 * 3 / 8) + math.ceil(3 * d // 4 * 2 / 8) + 4
-    if fmt == "tq3.5":
-        if d % 2:
-            raise InvalidInput(f"tq3.5 needs an even dimension, got {d}")
-        return math.ceil(d // 2 * 4 / 8) + math.ceil(d // 2 * 3 / 8) + 4
-    if fmt.startswith("tqprod"):
-        b = int(fmt[6:])
-        return math.ceil(d * (b - 1) / 8) + math.ceil(d / 8) + 4
-    if fmt.startswith("tq"):
-        return math.ceil(d * _tq_bits(fmt) / 8) + 2
-    if fmt.startswith("kivi"):
-        b = int(fmt[4:])
-        if role == "key":
-            amortised = 4 * d / KIVI_GROUP
-            return math.ceil(d * b / 8) + (int(amortised) if amortised.is_integer() else amortised)
-        if role == "value":
-            return math.ceil(d * b / 8) + 4 * math.ceil(d / KIVI_GROUP)
-        raise InvalidInput(f"KIVI role must be 'key' or 'value', got {role!r}")
-    if fmt in ("fp8_ds_mla", "fp8_ds_v4"):
-        nope = d - ROPE_DIMS
-        if nope <= 0:
-            raise InvalidInput(f"{fmt} needs a dimension above {ROPE_DIMS} (NoPE + 64 RoPE dims), got {d}")
-        if fmt == "fp8_ds_mla":
-            scales = 4 * math.ceil(nope / 128)
-        else:
-            scales = 8 * math.ceil(math.ceil(nope / 64) / 8)  # ue8m0 per 64 values, padded to 8 bytes
-        return nope + scales + 2 * ROPE_DIMS
-    raise AssertionError(f"unhandled format {fmt}")
+    return f.bytes(dim, role)
 
 
 def kivi_fp16_tokens(n: int, role: str, residual: int = KIVI_RESIDUAL) -> int:
@@ -136,17 +246,11 @@ def vectors_nbytes(fmt: str, dim: int, n: int, role: str = "key") -> int:
     """Exact bytes of a stream of ``n`` vectors of dimension ``dim`` in ``fmt`` (KIVI: residual tokens in fp16)."""
     if n < 0:
         raise InvalidInput(f"a token count cannot be negative, got {n}")
-    if not fmt.startswith("kivi"):
-        per = bytes_per_vector(fmt, dim, role)
-        return int(n * per)
-    b = int(fmt[4:])
-    check_format(fmt)
-    codes = math.ceil(dim * b / 8)
-    fp = kivi_fp16_tokens(n, role)
-    q = n - fp
-    if role == "key":  # q is a multiple of R (hence of G): one fp16 scale + zero per channel per group of G tokens
-        return q * codes + (q // KIVI_GROUP) * 4 * dim + fp * 2 * dim
-    return q * (codes + 4 * math.ceil(dim / KIVI_GROUP)) + fp * 2 * dim
+    f = get_format(fmt)
+    per = bytes_per_vector(fmt, dim, role)  # validates dim and role
+    if f.stream_nbytes is not None:
+        return f.stream_nbytes(dim, n, role)
+    return int(n * per)
 
 
 def weight_bytes_per_param(fmt: str) -> float:

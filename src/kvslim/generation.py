@@ -152,7 +152,7 @@ def generate(
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )
     seconds = time.perf_counter() - t0
-    from .cache.build import full16_nbytes
+    from .hf_config import full16_nbytes
 
     seen = int(cache.get_seq_length())
     new = out[0, n_prompt:]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInput, MissingModelPackage
+from .paths import cache_dir
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -82,11 +83,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         ),
     )
 }
-
-
-def cache_dir() -> Path:
-    """Root of kvslim's on-disk caches: ``$KVSLIM_CACHE`` or ``~/.cache/kvslim``."""
-    return Path(os.environ.get("KVSLIM_CACHE") or Path.home() / ".cache" / "kvslim").expanduser()
 
 
 def resolve_model_name(name: str) -> EmbeddedModel:
@@ -315,22 +311,18 @@ class ModelFacts:
 
 def describe(config: Any) -> ModelFacts:
     """Architecture facts of a transformers config (a text config is taken from multimodal configs)."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = int(cfg.num_attention_heads)
-    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    n = int(cfg.num_hidden_layers)
-    window = getattr(cfg, "sliding_window", None)
-    types = getattr(cfg, "layer_types", None) or ["full_attention"] * n
-    kinds = tuple(f"sliding({window})" if t == "sliding_attention" else "full" for t in types)
+    from .hf_config import read
+
+    f = read(config)
+    kinds = tuple(f"sliding({f.sliding_window})" if t == "sliding_attention" else "full" for t in f.layer_types)
     return ModelFacts(
-        model_type=str(cfg.model_type),
-        layers=n,
-        query_heads=heads,
-        kv_heads=kv,
-        head_dim=head_dim,
-        hidden_size=int(cfg.hidden_size),
-        max_context=int(getattr(cfg, "max_position_embeddings", 0) or 0),
+        model_type=f.model_type,
+        layers=f.n_layers,
+        query_heads=f.heads,
+        kv_heads=f.kv_heads,
+        head_dim=f.head_dim,
+        hidden_size=f.hidden_size,
+        max_context=f.max_context,
         layer_kinds=kinds,
     )
 

@@ -1,103 +1,54 @@
-"""Compression recipes: what each layer of a stock model keeps in its KV cache, and in which storage format.
+"""Compression recipes: the grammar, the lookup of registered methods, and named presets.
 
-A recipe is ``STRUCTURE[:key=value,...][+CODEC]``, for example::
+A recipe is ``METHOD[:key=value,...][+CODEC]``, for example::
 
     full                      every token exact (a DynamicCache equivalent)
     window:w=256,sinks=4      StreamingLLM: the first 4 tokens and the last 256 (older ones are dropped)
     blocks:m=4,k=32,w=128     CSA-like: tokens leaving the window pooled 4 to 1, top-32 blocks per query
-    heavy:m=64,w=128          HCA-like: pooled 64 to 1, every entry attended
-    v4                        CSA and HCA layers alternating (DeepSeek V4 style), window 128 + 4 sinks
-    latent:r=64               MLA-like: keys and values stored as r-dim projections on a calibrated basis
-    v4+tq3                    any structure, entries stored with a kvslim.quant codec
+    v4+tq3                    any method, entries stored in a storage format of kvslim.formats
 
-``full_first=n`` (any structure) keeps the first n global (full-attention) layers exact. Named presets (``list_recipes()``) are
-recipe strings under a short name. ``parse_recipe`` validates everything it can without a model; ``kvslim.make_cache``
-checks what needs the model (head dim vs rank, codec availability) before allocating anything.
+Methods, their parameters and checks live one per file in :mod:`kvslim.cache.methods` (``kvslim recipes`` lists
+them); codecs are the formats of :mod:`kvslim.formats`. ``full_first=n`` (any method) keeps the first n global
+(full-attention) layers exact. Presets are recipe strings under a short name. ``parse_recipe`` validates everything
+it can without a model; ``kvslim.make_cache`` checks what needs the model before allocating anything.
+``canonical(text)`` is the one string of a recipe (``v4-tq3``, ``v4+tq3`` and ``v4:w=128+tq3`` are all ``v4+tq3``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cache.base import LayerSpec
+from .cache.method import Method, check_value, methods
 from .errors import InvalidInput
+from .formats import REGISTRY, codec_formats
 
-__all__ = [
-    "CODECS",
-    "KINDS",
-    "PRESETS",
-    "LayerSpec",
-    "Recipe",
-    "list_recipes",
-    "parse_recipe",
-]
+__all__ = ["CODECS", "KINDS", "PRESETS", "LayerSpec", "Recipe", "canonical", "list_recipes", "parse_recipe"]
 
 # storage codecs: name -> description. "none" stores in the model's own dtype (lossless).
-CODECS: dict[str, str] = {
-    "none": "model dtype, lossless",
-    "fp32": "float32",
-    "fp16": "float16",
-    "bf16": "bfloat16",
-    "fp8": "e4m3 codes + one fp32 scale per 128 values (kvslim.quant)",
-    "fp4": "e2m1 codes + ue8m0 scale per 32 values (kvslim.quant)",
-    "tq1": "TurboQuant-MSE 1 bit (kvslim.quant)",
-    "tq2": "TurboQuant-MSE 2 bits (kvslim.quant)",
-    "tq2.5": "TurboQuant-MSE 2.5 bits, outlier channels at 3 (kvslim.quant)",
-    "tq3": "TurboQuant-MSE 3 bits (kvslim.quant)",
-    "tq3.5": "TurboQuant-MSE 3.5 bits, outlier channels at 4 (kvslim.quant)",
-    "tq4": "TurboQuant-MSE 4 bits (kvslim.quant)",
-    "tqprod2": "TurboQuant-prod 2 bits: 1-bit MSE + 1-bit QJL residual sketch (kvslim.quant)",
-    "tqprod3": "TurboQuant-prod 3 bits (kvslim.quant)",
-    "tqprod4": "TurboQuant-prod 4 bits (kvslim.quant)",
-    "kivi2": "KIVI 2 bits, keys per channel, values per token (kvslim.quant)",
-    "kivi4": "KIVI 4 bits (kvslim.quant)",
-}
+CODECS: dict[str, str] = {"none": "model dtype, lossless",
+                          **{n: REGISTRY[n].description for n in codec_formats("gqa")}}  # fmt: skip
 
-POOLS = ("mean", "norm", "attn")
 
-# parameter: (type, default, one-line meaning)
-_COMMON: dict[str, tuple[type, Any, str]] = {
-    "full_first": (int, 0, "keep the first n global (full-attention) layers exact"),
-}
-_WQ = {"wq": (int, 0, "1: the exact window is stored through the codec too (as V4 does); 0: kept 16-bit")}
-_WINDOW = {"w": (int, 256, "exact recent tokens"), "sinks": (int, 4, "exact first tokens"), **_WQ}
-_BLOCKS = {
-    "m": (int, 4, "tokens pooled into one entry"),
-    "k": (int, 32, "blocks attended per query (0 = all)"),
-    "w": (int, 128, "exact recent tokens"),
-    "sinks": (int, 4, "exact first tokens"),
-    "overlap": (int, 0, "extra earlier tokens pooled into each entry"),
-    "pool": (str, "mean", "pooling weights: mean | norm (key-norm softmax) | attn (observed attention)"),
-    **_WQ,
-}
-_HEAVY = {
-    "m": (int, 64, "tokens pooled into one entry"),
-    "w": (int, 128, "exact recent tokens"),
-    "sinks": (int, 4, "exact first tokens"),
-    "pool": (str, "mean", "pooling weights: mean | norm | attn"),
-    **_WQ,
-}
-_V4 = {
-    "m": (int, 4, "CSA layers: tokens pooled into one entry"),
-    "k": (int, 32, "CSA layers: blocks attended per query"),
-    "overlap": (int, 4, "CSA layers: extra earlier tokens pooled (V4 pools 8 at stride 4)"),
-    "hm": (int, 64, "HCA layers: tokens pooled into one entry"),
-    "w": (int, 128, "exact recent tokens (every compressed layer)"),
-    "sinks": (int, 4, "exact first tokens"),
-    "pool": (str, "mean", "pooling weights: mean | norm | attn"),
-    **_WQ,
-}
-_LATENT = {"r": (int, 64, "latent rank per KV head (<= head dim)"), "calib": (int, 2048, "calibration tokens")}
 
-# kind -> (one-line description, parameters)
-KINDS: dict[str, tuple[str, dict[str, tuple[type, Any, str]]]] = {
-    "full": ("every token exact (DynamicCache equivalent)", {}),
-    "window": ("StreamingLLM window + attention sinks; older tokens dropped", _WINDOW),
-    "blocks": ("CSA-like: tokens leaving the window pooled m:1, top-k blocks per query", _BLOCKS),
-    "heavy": ("HCA-like: tokens leaving the window pooled m:1, all entries attended", _HEAVY),
-    "v4": ("DeepSeek-V4-like interleave: CSA and HCA layers alternate over the global layers", _V4),
-    "latent": ("MLA-like low-rank keys/values on a basis calibrated on pydoc_data.topics", _LATENT),
-}
+class _Kinds(Mapping):
+    """method -> (one-line description, {parameter: (type, default, meaning)}), read live from the registry."""
+
+    def __getitem__(self, name: str) -> tuple[str, dict[str, tuple[type, Any, str]]]:
+        cls = methods()[name]
+        return cls.summary, cls.Params.spec()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(methods())
+
+    def __len__(self) -> int:
+        return len(methods())
+
+
+KINDS: Mapping[str, tuple[str, dict[str, tuple[type, Any, str]]]] = _Kinds()
+_COMMON: dict[str, tuple[type, Any, str]] = {"full_first": (int, 0, "keep the first n global (full-attention) layers exact")}
 
 # named presets: name -> (recipe text, description)
 PRESETS: dict[str, tuple[str, str]] = {
@@ -112,30 +63,8 @@ PRESETS: dict[str, tuple[str, str]] = {
 
 
 @dataclass(frozen=True)
-class LayerSpec:
-    """What one cache layer does. ``window=None`` means unbounded (nothing leaves the exact region).
-
-    mode: ``exact`` (tokens kept, maybe windowed/dropped), ``blocks`` (pooled entries), ``latent`` (low-rank).
-    ``sliding`` is the model's own local window (Gemma 3 local layers), always kept exact as the model expects.
-    """
-
-    mode: str = "exact"
-    window: int | None = None
-    sinks: int = 0
-    block: int = 1
-    topk: int = 0
-    overlap: int = 0
-    pool: str = "mean"
-    rank: int = 0
-    codec: str = "none"
-    sliding: int | None = None
-    label: str = "full"
-    window_codec: str = ""  # storage of the exact window when it differs from ``codec`` ("" = same)
-
-
-@dataclass(frozen=True)
 class Recipe:
-    """A validated recipe. ``params`` holds every parameter of ``kind`` (defaults filled in)."""
+    """A validated recipe. ``params`` holds every parameter of ``kind`` (defaults filled in), sorted by name."""
 
     kind: str
     params: tuple[tuple[str, Any], ...] = ()
@@ -144,33 +73,24 @@ class Recipe:
     text: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
+        cls = methods().get(self.kind)
+        if cls is None:
             raise InvalidInput(f"unknown recipe {self.kind!r}; known: {', '.join([*KINDS, *PRESETS])}")
         if self.codec not in CODECS:
             raise InvalidInput(f"unknown storage codec {self.codec!r}; known: {', '.join(CODECS)}")
-        spec = KINDS[self.kind][1]
         p = dict(self.params)
         for key in p:
-            if key not in spec:
+            if key not in KINDS[self.kind][1]:
                 raise InvalidInput(f"recipe {self.kind!r} has no parameter {key!r}; valid keys: {_valid_keys(self.kind)}")
-        for key, (_typ, default, _doc) in spec.items():
-            p.setdefault(key, default)
-        object.__setattr__(self, "params", tuple(sorted(p.items())))
-        if self.full_first < 0:
-            raise InvalidInput(f"full_first must be >= 0, got {self.full_first}")
-        for key in ("m", "hm", "r", "calib"):
-            if key in p and p[key] <= 0:
-                raise InvalidInput(f"{self.kind}: {key} must be positive, got {p[key]}")
-        for key in ("w",):
-            if key in p and p[key] < 1:
-                raise InvalidInput(f"{self.kind}: w (window) must be at least 1, got {p[key]}")
-        for key in ("k", "sinks", "overlap"):
-            if key in p and p[key] < 0:
-                raise InvalidInput(f"{self.kind}: {key} must be >= 0, got {p[key]}")
-        if "wq" in p and p["wq"] not in (0, 1):
-            raise InvalidInput(f"{self.kind}: wq must be 0 or 1, got {p['wq']}")
-        if "pool" in p and p["pool"] not in POOLS:
-            raise InvalidInput(f"{self.kind}: pool must be one of {', '.join(POOLS)}, got {p['pool']!r}")
+        check_value("", "full_first", self.full_first, 0, {"lo": 0})
+        object.__setattr__(self, "_method", cls(cls.Params(**p), self.codec))  # validates every parameter
+        full = {k: getattr(self.method.params, k) for k in KINDS[self.kind][1]}
+        object.__setattr__(self, "params", tuple(sorted(full.items())))
+
+    @property
+    def method(self) -> Method:
+        """The configured method object (what the cache and the planner use)."""
+        return self._method  # type: ignore[attr-defined]
 
     def get(self, key: str) -> Any:
         return dict(self.params)[key]
@@ -184,57 +104,12 @@ class Recipe:
         return text + (f"+{self.codec}" if self.codec != "none" else "")
 
     def layer_specs(self, layer_types: list[str], sliding_window: int | None) -> list[LayerSpec]:
-        """One ``LayerSpec`` per model layer. Local (sliding) layers keep their native window exactly: in the model
-        dtype with codec ``none``, else in 16 bits (their size is bounded by the window; quantizing them costs Gemma 3
-        270M far more accuracy than it saves memory at long context). The first ``full_first`` global layers are exact (for models without local layers: the first
-        ``full_first`` layers); the structure applies to the remaining global layers."""
-        p = dict(self.params)
-        # the exact window of a compressed layer: 16-bit unless wq=1 (lossless recipes keep the model dtype)
-        wcodec = "" if (self.codec == "none" or p.get("wq")) else "fp16"
-        specs: list[LayerSpec] = []
-        n_global = 0  # compressed global layers so far (v4 alternates on it)
-        n_seen_global = 0
-        for i, lt in enumerate(layer_types):
-            if lt in ("sliding_attention", "chunked_attention"):
-                local_codec = "none" if self.codec == "none" else "fp16"
-                specs.append(LayerSpec(window=sliding_window, sliding=sliding_window, codec=local_codec, label="local"))
-                continue
-            if lt != "full_attention":
-                raise InvalidInput(f"layer {i} has type {lt!r}, which kvslim caches do not support (full/sliding only)")
-            if n_seen_global < self.full_first or self.kind == "full":
-                n_seen_global += 1
-                specs.append(LayerSpec(codec=self.codec, label="full"))
-                continue
-            n_seen_global += 1
-            if self.kind == "window":
-                specs.append(
-                    LayerSpec(window=p["w"], sinks=p["sinks"], codec=self.codec, window_codec=wcodec, label="window")
-                )
-            elif self.kind in ("blocks", "heavy"):
-                specs.append(
-                    LayerSpec(
-                        mode="blocks", window=p["w"], sinks=p["sinks"], block=p["m"], topk=p.get("k", 0),
-                        overlap=p.get("overlap", 0), pool=p["pool"], codec=self.codec, label=self.kind,
-                        window_codec=wcodec,
-                    )
-                )
-            elif self.kind == "v4":
-                csa = n_global % 2 == 0
-                specs.append(
-                    LayerSpec(
-                        mode="blocks", window=p["w"], sinks=p["sinks"], block=p["m"] if csa else p["hm"],
-                        topk=p["k"] if csa else 0, overlap=p["overlap"] if csa else 0, pool=p["pool"],
-                        codec=self.codec, label="csa" if csa else "hca", window_codec=wcodec,
-                    )
-                )
-            else:  # latent
-                specs.append(LayerSpec(mode="latent", rank=p["r"], codec=self.codec, label="latent"))
-            n_global += 1
-        return specs
+        """One spec per model layer (see :meth:`kvslim.cache.method.Method.layer_specs`)."""
+        return self.method.layer_specs(layer_types, sliding_window, self.full_first)
 
 
 def _valid_keys(kind: str) -> str:
-    return ", ".join([*KINDS[kind][1], *_COMMON]) or "full_first"
+    return ", ".join([*KINDS[kind][1], *_COMMON])
 
 
 def _convert(kind: str, key: str, raw: str) -> Any:
@@ -248,7 +123,7 @@ def _convert(kind: str, key: str, raw: str) -> Any:
 
 
 def parse_recipe(text: str | Recipe) -> Recipe:
-    """Parse ``STRUCTURE[:key=value,...][+CODEC]`` or a preset name into a validated :class:`Recipe`.
+    """Parse ``METHOD[:key=value,...][+CODEC]`` or a preset name into a validated :class:`Recipe`.
 
     Raises ``InvalidInput`` naming the bad token and listing what is valid there.
     """
@@ -292,8 +167,14 @@ def parse_recipe(text: str | Recipe) -> Recipe:
     return Recipe(name, tuple(params.items()), codec, full_first, text=raw)
 
 
+def canonical(text: str | Recipe) -> str:
+    """The canonical string of a recipe: parameters at their defaults omitted, the rest sorted; a preset is its
+    expansion. Results stores and reports key recipes by it (``v4-tq3`` and ``v4+tq3`` are one row)."""
+    return str(parse_recipe(text))
+
+
 def list_recipes() -> list[dict[str, Any]]:
-    """Every recipe kind and preset: ``{"name", "description", "parameters", "recipe"}`` (parameters as
+    """Every method and preset: ``{"name", "description", "parameters", "recipe"}`` (parameters as
     ``{key: "default - meaning"}``), then the codecs as ``+name`` entries."""
     out: list[dict[str, Any]] = []
     for kind, (desc, spec) in KINDS.items():

@@ -1,14 +1,15 @@
 """``make_cache(model, recipe)``: check a recipe against a model, then build a transformers ``Cache`` for it.
 
 Everything that can be refused is refused before any tensor is allocated: malformed recipes, impossible parameters
-(``latent`` rank above the head dim), models kvslim cannot plug into (no ``AttentionInterface`` dispatch, layer
-types other than full/sliding attention, no RoPE for pooled or latent layers), unavailable codecs.
+(each method's :meth:`~kvslim.cache.method.Method.check`: ``latent`` rank above the head dim, pooling without RoPE),
+models kvslim cannot plug into (no ``AttentionInterface`` dispatch, attention other than sdpa/eager, layer types
+other than full/sliding attention), unavailable codecs.
 
-The returned cache switches ``model`` to the ``kvslim`` attention (``cache.restore_attention()`` or
-:func:`compressed` switch it back); it is then used as ``model.generate(..., cache=cache)``.
+The model is switched once to kvslim's attention, which runs the model's own stock attention for every other cache
+(:mod:`kvslim.cache.attention`): nothing needs restoring. Use the cache as ``model.generate(..., cache=cache)``.
 
 Gemma 3 (and any model with sliding layers): local layers keep their native window exactly, as the model was
-trained; structural recipes apply to the global (full-attention) layers, the storage codec to every layer.
+trained; methods apply to the global (full-attention) layers, the storage codec to every layer.
 """
 
 from __future__ import annotations
@@ -20,23 +21,24 @@ from typing import Any
 from transformers.cache_utils import Cache
 
 from ..errors import InvalidInput
+from ..formats import REGISTRY
 from ..recipe import LayerSpec, Recipe, parse_recipe
-from .attention import ATTN_NAME, current_attn, ensure_registered, switch_attention
-from .layer import KvslimLayer
+from .attention import kvslim_name_for, select_kvslim_attention
+from .base import BaseLayer, LayerContext
+from .method import ModelShape
 from .rope import inv_freq_for_layer
-from .storage import CALIBRATED_CODECS, make_storage_codec
+from .storage import make_storage_codec
 
-__all__ = ["KvslimCache", "check_recipe", "compressed", "full16_nbytes", "make_cache"]
+__all__ = ["KvslimCache", "check_recipe", "compressed", "make_cache", "predict_nbytes"]
 
 
 class KvslimCache(Cache):
-    """A transformers ``Cache`` of :class:`KvslimLayer` s with exact byte accounting."""
+    """A transformers ``Cache`` of kvslim layers (:class:`~kvslim.cache.base.BaseLayer` s) with exact bytes."""
 
-    def __init__(self, layers: list[KvslimLayer], recipe: Recipe, model: Any, previous_attn: str | None) -> None:
+    def __init__(self, layers: list[BaseLayer], recipe: Recipe, shape: ModelShape) -> None:
         super().__init__(layers=layers)
         self.recipe = recipe
-        self._model_ref = model
-        self.previous_attn = previous_attn
+        self.shape = shape
 
     def nbytes(self) -> int:
         """Bytes held by every layer (packed K/V, side tensors, latent bases) plus each codec's constants once."""
@@ -56,117 +58,82 @@ class KvslimCache(Cache):
             out.append(total)
         return out
 
+    def tier_nbytes(self) -> dict[str, int]:
+        """``{"hot": nbytes(), "cold": ..., "fetched": ...}`` summed over layers (one-tier methods: cold = fetched = 0)."""
+        tiers = [layer.tier_nbytes() for layer in self.layers]
+        return {"hot": self.nbytes(), "cold": sum(t["cold"] for t in tiers), "fetched": sum(t["fetched"] for t in tiers)}
+
     def layer_labels(self) -> list[str]:
         return [layer.spec.label for layer in self.layers]
 
     def restore_attention(self) -> None:
-        """Switch the model back to the attention implementation it had before ``make_cache``."""
-        switch_attention(self._model_ref, self.previous_attn)
+        """Deprecated no-op: building a cache has no effect on other caches, so there is nothing to restore."""
 
     def __repr__(self) -> str:
         return f"KvslimCache(recipe={str(self.recipe)!r}, layers={len(self.layers)})"
 
 
-def _text_config(model: Any) -> Any:
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
-def _layer_types(cfg: Any) -> list[str]:
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
-    types, _kwargs = get_layer_types_and_kwargs(cfg)
-    return list(types)
-
-
-def head_dim(cfg: Any) -> int:
-    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-
-
 def check_recipe(model: Any, recipe: str | Recipe) -> tuple[Recipe, list[LayerSpec]]:
-    """Validate ``recipe`` against ``model``; returns the parsed recipe and one ``LayerSpec`` per layer."""
+    """Validate ``recipe`` against ``model``; returns the parsed recipe and one layer spec per layer."""
     r = parse_recipe(recipe)
     if not hasattr(model, "set_attn_implementation") or not model._can_set_attn_implementation():
         raise InvalidInput(
             f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, "
             "so kvslim caches cannot plug into it; use a Llama/Qwen/Mistral/Gemma-family model"
         )
-    cfg = _text_config(model)
-    types = _layer_types(cfg)
-    specs = r.layer_specs(types, getattr(cfg, "sliding_window", None))
-    d = head_dim(cfg)
-    if r.full_first > len(types):
-        raise InvalidInput(f"full_first={r.full_first} exceeds the model's {len(types)} layers")
-    for i, spec in enumerate(specs):
-        if spec.mode in ("blocks", "latent") and inv_freq_for_layer(model, types[i]) is None:
-            raise InvalidInput(f"recipe {r} pools or projects pre-RoPE keys, but the model has no rotary embedding")
-        if spec.mode == "latent" and spec.rank > d:
-            raise InvalidInput(f"latent rank r={spec.rank} exceeds the model's head dim {d}; use r <= {d}")
+    kvslim_name_for(model)
+    shape = ModelShape.from_model(model)
+    if r.full_first > len(shape.layer_types):
+        raise InvalidInput(f"full_first={r.full_first} exceeds the model's {len(shape.layer_types)} layers")
+    specs = r.layer_specs(list(shape.layer_types), shape.sliding_window)
+    reasons = r.method.check(shape)
+    if reasons:
+        raise InvalidInput(f"recipe {r}: {reasons[0]}")
     for spec in specs:  # refuses unknown/unavailable codecs (or a dim they cannot take) up front
-        make_storage_codec(r.codec, spec.rank if spec.mode == "latent" else d, role="key")
+        dim = spec.layer_class().stored_dim(spec, shape)
+        make_storage_codec(r.codec, dim, role="key")
     return r, specs
 
 
 def make_cache(model: Any, recipe: str | Recipe = "full", *, tokenizer: Any = None, seed: int = 0) -> KvslimCache:
     """A compressed KV cache for ``model`` following ``recipe`` (string or :class:`Recipe`).
 
-    Use as ``model.generate(..., cache=make_cache(model, "v4+tq3"))``. The model is switched to the ``kvslim``
-    attention; ``cache.restore_attention()`` switches it back (other caches keep working meanwhile: the kvslim
-    attention runs transformers' sdpa for any layer that is not a kvslim layer). ``tokenizer`` is used only to
-    calibrate latent bases (default: the tokenizer stored next to the model weights).
+    Use as ``model.generate(..., cache=make_cache(model, "v4+tq3"))``. The model runs kvslim's attention from now
+    on, which is its own stock attention for every other cache. ``tokenizer`` is used only to calibrate latent bases
+    (default: the tokenizer stored next to the model weights).
     """
     r, specs = check_recipe(model, recipe)
-    cfg = _text_config(model)
-    types = _layer_types(cfg)
-    bases: dict[int, Any] = {}
-    latent_layers = [i for i, s in enumerate(specs) if s.mode == "latent"]
-    if latent_layers:
-        from .latent import latent_bases
-
-        bases = latent_bases(model, latent_layers, types, r.get("r"), r.get("calib"), tokenizer)
+    shape = ModelShape.from_model(model)
+    extras = r.method.prepare(model, specs, tokenizer)
     layers = []
     pool: dict[tuple, Any] = {}  # codec instances shared by layers (one rotation per codec, dim and role)
     for i, spec in enumerate(specs):
-        inv = inv_freq_for_layer(model, types[i]) if spec.mode in ("blocks", "latent") else None
-        basis = bases.get(i)
-        if basis is not None:
-            basis = tuple(u.to(model.device) for u in basis)
+        inv = inv_freq_for_layer(model, shape.layer_types[i])
 
         def factory(dim: int, role: str, _codec: str = spec.codec, _layer: int = i) -> Any:
-            key = (_codec, dim, role if _codec.startswith("kivi") else "")
-            if _codec in CALIBRATED_CODECS:  # outlier channels are fitted per layer and stream
+            fmt = REGISTRY.get(_codec)
+            key = (_codec, dim, role if fmt is not None and fmt.per_role else "")
+            if fmt is not None and fmt.calibrated:  # fitted per layer and stream: never shared
                 key = (*key, _layer, role)
             if key not in pool:
                 pool[key] = make_storage_codec(_codec, dim, seed, role=role)
             return pool[key]
 
-        layers.append(KvslimLayer(spec, factory, inv.to(model.device) if inv is not None else None, basis))
-    ensure_registered()
-    previous = current_attn(model)
-    switch_attention(model, ATTN_NAME)
-    return KvslimCache(layers, r, model, previous if previous != ATTN_NAME else "sdpa")
+        ctx = LayerContext(factory, i, inv.to(model.device) if inv is not None else None, extras.get(i, {}))
+        layers.append(spec.build(ctx))
+    select_kvslim_attention(model)
+    return KvslimCache(layers, r, shape)
 
 
 @contextlib.contextmanager
 def compressed(model: Any, recipe: str | Recipe, **kwargs: Any) -> Iterator[KvslimCache]:
-    """``with compressed(model, "v4+tq3") as cache: model.generate(..., cache=cache)``; restores the attention."""
-    previous = current_attn(model)
-    cache = make_cache(model, recipe, **kwargs)
-    try:
-        yield cache
-    finally:
-        switch_attention(model, previous)
+    """``with compressed(model, "v4+tq3") as cache: ...``: the same as ``make_cache`` (kept for existing callers)."""
+    yield make_cache(model, recipe, **kwargs)
 
 
-def full16_nbytes(model: Any, n_tokens: int, batch: int = 1) -> int:
-    """Bytes a stock transformers ``DynamicCache`` would hold in 16 bits after ``n_tokens`` tokens: every token in
-    full layers, the last ``sliding_window - 1`` in sliding layers (computed exactly from the config)."""
-    cfg = _text_config(model)
-    per_token = 2 * cfg.num_key_value_heads * head_dim(cfg) * 2 * batch
-    total = 0
-    for lt in _layer_types(cfg):
-        if lt in ("sliding_attention", "chunked_attention"):
-            total += per_token * min(n_tokens, cfg.sliding_window - 1)
-        else:
-            total += per_token * n_tokens
-    return total
+def predict_nbytes(shape: ModelShape, recipe: str | Recipe, n_tokens: int, batch: int = 1) -> list[int]:
+    """Per layer, the bytes a cache of ``recipe`` holds after ``n_tokens`` unpadded tokens, codec constants
+    excluded: what ``layer.nbytes(include_codec_state=False)`` reports (the planner's arithmetic)."""
+    r = parse_recipe(recipe)
+    specs = r.layer_specs(list(shape.layer_types), shape.sliding_window)
+    return [s.layer_class().predict(s, n_tokens, shape, batch)["stored"] for s in specs]

@@ -1,9 +1,9 @@
 """Storage of per-token vectors through a codec, growing at the back and trimmed at the front.
 
 A codec turns ``x [b, h, n, d]`` into a *packed* value (a tensor, or a tuple/dict of tensors whose axis 2 is the
-token axis) and back. Built-in codecs here: ``none`` (the compute dtype, lossless), ``fp32``/``fp16``/``bf16``
-(plain casts) and ``fp8`` (e4m3 codes with one fp32 scale per block of 128 values, the shared byte contract:
-``d + 4*ceil(d/128)`` bytes per vector). Every other name comes from ``kvslim.quant.make_codec``.
+token axis) and back. ``none`` (the compute dtype, lossless) is built here; every other name is a storage format of
+:mod:`kvslim.formats`, built by ``kvslim.quant.make_codec``. Formats flagged ``append_only`` (KIVI) are held in
+the streaming store the format names.
 
 ``Store`` holds one packed value per layer segment; ``append`` concatenates along tokens, ``drop_front`` slices,
 ``decode`` returns ``[b, h, n, d]`` in the compute dtype, ``nbytes`` counts exactly the bytes held.
@@ -11,32 +11,26 @@ token axis) and back. Built-in codecs here: ``none`` (the compute dtype, lossles
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from ..errors import InvalidInput
+from ..formats import REGISTRY
 from ..memory import tensor_nbytes
 
-__all__ = ["Store", "make_storage_codec", "packed_nbytes"]
+__all__ = ["ExactCodec", "Store", "exact_codec", "make_storage_codec", "packed_nbytes"]
 
-# codecs fitted to the data they first store (outlier channels): never shared between layers or streams
-CALIBRATED_CODECS = ("tq2.5", "tq3.5")
-_CASTS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_E4M3_MAX = 448.0
+class ExactCodec:
+    """Storage in the compute dtype itself (recipe codec ``none``): nothing is converted, so it is lossless."""
 
-
-class CastCodec:
-    """Plain storage in a float dtype (``dtype=None``: keep the input dtype). Lossless when no narrowing happens."""
-
+    name = "none"
     per_token = True
 
-    def __init__(self, name: str, dim: int, dtype: torch.dtype | None) -> None:
-        self.name, self.dim, self.dtype = name, dim, dtype
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.dtype is None else x.to(self.dtype)
+        return x
 
     def decode(self, packed: torch.Tensor) -> torch.Tensor:
         return packed
@@ -48,52 +42,19 @@ class CastCodec:
         return 0
 
 
-class Fp8Codec:
-    """FP8 e4m3 codes with one float32 absmax scale per block of 128 values along d (a kvslim-local baseline used
-    until ``kvslim.quant`` provides its own ``fp8``)."""
-
-    per_token = True
-    block = 128
-
-    def __init__(self, dim: int) -> None:
-        self.name, self.dim = "fp8", dim
-        self.nblocks = math.ceil(dim / self.block)
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d = x.shape[-1]
-        pad = self.nblocks * self.block - d
-        xf = torch.nn.functional.pad(x.float(), (0, pad)).unflatten(-1, (self.nblocks, self.block))
-        scale = xf.abs().amax(-1).clamp_min(1e-12) / _E4M3_MAX  # [..., nblocks]
-        codes = (xf / scale[..., None]).to(torch.float8_e4m3fn).flatten(-2)[..., :d]
-        return codes, scale
-
-    def decode(self, packed: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        codes, scale = packed
-        d = codes.shape[-1]
-        pad = self.nblocks * self.block - d
-        xf = torch.nn.functional.pad(codes.float(), (0, pad)).unflatten(-1, (self.nblocks, self.block))
-        return (xf * scale[..., None]).flatten(-2)[..., :d]
-
-    def nbytes(self, packed: Any) -> int:
-        return packed_nbytes(packed)
-
-    def state_nbytes(self) -> int:
-        return 0
+def exact_codec(dim: int) -> ExactCodec:
+    """The lossless storage of the compute dtype (sinks, and every store of a codec-``none`` recipe)."""
+    return ExactCodec(dim)
 
 
 def make_storage_codec(name: str, dim: int, seed: int = 0, role: str = "key") -> Any:
     """A codec for vectors of dimension ``dim`` (``role`` matters only to KIVI: keys per channel, values per token).
-    ``none`` keeps the compute dtype; every other name is built by ``kvslim.quant.make_codec``."""
+    ``none`` keeps the compute dtype; every other name is a format of :mod:`kvslim.formats` built by
+    ``kvslim.quant.make_codec``."""
     if name == "none":
-        return CastCodec(name, dim, None)
-    try:
-        from ..quant import make_codec
-    except ImportError:  # a build without kvslim.quant: plain casts and a local fp8
-        if name in _CASTS:
-            return CastCodec(name, dim, _CASTS[name])
-        if name == "fp8":
-            return Fp8Codec(dim)
-        raise InvalidInput(f"storage codec {name!r} needs kvslim.quant; use none, fp16, bf16 or fp8") from None
+        return exact_codec(dim)
+    from ..quant import make_codec
+
     return make_codec(name, dim, seed=seed, role=role)
 
 
@@ -151,10 +112,9 @@ class Store:
         self.packed: Any = None
         self.n = 0
         self.stream = None
-        if type(codec).__name__ == "KiviCodec":
-            from ..quant import KiviStore
-
-            self.stream = KiviStore(codec)
+        fmt = REGISTRY.get(getattr(codec, "name", ""))
+        if fmt is not None and fmt.append_only:  # KIVI: a streaming store (fp16 residual, groups quantized together)
+            self.stream = fmt.make_store(codec)
 
     def append(self, x: torch.Tensor) -> None:
         if x.shape[2] == 0:
@@ -177,7 +137,7 @@ class Store:
         if count <= 0 or self.n == 0:
             return
         if self.stream is not None:
-            raise RuntimeError("KIVI storage is append-only; windowed stores keep fp16 instead")
+            raise RuntimeError(f"{self.codec.name} storage is append-only; windowed stores keep fp16 instead")
         count = min(count, self.n)
         if _is_packed(self.packed):
             self.packed = self.packed.slice_tokens(count, self.packed.tokens)

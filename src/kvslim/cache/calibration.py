@@ -6,7 +6,7 @@ second moment of that head's *pre-RoPE* keys (resp. values) over calibration tex
 stored as ``U^T k_pre`` (``r`` numbers) and expanded at attention time as ``rope(U c, pos)``. With ``r = d`` the
 basis is orthogonal and the layer is lossless up to float rounding.
 
-Bases are saved under ``kvslim.models.cache_dir() / "latent"``, keyed by a fingerprint of the model (config and
+Bases are saved under ``kvslim.paths.cache_dir() / "latent"``, keyed by a fingerprint of the model (config and
 weight statistics), the rank and the calibration length.
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..paths import cache_dir
 from .rope import inv_freq_for_layer, rotate
 
 __all__ = ["calibration_ids", "latent_bases"]
@@ -77,8 +78,6 @@ def latent_bases(
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """``{layer: (Uk [h, d, r], Uv [h, d, r])}`` for the given layers (float32), from the disk cache or computed."""
     from transformers import DynamicCache
-
-    from ..models import cache_dir
 
     cfg = model.config.get_text_config()
     n_tokens = min(n_tokens, int(getattr(cfg, "max_position_embeddings", n_tokens) or n_tokens))

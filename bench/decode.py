@@ -10,7 +10,7 @@ high-water mark during that row (``/proc/self/clear_refs`` reset before each row
 process-wide peak).
 
 The eviction baselines (``streaming``, ``snapkv``, ``tova``, ``h2o``, ``knorm``, e.g. ``tova:keep=0.5``; see
-``kvslim.cache.baselines``) run as recipes too: their prefill row includes the scoring (attention probabilities of
+``kvslim.cache.methods``) are recipes like the others: their prefill row includes the scoring (attention probabilities of
 the observation window, the last query, or every query for H2O), their decode rows the per-step eviction.
 
     python bench/decode.py --recipes "full,tova:keep=0.5,snapkv:keep=0.5,h2o:keep=0.5,knorm:keep=0.5,streaming:keep=0.5"
@@ -79,10 +79,6 @@ def _run_one(model, tok, ids, recipe: str, decode: int) -> dict:
     _peak_reset()
     if recipe == "dynamic":
         cache = DynamicCache(config=model.config)
-    elif _is_baseline(recipe):
-        from kvslim.cache.baselines import make_evict_cache
-
-        cache = make_evict_cache(model, recipe)
     else:
         cache = make_cache(model, recipe, tokenizer=tok)
     try:
@@ -102,12 +98,6 @@ def _run_one(model, tok, ids, recipe: str, decode: int) -> dict:
         if recipe != "dynamic":
             cache.restore_attention()
     return {"prefill_s": prefill, "decode_ms": 1000 * statistics.median(steps), "kv_bytes": kv, "peak_rss": _peak_rss()}
-
-
-def _is_baseline(recipe: str) -> bool:
-    from kvslim.cache.baselines import BASELINES
-
-    return recipe.partition("+")[0].partition(":")[0] in BASELINES
 
 
 def _warm_up(model, tok) -> None:
@@ -141,12 +131,7 @@ def main() -> None:
     sep = ";" if ";" in args.recipes else ","
     recipes = ["dynamic"] + [r.strip() for r in args.recipes.split(sep) if r.strip()]
     for r in recipes[1:]:
-        if _is_baseline(r):
-            from kvslim.cache.baselines import parse_baseline
-
-            parse_baseline(r)
-        else:
-            parse_recipe(r)
+        parse_recipe(r)
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         model, tok = load(name)

@@ -47,13 +47,6 @@ def presets() -> list[str]:
     return [*PRESETS, *QUANT_ONLY, *(f"{m}:keep={r}" for r in KEEP for m in EVICTION), *COMPOSED]
 
 
-def factories(recipes: list[str]) -> dict:
-    """Cache factories for the eviction recipes (``kvslim.cache.baselines``); the rest go through make_cache."""
-    from kvslim.cache.baselines import BASELINES, make_evict_cache
-
-    return {r: (lambda model, _r=r: make_evict_cache(model, _r)) for r in recipes if r.partition(":")[0].partition("+")[0] in BASELINES}
-
-
 def folder(model: str, task: str, aware: bool) -> Path:
     return ROOT / "results" / "niah-baseline" / model / (task + ("-aware" if aware else ""))
 
@@ -79,8 +72,7 @@ def run(args: argparse.Namespace) -> None:
         out = folder(model, task, args.aware)
         print(f"== {model} {task} {length} tokens -> {out}", flush=True)
         try:
-            res = run_grid(grid, out, pair=pairs[model], threads=args.threads, progress=not args.quiet, on_record=check_time,
-                           factories=factories(args.recipes))
+            res = run_grid(grid, out, pair=pairs[model], threads=args.threads, progress=not args.quiet, on_record=check_time)
             print(f"   {res['ran']} run, {res['skipped']} done before", flush=True)
         except OutOfTime:
             print(f"   budget of {args.budget_min} min spent: stopping", flush=True)
@@ -89,10 +81,8 @@ def run(args: argparse.Namespace) -> None:
 
 def family(recipe: str) -> str:
     """``baseline`` (the field's eviction methods), ``quant`` (full + a codec) or ``kvslim`` (kvslim's structures)."""
-    from kvslim.cache.baselines import BASELINES
-
     head = recipe.partition("+")[0].partition(":")[0]
-    if head in BASELINES:
+    if head in EVICTION:
         return "baseline"
     return "reference" if recipe == "full" else "quant" if head == "full" else "kvslim"
 
@@ -137,7 +127,7 @@ def write_docs(args: argparse.Namespace) -> dict:
         "",
         *([args.note, ""] if args.note else []),
         "Recipes: `full` (transformers' `DynamicCache`, float32), kvslim's presets (`kvslim recipes`), its",
-        "quantization-only points (`full+CODEC`), the eviction baselines of `kvslim.cache.baselines` (`streaming`:",
+        "quantization-only points (`full+CODEC`), the eviction baselines of `kvslim.cache.methods` (`streaming`:",
         "StreamingLLM, `snapkv`, `tova`, `h2o`, `knorm`: key-norm; `keep=r` keeps a fraction r of the tokens per layer",
         "and KV head, evicted tokens are deleted) and eviction + codec compositions: "
         + ", ".join(f"`{r}`" for r in recipes[1:]) + f". Depths {args.depths}, seeds {args.seeds}; greedy answers"

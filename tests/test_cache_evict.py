@@ -8,11 +8,25 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvslim.cache.baselines import BASELINES, make_evict_cache, parse_baseline
+from kvslim import make_cache
+from kvslim.cache.build import predict_nbytes
 from kvslim.cache.evict import EvictLayer, kept_tokens
+from kvslim.cache.method import ModelShape
 from kvslim.errors import InvalidInput
 from kvslim.eval.tiny import tiny_pair
 from kvslim.formats import vectors_nbytes
+from kvslim.recipe import parse_recipe
+
+BASELINES = ("streaming", "snapkv", "tova", "h2o", "knorm")
+
+
+def make_evict_cache(model, text):
+    return make_cache(model, text)
+
+
+def parse_baseline(text):
+    r = parse_recipe(text)
+    return r.method.policy(), r.codec
 
 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-gemma3"])
@@ -84,8 +98,8 @@ def test_key_norm_keeps_exactly_the_lowest_norm_keys(pair):
             ref_k = full.layers[i].keys  # [1, h, 64, d]
             norms = ref_k.float().norm(dim=-1)
             want = norms.topk(16, dim=-1, largest=False).indices.sort(-1).values
-            kept = layer.k.decode()
-            assert layer.k.n == layer.v.n == 16  # evicted tokens are gone, not masked
+            kept = layer.tail_k.decode()
+            assert layer.tail_k.n == layer.tail_v.n == 16  # evicted tokens are gone, not masked
             assert torch.equal(kept, ref_k.gather(2, want[..., None].expand(-1, -1, -1, ref_k.shape[-1])))
     finally:
         cache.restore_attention()
@@ -108,7 +122,7 @@ def test_bytes_equal_the_prediction_after_prefill_and_decode(pair, text):
         assert layers
         for layer in layers:
             h, d = layer.heads, layer.dim
-            assert layer.k.n == held
+            assert layer.tail_k.n == held
             want = h * (vectors_nbytes(codec if codec != "none" else "fp32", d, held, "key")
                         + vectors_nbytes(codec if codec != "none" else "fp32", d, held, "value"))
             if policy.accumulates:
@@ -123,9 +137,10 @@ def test_bytes_equal_the_prediction_after_prefill_and_decode(pair, text):
     ("snapkv:keep=1.5", r"\(0, 1\]"),
     ("h2o:recent=1", "recent"),
     ("snapkv:kernel=4", "odd"),
-    ("knorm:window=3", "no parameter"),
-    ("tova:budget=-2", "positive"),
-    ("lru:keep=0.5", "unknown eviction method"),
+    ("knorm:window=3", "unknown key"),
+    ("tova:budget=-2", ">= 0"),
+    ("tova:keep=half", "must be a number"),
+    ("lru:keep=0.5", "unknown recipe"),
     ("tova+tq9", "unknown storage codec"),
 ])
 def test_bad_parameters_refused_when_parsed(text, match):
@@ -136,15 +151,19 @@ def test_bad_parameters_refused_when_parsed(text, match):
 @pytest.mark.parametrize("text,match", [
     ("tova:budget=500", "above the 40 tokens"),
     ("snapkv:window=64", "observation window 64 is longer than the 40-token prompt"),
-    ("tova:keep=0.5+kivi2", "KIVI"),
+    ("tova:keep=0.5+kivi2", "append-only"),
 ])
 def test_bad_input_for_the_prompt_refused_before_storing(pair, text, match):
     model, _tok = pair
+    if "kivi" in text:  # refused when the cache is built, before any tensor exists
+        with pytest.raises(InvalidInput, match=match):
+            make_evict_cache(model, text)
+        return
     cache = make_evict_cache(model, text)
     try:
         with pytest.raises(InvalidInput, match=match), torch.inference_mode():
             model(input_ids=_ids(40), cache=cache, use_cache=True)
-        assert all(not layer.is_initialized or layer.k.n == 0 for layer in _evict_layers(cache))
+        assert all(not layer.is_initialized or layer.tail_k.n == 0 for layer in _evict_layers(cache))
     finally:
         cache.restore_attention()
 
@@ -161,7 +180,19 @@ def test_question_agnostic_snapkv_keeps_other_tokens_than_aware(pair):
                     model(input_ids=ids[:, :split], cache=cache, use_cache=True)
                 model(input_ids=ids[:, split:], cache=cache, use_cache=True)
             layer = _evict_layers(cache)[0]
-            kept.append(layer.k.n)
+            kept.append(layer.tail_k.n)
         finally:
             cache.restore_attention()
     assert kept == [20, 15 + 20]  # aware: 1/4 of 80; agnostic: 1/4 of the 60 context tokens + the 20 question tokens
+
+
+@pytest.mark.parametrize("text", ["tova:keep=0.5", "snapkv:keep=0.25,window=8+tq4", "h2o:keep=0.125+fp8",
+                                  "knorm:keep=0.5+kivi2", "streaming:budget=30+tq3", "knorm"])
+@pytest.mark.parametrize("n", [40, 97])
+def test_planner_predicts_the_measured_bytes(pair, text, n):
+    model, _tok = pair
+    cache = make_evict_cache(model, text)
+    with torch.inference_mode():
+        model(input_ids=_ids(n), cache=cache, use_cache=True)
+    want = predict_nbytes(ModelShape.from_model(model), text, n)
+    assert [layer.nbytes(include_codec_state=False) for layer in cache.layers] == want

@@ -119,6 +119,11 @@ def _convert(kind: str, key: str, raw: str) -> Any:
             return int(raw)
         except ValueError:
             raise InvalidInput(f"{kind}: {key} must be an integer, got {raw!r}") from None
+    if typ is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise InvalidInput(f"{kind}: {key} must be a number, got {raw!r}") from None
     return raw
 
 

@@ -13,6 +13,11 @@ document alone and the question in a second call therefore compresses question-a
 :mod:`kvslim.generation`). Until the first compression nothing is stored; kept tokens are then encoded through the
 storage codec (``none`` keeps the model dtype, which makes ``ratio = 1`` token-identical to ``DynamicCache``).
 
+Method files (``kvslim/cache/methods/{streaming,snapkv,tova,h2o,knorm}.py``) each hold a policy, its parameters
+(:class:`EvictParams`) and an :class:`EvictMethod`; this module is what they share: the layer (on
+:class:`~kvslim.cache.base.BaseLayer`, whose exact tail store holds the kept tokens), its spec and its byte
+prediction.
+
 Index letters: b batch, h KV head, g query heads per KV head, s queries of the call, n tokens, d dim.
 """
 
@@ -23,14 +28,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
-from .attend import grouped_attention
-from .registry import register_output
+from ..errors import InvalidInput
+from .base import BaseLayer, LayerSpec, grouped_attention, stream_nbytes
+from .method import Method, Params, param
 from .scores import causal_probs, check_ratio, keep_budget, select_keep
-from .storage import Store, packed_nbytes
 
-__all__ = ["EvictLayer", "Policy", "kept_tokens"]
+__all__ = ["EvictLayer", "EvictMethod", "EvictParams", "EvictSpec", "Policy", "keep_param", "kept_tokens"]
 
 _CHUNK = 256  # queries per probability chunk (accumulating policies)
 
@@ -51,8 +55,6 @@ class Policy:
     def __post_init__(self) -> None:
         check_ratio(self.ratio)
         if self.budget < 0:
-            from ..errors import InvalidInput
-
             raise InvalidInput(f"token budget must be positive (0: use the keep ratio), got {self.budget}")
 
     def check_prompt(self, n: int) -> None:
@@ -100,111 +102,103 @@ def _gather(packed: Any, idx: torch.Tensor) -> Any:
     return replace(packed, fields=fields, shape=(b, h, k, packed.shape[-1]))
 
 
-class EvictLayer(CacheLayerMixin):
-    """A transformers cache layer holding the tokens a :class:`Policy` keeps, through the codec ``codec_factory``
-    builds (``codec_factory(dim, role)``)."""
+def keep_param() -> float:
+    return param(1.0, "fraction of the tokens kept per layer and KV head, in (0, 1] (1: every token, lossless)")
 
-    is_compileable = False
-    is_croppable = False
-    supports_early_init = False
-    is_sliding = False
 
-    def __init__(self, policy: Policy, codec_factory: Any) -> None:
-        super().__init__()
-        self.policy = policy
-        self.codec_factory = codec_factory
-        self.reset()
+def budget_param() -> int:
+    return param(0, "fixed tokens kept per layer and KV head instead of keep (0: use keep)", lo=0)
+
+
+@dataclass(frozen=True)
+class EvictParams(Params):
+    """Base of the eviction methods' parameters: ``keep`` in (0, 1] and ``budget`` >= 0 (subclasses declare them)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ratio(self.keep, f"{self.method}: keep")
+
+
+@dataclass(frozen=True)
+class EvictSpec(LayerSpec):
+    """A global layer of an eviction method: its :class:`Policy` (storage codec in ``codec``)."""
+
+    policy: Any = None
+
+    def layer_class(self) -> type[EvictLayer]:
+        return EvictLayer
+
+
+class EvictMethod(Method):
+    """Shared by the eviction methods: lossless at ``keep=1``, not chunk-invariant (scores depend on the calls),
+    continuous policies refused with append-only formats (KIVI keys share scales per 32 tokens)."""
+
+    lossless = ({"keep": 1.0},)
+    chunk_invariant = False
+
+    def policy(self) -> Policy:
+        raise NotImplementedError
+
+    def check(self, shape: Any) -> list[str]:
+        from ..formats import REGISTRY
+
+        problems = super().check(shape)
+        fmt = REGISTRY.get(self.codec)
+        if self.policy().continuous and fmt is not None and fmt.append_only:
+            problems.append(f"{self.name} evicts at every step, but {self.codec} stores keys in groups of tokens "
+                            "(append-only): use a per-token codec (tq*, fp8, fp16)")
+        return problems
+
+    def global_spec(self, index: int) -> EvictSpec:
+        return EvictSpec(codec=self.codec, label=self.name, policy=self.policy())
+
+
+class EvictLayer(BaseLayer):
+    """The tokens a :class:`Policy` keeps, per KV head, in the base layer's tail stores (through the spec's codec);
+    ``valid [b, h, n]`` once padding was seen, ``acc [b, h, n]`` the running scores of accumulating policies."""
 
     def __repr__(self) -> str:
-        return f"EvictLayer({type(self.policy).__name__})"
+        return f"EvictLayer({self.spec.label})"
 
     def reset(self) -> None:
-        self.is_initialized = False
-        self.seen = 0
+        super().reset()
         self.calls = 0
-        self.keys = self.values = None  # never held: stored data lives in the stores
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, d = key_states.shape
-        self.dtype, self.device, self.batch, self.heads, self.dim = key_states.dtype, key_states.device, b, h, d
-        ck, cv = self.codec_factory(d, "key"), self.codec_factory(d, "value")
-        self.codecs = [ck] if cv is ck else [ck, cv]
-        if self.policy.continuous and type(ck).__name__ == "KiviCodec":
-            from ..errors import InvalidInput
+    def init_state(self) -> None:
+        self.policy = self.spec.policy
+        self.valid: torch.Tensor | None = None
+        self.acc = torch.zeros(self.batch, self.heads, 0, device=self.device) if self.policy.accumulates else None
 
-            raise InvalidInput(f"{type(self.policy).__name__} evicts at every step, but KIVI stores keys in groups "
-                               "of 32 tokens (append-only): use a per-token codec (tq*, fp8, fp16)")
-        self.k, self.v = Store(ck, self.dtype), Store(cv, self.dtype)
-        self.valid: torch.Tensor | None = None  # [b, h, n] bool, only once padding was seen
-        self.acc = torch.zeros(b, h, 0, device=self.device) if self.policy.accumulates else None
-        self.is_initialized = True
-
-    # ---- transformers cache-layer protocol -------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        """Record the new post-RoPE ``[b, h, s, d]`` states; :meth:`attend` stores them. Returns them unchanged."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self.pending is not None:
-            raise RuntimeError("a kvslim cache layer was updated twice without attending: the model is not using "
-                               "the 'kvslim' attention (build the cache with kvslim.make_cache)")
-        if self.calls == 0:
-            self.policy.check_prompt(key_states.shape[2])  # before anything is stored
-        self.pending = (key_states, value_states)
-        self.seen += key_states.shape[2]
-        register_output(key_states, self)
-        return key_states, value_states
-
-    def get_seq_length(self) -> int:
-        return self.seen
+        if self.calls == 0 and self.pending is None:
+            self.spec.policy.check_prompt(key_states.shape[2])  # before anything is stored
+        return super().update(key_states, value_states, *args, **kwargs)
 
     def stored_length(self) -> int:
-        return self.k.n if self.is_initialized else 0
+        return self.tail_k.n if self.is_initialized else 0
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        stored = self.stored_length()
-        return stored + query_length, self.seen - stored
+    def stores(self) -> list[Any]:
+        return [self.tail_k, self.tail_v]
 
-    def get_max_length(self) -> int:
-        return -1
+    def side_tensors(self) -> list[str]:
+        return ["valid", "acc"]
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("eviction caches cannot be cropped (evicted tokens are gone)")
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select(lambda t: t[indices])
-
-    def _select(self, fn: Any) -> None:
-        if not self.is_initialized:
-            return
-        self.k.select_batch(fn)
-        self.v.select_batch(fn)
-        for name in ("valid", "acc"):
-            if getattr(self, name) is not None:
-                setattr(self, name, fn(getattr(self, name)))
-
-    def offload(self) -> None:
-        return None
-
-    def prefetch(self) -> None:
-        return None
-
-    def nbytes(self, include_codec_state: bool = True) -> int:
-        """Bytes held: packed kept K/V, the padding mask (once padding was seen), H2O's running scores, and (unless
-        the cache counts shared codecs itself) the codecs' constants."""
-        if not self.is_initialized:
-            return 0
-        total = self.k.nbytes() + self.v.nbytes()
-        total += sum(packed_nbytes(t) for t in (self.valid, self.acc) if t is not None)
-        if include_codec_state:
-            total += sum(int(c.state_nbytes()) for c in self.codecs)
-        return total
+    @classmethod
+    def predict(cls, spec: EvictSpec, n: int, shape: Any, batch: int = 1) -> dict[str, int]:
+        """After one unpadded prefill of ``n`` tokens: ``kept_tokens(policy, [n])`` per KV head through the codec,
+        plus the running scores (float32) of accumulating policies; FLOPs of one decode step: attention over the kept
+        tokens, plus the scoring pass of continuous policies."""
+        pol = spec.policy
+        kept = kept_tokens(pol, [n]) if n else 0
+        kv = stream_nbytes(shape, spec.codec, shape.head_dim, kept, batch)
+        side = 4 * batch * shape.kv_heads * kept if pol.accumulates else 0
+        flops = 4 * batch * shape.heads * shape.head_dim * kept
+        if pol.continuous:
+            flops += 2 * batch * shape.heads * shape.head_dim * (kept + 1)
+        return {"stored": kv + side, "read": kv, "flops": flops}
 
     # ---- attention and eviction ------------------------------------------------------------------------------
     def attend(self, query: torch.Tensor, positions: Any, valid_new: torch.Tensor | None, scaling: float,
@@ -215,8 +209,8 @@ class EvictLayer(CacheLayerMixin):
         self.pending = None
         b, hq, s, d = query.shape
         h = self.heads
-        held = self.k.n
-        k_old, v_old = self.k.decode(), self.v.decode()
+        held = self.tail_k.n
+        k_old, v_old = self.tail_k.decode(), self.tail_v.decode()
         k_all = k_new if k_old is None else torch.cat([k_old, k_new], 2)
         v_all = v_new if v_old is None else torch.cat([v_old, v_new], 2)
         n = held + s
@@ -246,7 +240,7 @@ class EvictLayer(CacheLayerMixin):
         pol = self.policy
         first = self.calls == 0
         self.calls += 1
-        held, s = self.k.n, k_new.shape[2]
+        held, s = self.tail_k.n, k_new.shape[2]
         acc = None
         if pol.accumulates:
             acc = torch.cat([self.acc, self.acc.new_zeros(*self.acc.shape[:2], s)], 2)
@@ -255,23 +249,19 @@ class EvictLayer(CacheLayerMixin):
                 acc = acc + causal_probs(q[:, :, a:e], k_all, scaling, softcap, valid, first=held + a).sum((2, 3))
         target = pol.target(self.seen) if (first or pol.continuous) else held + s
         if target >= held + s:  # nothing to evict: append the new tokens as they are
-            if first:
-                self.k.append(k_all)
-                self.v.append(v_all)
-            else:
-                self.k.append(k_new)
-                self.v.append(v_new)
+            self.tail_k.append(k_all if first else k_new)
+            self.tail_v.append(v_all if first else v_new)
             self.acc, self.valid = acc, valid if self.valid is not None else None
             return
         sc = pol.scores(q, k_all, held, scaling, softcap, acc)
         idx = select_keep(sc, target, *pol.protect(target), valid=valid)  # [b, h, target]
         if first:  # nothing stored yet: encode the kept tokens only
-            self.k.append(_gather(k_all, idx))
-            self.v.append(_gather(v_all, idx))
+            self.tail_k.append(_gather(k_all, idx))
+            self.tail_v.append(_gather(v_all, idx))
         else:
-            self.k.append(k_new)
-            self.v.append(v_new)
-            for st in (self.k, self.v):
+            self.tail_k.append(k_new)
+            self.tail_v.append(v_new)
+            for st in (self.tail_k, self.tail_v):
                 st.packed = _gather(st.packed, idx)
                 st.n = target
         if acc is not None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
-from . import blocks, full, heavy, latent, v4, window  # noqa: F401  (each file registers its method)
+# each file registers its method; h2o, knorm, snapkv, streaming and tova are the field's eviction baselines
+from . import blocks, full, h2o, heavy, knorm, latent, snapkv, streaming, tova, v4, window  # noqa: F401
 
-__all__ = ["blocks", "full", "heavy", "latent", "v4", "window"]
+__all__ = ["blocks", "full", "h2o", "heavy", "knorm", "latent", "snapkv", "streaming", "tova", "v4", "window"]

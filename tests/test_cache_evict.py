@@ -136,7 +136,7 @@ def test_bytes_equal_the_prediction_after_prefill_and_decode(pair, text):
     ("tova:keep=0", r"\(0, 1\]"),
     ("snapkv:keep=1.5", r"\(0, 1\]"),
     ("h2o:recent=1", "recent"),
-    ("snapkv:kernel=4", "odd"),
+    ("snapkv:kernel=4", "kernel must be one of"),
     ("knorm:window=3", "unknown key"),
     ("tova:budget=-2", ">= 0"),
     ("tova:keep=half", "must be a number"),

@@ -46,13 +46,8 @@ class SnapKVParams(EvictParams):
     keep: float = keep_param()
     budget: int = budget_param()
     window: int = param(32, "observation window: the last prompt tokens whose queries vote (kept)", lo=1)
-    kernel: int = param(7, "pooling width along the tokens (odd)", lo=1)
+    kernel: int = param(7, "pooling width along the tokens (odd: centred)", choices=(1, 3, 5, 7, 9, 11, 13, 15))
     pool: str = param("max", "pooling of the votes: max or avg", choices=POOLINGS)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.kernel % 2 == 0:
-            raise InvalidInput(f"snapkv: kernel must be odd (the pooling is centred), got {self.kernel}")
 
 
 @register

@@ -42,9 +42,11 @@ class OutOfTime(Exception):
 
 def presets() -> list[str]:
     """kvslim's presets, the quantization-only points, every baseline at every keep ratio, the compositions."""
-    from kvslim.recipe import PRESETS
+    from kvslim.recipe import PRESETS, canonical
 
-    return [*PRESETS, *QUANT_ONLY, *(f"{m}:keep={r}" for r in KEEP for m in EVICTION), *COMPOSED]
+    quant = {canonical(q) for q in QUANT_ONLY}
+    named = [p for p in PRESETS if canonical(p) not in quant]  # full-tq4 is full+tq4: one row
+    return [*named, *QUANT_ONLY, *(f"{m}:keep={r}" for r in KEEP for m in EVICTION), *COMPOSED]
 
 
 def folder(model: str, task: str, aware: bool) -> Path:

@@ -150,7 +150,7 @@ def test_bad_parameters_refused_when_parsed(text, match):
 
 @pytest.mark.parametrize("text,match", [
     ("tova:budget=500", "above the 40 tokens"),
-    ("snapkv:window=64", "observation window 64 is longer than the 40-token prompt"),
+    ("snapkv:keep=0.5,window=64", "observation window 64 is longer than the 40-token prompt"),
     ("tova:keep=0.5+kivi2", "append-only"),
 ])
 def test_bad_input_for_the_prompt_refused_before_storing(pair, text, match):

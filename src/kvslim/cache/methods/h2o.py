@@ -48,7 +48,7 @@ class H2O(EvictMethod):
     name = "h2o"
     summary = "H2O: accumulated attention (heavy hitters) + recent tokens, evicted at every step"
     Params = H2OParams
-    examples = ({"keep": 0.5}, {"budget": 12, "recent": 0.25})
+    examples = ({"keep": 0.5}, {"keep": 0.25, "recent": 0.25})
 
     def policy(self) -> Policy:
         p = self.params

@@ -34,7 +34,7 @@ class KeyNorm(EvictMethod):
     name = "knorm"
     summary = "key-norm: keep the tokens whose keys have the lowest L2 norm (after the prefill)"
     Params = KeyNormParams
-    examples = ({"keep": 0.5}, {"budget": 12})
+    examples = ({"keep": 0.5}, {"keep": 0.125})
 
     def policy(self) -> Policy:
         p = self.params

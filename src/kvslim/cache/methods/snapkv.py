@@ -27,8 +27,7 @@ class SnapKVPolicy(Policy):
     pool: str = "max"
 
     def check_prompt(self, n: int) -> None:
-        keep_budget(n, self.ratio, self.budget)
-        if self.window > n:
+        if keep_budget(n, self.ratio, self.budget) < n and self.window > n:  # (nothing to evict: no votes needed)
             raise InvalidInput(f"snapkv: observation window {self.window} is longer than the {n}-token prompt; "
                                f"use window <= {n}")
 
@@ -55,7 +54,7 @@ class SnapKV(EvictMethod):
     name = "snapkv"
     summary = "SnapKV: the prompt's last queries vote (pooled attention), the window + the top voted kept"
     Params = SnapKVParams
-    examples = ({"keep": 0.5, "window": 8}, {"budget": 16, "window": 4, "pool": "avg", "kernel": 3})
+    examples = ({"keep": 0.5, "window": 1}, {"keep": 0.25, "window": 1, "pool": "avg", "kernel": 3})
 
     def policy(self) -> Policy:
         p = self.params

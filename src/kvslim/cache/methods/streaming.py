@@ -45,7 +45,7 @@ class Streaming(EvictMethod):
     name = "streaming"
     summary = "StreamingLLM on a keep ratio: sinks + the most recent tokens, evicted at every step"
     Params = StreamingParams
-    examples = ({"keep": 0.5}, {"budget": 12, "sinks": 2})
+    examples = ({"keep": 0.5}, {"keep": 0.25, "sinks": 2})
 
     def policy(self) -> Policy:
         p = self.params

@@ -41,7 +41,7 @@ class Tova(EvictMethod):
     name = "tova"
     summary = "TOVA: evict the tokens the current query attends to least, at every step (per KV head)"
     Params = TovaParams
-    examples = ({"keep": 0.5}, {"budget": 12}, {"keep": 0.25, "per_head": 1})
+    examples = ({"keep": 0.5}, {"keep": 0.25, "per_head": 1})
 
     def policy(self) -> Policy:
         p = self.params

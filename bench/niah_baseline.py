@@ -89,29 +89,40 @@ def family(recipe: str) -> str:
     return "reference" if recipe == "full" else "quant" if head == "full" else "kvslim"
 
 
-def frontier_lines(rows: list) -> list[str]:
-    """The memory/accuracy frontier in words, computed from the rows: the recipes no other recipe beats (at most the
-    bytes per token and at least the mean accuracy, one of them strictly), and for each baseline the cheapest kvslim
-    recipe (structure or quant-only) at least as accurate, if any."""
-    def beats(a, b) -> bool:
-        return (a.bytes_per_token <= b.bytes_per_token and a.mean_acc >= b.mean_acc
-                and (a.bytes_per_token < b.bytes_per_token or a.mean_acc > b.mean_acc))
+def frontier_lines(recs: list[dict]) -> list[str]:
+    """The memory/accuracy frontier in words, computed from the records, per prompt length (only recipes with cells
+    at that length): the recipes no other recipe beats (at most the bytes per token and at least the accuracy, one
+    of them strictly), and for each baseline the cheapest kvslim recipe (structure or quant-only) at least as
+    accurate, if any."""
+    out = []
+    for n in sorted({r["length"] for r in recs}):
+        at: dict[str, list[dict]] = {}
+        for r in recs:
+            if r["length"] == n:
+                at.setdefault(r["recipe"], []).append(r)
+        pts = {k: (sum(r["kv_bytes"] for r in v) / sum(r["prompt_tokens"] for r in v),
+                   sum(bool(r["success"]) for r in v) / len(v), len(v)) for k, v in at.items()}
 
-    front = sorted((r for r in rows if not any(beats(o, r) for o in rows)), key=lambda r: r.bytes_per_token)
-    out = ["Frontier (no recipe has fewer bytes per token and at least the accuracy): "
-           + ", ".join(f"`{r.recipe}` ({family(r.recipe)}, {r.bytes_per_token:.0f} B/token, acc {r.mean_acc:.2f})"
-                       for r in front) + "."]
-    ours = [r for r in rows if family(r.recipe) in ("kvslim", "quant")]
-    for b in sorted((r for r in rows if family(r.recipe) == "baseline"), key=lambda r: r.recipe):
-        win = [r for r in ours if r.mean_acc >= b.mean_acc and r.bytes_per_token <= b.bytes_per_token]
-        if win:
-            w = min(win, key=lambda r: r.bytes_per_token)
-            out.append(f"- `{b.recipe}` (acc {b.mean_acc:.2f}, {b.bytes_per_token:.0f} B/token): matched or beaten by "
-                       f"`{w.recipe}` (acc {w.mean_acc:.2f}, {w.bytes_per_token:.0f} B/token)")
-        else:
-            out.append(f"- `{b.recipe}` (acc {b.mean_acc:.2f}, {b.bytes_per_token:.0f} B/token): no kvslim recipe "
-                       "is as accurate at as few bytes")
-    return [*out, ""]
+        def beats(a: str, b: str, pts: dict = pts) -> bool:
+            (ba, aa, _), (bb, ab, _) = pts[a], pts[b]
+            return ba <= bb and aa >= ab and (ba < bb or aa > ab)
+
+        def desc(k: str, pts: dict = pts) -> str:
+            b, a, c = pts[k]
+            return f"`{k}` ({b:.0f} B/token, acc {a:.2f} over {c})"
+
+        front = sorted((k for k in pts if not any(beats(o, k) for o in pts)), key=lambda k: pts[k][0])
+        out += [f"At {n} tokens. Frontier (no recipe has fewer bytes per token and at least the accuracy): "
+                + ", ".join(f"{desc(k)} [{family(k)}]" for k in front) + ".", ""]
+        ours = [k for k in pts if family(k) in ("kvslim", "quant")]
+        for b in sorted(k for k in pts if family(k) == "baseline"):
+            win = [k for k in ours if pts[k][1] >= pts[b][1] and pts[k][0] <= pts[b][0]]
+            if win:
+                out.append(f"- {desc(b)}: matched or beaten by {desc(min(win, key=lambda k: pts[k][0]))}")
+            else:
+                out.append(f"- {desc(b)}: no kvslim recipe is as accurate at as few bytes")
+        out.append("")
+    return out
 
 
 def write_docs(args: argparse.Namespace) -> dict:
@@ -167,7 +178,7 @@ def write_docs(args: argparse.Namespace) -> dict:
             for r in recs:
                 cells[r["recipe"]] = cells.get(r["recipe"], 0) + 1
             md += [markdown_table(s), "", "Cells per recipe: " + ", ".join(f"`{k}` {v}" for k, v in cells.items()) + ".", ""]
-            md += frontier_lines(s.rows)
+            md += frontier_lines(recs)
             png = img / f"niah-frontier-{model}-{task}{'-aware' if aware else ''}.png"
             _frontier(s, png)
             md += [f"![{task} frontier on {model}, {mode}](img/{png.name})", ""]

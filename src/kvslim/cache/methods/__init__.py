@@ -1,9 +1,16 @@
-"""The built-in compression methods, one file each; importing this package registers them (see
-:mod:`kvslim.cache.method` for the interface and ``docs/contributing.md`` for adding one)."""
+"""The built-in compression methods, one file each; importing this package registers them, in the order of
+``BUILTIN`` (the order ``kvslim recipes`` lists them). See :mod:`kvslim.cache.method` for the interface and
+``docs/contributing.md`` for adding a method: a new built-in is one file here plus its name in ``BUILTIN``.
+The last five are the field's eviction baselines (see ``docs/eviction.md``).
+"""
 
 from __future__ import annotations
 
-# each file registers its method; h2o, knorm, snapkv, streaming and tova are the field's eviction baselines
-from . import blocks, full, h2o, heavy, knorm, latent, snapkv, streaming, tova, v4, window  # noqa: F401
+import importlib
 
-__all__ = ["blocks", "full", "h2o", "heavy", "knorm", "latent", "snapkv", "streaming", "tova", "v4", "window"]
+BUILTIN = ("full", "window", "blocks", "heavy", "v4", "latent", "streaming", "snapkv", "tova", "h2o", "knorm")
+
+for _name in BUILTIN:
+    importlib.import_module(f"{__name__}.{_name}")
+
+__all__ = ["BUILTIN"]

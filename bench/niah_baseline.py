@@ -167,8 +167,11 @@ def write_docs(args: argparse.Namespace) -> dict:
             done = {(r["recipe"], r["length"], r["depth"], r["seed"]) for r in recs}
             for n in GRID[model] if not aware else []:
                 gone = [r for r in recipes if any((r, n, d, s) not in done for d in args.depths for s in args.seeds)]
+                cells = sum((r, n, d, s) not in done for r in recipes for d in args.depths for s in args.seeds)
                 if gone:
-                    missing.append(f"{model} {task} at {n} tokens: " + (", ".join(gone) if len(gone) < len(recipes) else "all recipes"))
+                    total = len(recipes) * len(args.depths) * len(args.seeds)
+                    missing.append(f"{model} {task} at {n} tokens: {cells} of {total} cells, of "
+                                   + (", ".join(gone) if len(gone) < len(recipes) else "every recipe"))
             md += [f"## {task} on {model} ({mode})", ""]
             if not recs:
                 md += ["Not run yet.", ""]

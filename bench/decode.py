@@ -10,6 +10,12 @@ high-water mark during that row (``/proc/self/clear_refs`` reset before each row
 process-wide peak). Tiered recipes (``recall``) also report their cold bytes, the cold bytes the last decode step
 fetched and the fetched share (tokens fetched per KV head and tiered layer / context) in the JSON rows.
 
+The eviction baselines (``streaming``, ``snapkv``, ``tova``, ``h2o``, ``knorm``, e.g. ``tova:keep=0.5``; see
+``kvslim.cache.methods``) are recipes like the others: their prefill row includes the scoring (attention probabilities of
+the observation window, the last query, or every query for H2O), their decode rows the per-step eviction.
+
+    python bench/decode.py --recipes "full,tova:keep=0.5,snapkv:keep=0.5,h2o:keep=0.5,knorm:keep=0.5,streaming:keep=0.5"
+
 Prints a table, then one JSON line; writes ``results/decode.json``. Default: SmolLM2 at 1k/2k tokens with 8
 decode steps (a few minutes on two busy cores). The issue's full configuration::
 

@@ -1,13 +1,18 @@
-"""The measured needle-in-a-haystack baseline: accuracy and KV bytes of every recipe preset on the real models.
+"""The measured needle-in-a-haystack baseline: accuracy and KV bytes of kvslim's recipes beside the field's eviction
+methods and kvslim's quantization-only points, on the real models.
 
-Runs, for each model, length and task (passkey, natural-text needle), a grid over ``full`` plus every preset of
-``kvslim.recipe.PRESETS`` at the given depths and seeds, into resumable stores under
-``results/niah-baseline/<model>/<task>/`` (rerunning skips finished cells). Work goes cheapest first (by length), and
-``--budget-min`` stops starting new cells after that many minutes, so a slow machine yields a complete small grid and
-a list of what is missing rather than nothing. Then writes ``docs/baseline.md`` (tables + frontier plots in
-``docs/img/``), ``results/niah_baseline.json``, prints the tables and one final JSON line.
+Runs, for each model, length and task (passkey, natural-text needle), a grid over ``full``, every preset of
+``kvslim.recipe.PRESETS``, the quantization-only points (``full+tq4``, ``full+tq3``, ``full+kivi4``, ``full+fp8``), the
+eviction baselines (StreamingLLM, SnapKV, TOVA, H2O, key-norm at keep ratios 1/2, 1/4, 1/8) and a few eviction +
+codec compositions, at the given depths and seeds, into resumable stores under ``results/niah-baseline/<model>/<task>/``
+(rerunning skips finished cells). The context is compressed before the question is seen (question-agnostic, as a
+server caching a shared document must; ``--aware`` runs the question-aware variant into ``<task>-aware/``). Work
+goes cheapest first (by length), and ``--budget-min`` stops starting new cells after that many minutes, so a slow
+machine yields a complete small grid and a list of what is missing rather than nothing. Then writes
+``docs/baseline.md`` (tables + frontier plots in ``docs/img/``), ``results/niah_baseline.json``, prints the tables and
+one final JSON line.
 
-    python bench/niah_baseline.py                      # the issue's grid: SmolLM2 1k/2k/4k, Gemma 3 1k/4k/8k/16k
+    python bench/niah_baseline.py                      # the issue's grid: SmolLM2 1k/2k/4k, Gemma 3 1k/4k/8k
     python bench/niah_baseline.py --budget-min 40      # stop starting cells after 40 minutes
     python bench/niah_baseline.py --report-only        # rebuild docs/baseline.md from the stores
 """
@@ -21,8 +26,13 @@ import platform
 import time
 from pathlib import Path
 
-GRID = {"smollm2-135m": [1000, 2000, 4000], "gemma3-270m": [1000, 4000, 8000, 16000]}
+GRID = {"smollm2-135m": [1000, 2000, 4000], "gemma3-270m": [1000, 4000, 8000]}
 TASKS = ("passkey", "needle")
+DEPTHS = "0,0.25,0.5,0.75,1"
+QUANT_ONLY = ("full+tq4", "full+tq3", "full+kivi4", "full+fp8")
+EVICTION = ("streaming", "snapkv", "tova", "h2o", "knorm")
+KEEP = ("0.5", "0.25", "0.125")
+COMPOSED = ("tova:keep=0.5+tq4", "tova:keep=0.25+tq4", "knorm:keep=0.5+kivi2", "snapkv:keep=0.5+fp8")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,9 +41,16 @@ class OutOfTime(Exception):
 
 
 def presets() -> list[str]:
-    from kvslim.recipe import PRESETS
+    """kvslim's presets, the quantization-only points, every baseline at every keep ratio, the compositions."""
+    from kvslim.recipe import PRESETS, canonical
 
-    return list(PRESETS)
+    quant = {canonical(q) for q in QUANT_ONLY}
+    named = [p for p in PRESETS if canonical(p) not in quant]  # full-tq4 is full+tq4: one row
+    return [*named, *QUANT_ONLY, *(f"{m}:keep={r}" for r in KEEP for m in EVICTION), *COMPOSED]
+
+
+def folder(model: str, task: str, aware: bool) -> Path:
+    return ROOT / "results" / "niah-baseline" / model / (task + ("-aware" if aware else ""))
 
 
 def run(args: argparse.Namespace) -> None:
@@ -45,15 +62,16 @@ def run(args: argparse.Namespace) -> None:
         if deadline is not None and time.monotonic() > deadline:
             raise OutOfTime
 
-    plan = sorted(((n, m, t) for m in args.models for n in GRID[m] for t in TASKS if n in args.lengths_of(m)),
+    plan = sorted(((n, m, t) for m in args.models for n in GRID[m] for t in args.tasks if n in args.lengths_of(m)),
                   key=lambda x: (x[0], list(GRID).index(x[1]), x[2]))
     pairs: dict[str, tuple] = {}
     for length, model, task in plan:
         if model not in pairs:
             pairs.clear()  # one model in memory at a time
             pairs[model] = load_pair(model)
-        grid = Grid(task=task, model=model, recipes=args.recipes, lengths=[length], depths=args.depths, seeds=args.seeds)
-        out = ROOT / "results" / "niah-baseline" / model / task
+        grid = Grid(task=task, model=model, recipes=args.recipes, lengths=[length], depths=args.depths, seeds=args.seeds,
+                    options={"agnostic": not args.aware})
+        out = folder(model, task, args.aware)
         print(f"== {model} {task} {length} tokens -> {out}", flush=True)
         try:
             res = run_grid(grid, out, pair=pairs[model], threads=args.threads, progress=not args.quiet, on_record=check_time)
@@ -61,6 +79,50 @@ def run(args: argparse.Namespace) -> None:
         except OutOfTime:
             print(f"   budget of {args.budget_min} min spent: stopping", flush=True)
             return
+
+
+def family(recipe: str) -> str:
+    """``baseline`` (the field's eviction methods), ``quant`` (full + a codec) or ``kvslim`` (kvslim's structures)."""
+    head = recipe.partition("+")[0].partition(":")[0]
+    if head in EVICTION:
+        return "baseline"
+    return "reference" if recipe == "full" else "quant" if head == "full" else "kvslim"
+
+
+def frontier_lines(recs: list[dict]) -> list[str]:
+    """The memory/accuracy frontier in words, computed from the records, per prompt length (only recipes with cells
+    at that length): the recipes no other recipe beats (at most the bytes per token and at least the accuracy, one
+    of them strictly), and for each baseline the cheapest kvslim recipe (structure or quant-only) at least as
+    accurate, if any."""
+    out = []
+    for n in sorted({r["length"] for r in recs}):
+        at: dict[str, list[dict]] = {}
+        for r in recs:
+            if r["length"] == n:
+                at.setdefault(r["recipe"], []).append(r)
+        pts = {k: (sum(r["kv_bytes"] for r in v) / sum(r["prompt_tokens"] for r in v),
+                   sum(bool(r["success"]) for r in v) / len(v), len(v)) for k, v in at.items()}
+
+        def beats(a: str, b: str, pts: dict = pts) -> bool:
+            (ba, aa, _), (bb, ab, _) = pts[a], pts[b]
+            return ba <= bb and aa >= ab and (ba < bb or aa > ab)
+
+        def desc(k: str, pts: dict = pts) -> str:
+            b, a, c = pts[k]
+            return f"`{k}` ({b:.0f} B/token, acc {a:.2f} over {c})"
+
+        front = sorted((k for k in pts if not any(beats(o, k) for o in pts)), key=lambda k: pts[k][0])
+        out += [f"At {n} tokens. Frontier (no recipe has fewer bytes per token and at least the accuracy): "
+                + ", ".join(f"{desc(k)} [{family(k)}]" for k in front) + ".", ""]
+        ours = [k for k in pts if family(k) in ("kvslim", "quant")]
+        for b in sorted(k for k in pts if family(k) == "baseline"):
+            win = [k for k in ours if pts[k][1] >= pts[b][1] and pts[k][0] <= pts[b][0]]
+            if win:
+                out.append(f"- {desc(b)}: matched or beaten by {desc(min(win, key=lambda k: pts[k][0]))}")
+            else:
+                out.append(f"- {desc(b)}: no kvslim recipe is as accurate at as few bytes")
+        out.append("")
+    return out
 
 
 def write_docs(args: argparse.Namespace) -> dict:
@@ -77,9 +139,15 @@ def write_docs(args: argparse.Namespace) -> dict:
         + f", {platform.machine()}, torch threads {args.threads or 'default'}). Do not edit by hand.",
         "",
         *([args.note, ""] if args.note else []),
-        "Recipes: `full` (transformers' `DynamicCache`, float32) and every preset of `kvslim recipes`: "
+        "Recipes: `full` (transformers' `DynamicCache`, float32), kvslim's presets (`kvslim recipes`), its",
+        "quantization-only points (`full+CODEC`), the eviction baselines of `kvslim.cache.methods` (`streaming`:",
+        "StreamingLLM, `snapkv`, `tova`, `h2o`, `knorm`: key-norm; `keep=r` keeps a fraction r of the tokens per layer",
+        "and KV head, evicted tokens are deleted) and eviction + codec compositions: "
         + ", ".join(f"`{r}`" for r in recipes[1:]) + f". Depths {args.depths}, seeds {args.seeds}; greedy answers"
         + f" (so each `acc@N` is over {len(args.depths) * len(args.seeds)} cell(s)).",
+        "Question-agnostic sections prefill the context alone, then the question (a compressing cache never sees the",
+        "question); question-aware sections prefill the whole prompt at once. kvslim's structural recipes compress by",
+        "token position only, so for them the two are the same.",
         "`acc@N`: fraction of cells whose greedy answer contains the needle's answer at prompt length N tokens;",
         "`score`: mean teacher-forced log-probability (nats) of the answer tokens; KV bytes: measured bytes the cache",
         "holds after prefill (`kvslim.memory.cache_nbytes`) at the longest length; `vs fp16 full`: that over a 16-bit",
@@ -88,31 +156,39 @@ def write_docs(args: argparse.Namespace) -> dict:
     ]
     out_json: dict = {"grid": {m: GRID[m] for m in args.models}, "depths": args.depths, "seeds": args.seeds, "runs": []}
     missing: list[str] = []
+    seconds = 0.0
     for model in args.models:
-        for task in TASKS:
-            store = ResultStore(ROOT / "results" / "niah-baseline" / model / task)
-            recs = store.records()
+        for task, aware in [(t, a) for t in TASKS for a in (False, True)]:
+            recs = ResultStore(folder(model, task, aware)).records()
+            seconds += sum(r.get("seconds", 0) for r in recs)
+            if aware and not recs:
+                continue  # the question-aware variant is optional (--aware)
+            mode = "question-aware" if aware else "question-agnostic"
             done = {(r["recipe"], r["length"], r["depth"], r["seed"]) for r in recs}
-            for n in GRID[model]:
+            for n in GRID[model] if not aware else []:
                 gone = [r for r in recipes if any((r, n, d, s) not in done for d in args.depths for s in args.seeds)]
+                cells = sum((r, n, d, s) not in done for r in recipes for d in args.depths for s in args.seeds)
                 if gone:
-                    missing.append(f"{model} {task} at {n} tokens: " + (", ".join(gone) if len(gone) < len(recipes) else "all recipes"))
-            md.append(f"## {task} on {model}")
-            md.append("")
+                    total = len(recipes) * len(args.depths) * len(args.seeds)
+                    missing.append(f"{model} {task} at {n} tokens: {cells} of {total} cells, of "
+                                   + (", ".join(gone) if len(gone) < len(recipes) else "every recipe"))
+            md += [f"## {task} on {model} ({mode})", ""]
             if not recs:
                 md += ["Not run yet.", ""]
                 continue
             (s,) = summarize(recs)
-            md += [markdown_table(s), ""]
-            png = img / f"niah-frontier-{model}-{task}.png"
+            cells: dict[str, int] = {}
+            for r in recs:
+                cells[r["recipe"]] = cells.get(r["recipe"], 0) + 1
+            md += [markdown_table(s), "", "Cells per recipe: " + ", ".join(f"`{k}` {v}" for k, v in cells.items()) + ".", ""]
+            md += frontier_lines(recs)
+            png = img / f"niah-frontier-{model}-{task}{'-aware' if aware else ''}.png"
             _frontier(s, png)
-            md += [f"![{task} frontier on {model}](img/{png.name})", ""]
-            print(f"\n{task} on {model}\n{markdown_table(s)}")
-            out_json["runs"].append({"model": model, "task": task, "rows": [
+            md += [f"![{task} frontier on {model}, {mode}](img/{png.name})", ""]
+            print(f"\n{task} on {model} ({mode})\n{markdown_table(s)}")
+            out_json["runs"].append({"model": model, "task": task, "aware": aware, "rows": [
                 {"recipe": r.recipe, "acc": r.acc, "score": r.score, "kv_bytes": r.kv_bytes, "ratio16": r.ratio16,
-                 "bytes_per_token": r.bytes_per_token} for r in s.rows]})
-    seconds = sum(r.get("seconds", 0) for m in args.models for t in TASKS
-                  for r in ResultStore(ROOT / "results" / "niah-baseline" / m / t).records())
+                 "bytes_per_token": r.bytes_per_token, "cells": cells.get(r.recipe, 0)} for r in s.rows]})
     md += ["## Missing", ""]
     md += [f"- {m}" for m in missing] if missing else ["Nothing: every planned cell ran."]
     if missing:
@@ -130,8 +206,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(GRID), help="comma-separated: smollm2-135m,gemma3-270m")
     ap.add_argument("--max-length", type=int, default=0, help="skip lengths above this (0: the whole grid)")
-    ap.add_argument("--recipes", default="", help="comma-separated (default: full + every preset)")
-    ap.add_argument("--depths", default="0.5", help="needle depths (default: the middle only, to fit a small machine)")
+    ap.add_argument("--recipes", default="", help="comma-separated (default: full, presets, quant-only, baselines)")
+    ap.add_argument("--depths", default=DEPTHS, help=f"needle depths (default {DEPTHS})")
+    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated: passkey,needle")
+    ap.add_argument("--aware", action="store_true", help="question-aware: prefill the whole prompt at once (into <task>-aware/)")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared 2-core box)")
     ap.add_argument("--budget-min", type=float, default=0, help="stop starting cells after this many minutes")
@@ -146,6 +224,7 @@ def main() -> None:
     explicit_recipes = bool(args.recipes)
     args.recipes = ["full", *[r for r in (args.recipes.split(",") if args.recipes else presets()) if r and r != "full"]]
     args.depths = [float(d) for d in args.depths.split(",")]
+    args.tasks = [t for t in args.tasks.split(",") if t]
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.lengths_of = lambda m: [n for n in GRID[m] if not args.max_length or n <= args.max_length]
     if not args.report_only:
@@ -153,13 +232,13 @@ def main() -> None:
     elif not explicit_recipes:  # describe what the stores hold, not today's preset list
         from kvslim.eval.store import ResultStore
 
-        seen = [r["recipe"] for m in args.models for t in TASKS
-                for r in ResultStore(ROOT / "results" / "niah-baseline" / m / t).records()]
+        seen = [r["recipe"] for m in args.models for t in TASKS for a in (False, True)
+                for r in ResultStore(folder(m, t, a)).records()]
         if seen:
             args.recipes = ["full", *[r for r in dict.fromkeys(seen) if r != "full"]]
     summary = write_docs(args)
     print(json.dumps({"bench": "niah_baseline", "missing": len(summary["missing"]),
-                      "runs": [{"model": r["model"], "task": r["task"],
+                      "runs": [{"model": r["model"], "task": r["task"], "aware": r["aware"],
                                 "acc": {x["recipe"]: x["acc"] for x in r["rows"]}} for r in summary["runs"]]}))
 
 

@@ -32,11 +32,19 @@ def test_presets_resolve():
     data=st.data(),
 )
 def test_round_trip(kind, codec, full_first, data):
+    import dataclasses
+
+    from kvslim.cache.method import methods
+
     params = {}
+    meta = {f.name: f.metadata for f in dataclasses.fields(methods()[kind].Params)}
     for key, (typ, _default, _doc) in KINDS[kind][1].items():
         if typ is int and data.draw(st.booleans()):
-            lo = 1 if key in ("m", "hm", "r", "calib", "w") else 0
-            params[key] = data.draw(st.integers(lo, 1 if key == "wq" else 200))
+            if meta[key].get("choices"):
+                params[key] = data.draw(st.sampled_from(meta[key]["choices"]))
+                continue
+            lo = 1 if key in ("m", "hm", "r", "calib", "w") else (meta[key].get("lo") or 0)
+            params[key] = data.draw(st.integers(lo, 200))
     text = kind + (":" + ",".join(f"{k}={v}" for k, v in params.items()) if params else "")
     if full_first:
         text += ("," if ":" in text else ":") + f"full_first={full_first}"

@@ -3,6 +3,12 @@
 ``generate(model, tokenizer, prompt)`` formats the prompt (the chat template when the tokenizer has one), checks it
 against the model's maximum context, runs ``model.generate`` greedily with an explicit cache object, and reports the
 answer, the speed and the bytes the cache holds at the end (measured from its tensors).
+
+When to compress: a compressing cache (an eviction method such as SnapKV) compresses at the end of each prefill call.
+``generate(..., prompt)`` prefills the whole prompt in one call, so the cache has seen the question when it
+compresses (question-aware). ``generate(..., prompt=question, context=document)`` prefills the document alone first
+and then continues with the question (question-agnostic: what a server that caches a shared document prefix must
+do). The model reads the same user message either way: the context, a blank line, the prompt.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Any
 from .errors import ContextTooLong, InvalidInput
 from .memory import cache_nbytes
 
-__all__ = ["GenerateResult", "encode_prompt", "check_context", "generate"]
+__all__ = ["GenerateResult", "encode_prompt", "encode_split", "check_context", "generate"]
 
 
 @dataclass
@@ -86,6 +92,31 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool | None = None) -> Any:
     return tokenizer(prompt, return_tensors="pt")["input_ids"]
 
 
+def encode_split(tokenizer: Any, context: str, question: str, chat: bool | None = None) -> tuple[Any, int]:
+    """Token ids ``[1, T]`` of the user message "context, blank line, question" (in the chat template when there
+    is one) and the index where the question part starts. The two parts are tokenised separately, so the split is exact.
+    """
+    from .paths import check_text
+
+    for name, text in (("context", context), ("question", question)):
+        check_text(text or "", f"the {name}")
+        if not text or not text.strip():
+            raise InvalidInput(f"the {name} is empty: give some text")
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    head, tail = "", ""
+    if use_chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidInput("this tokenizer has no chat template: run without --chat")
+        mark = "\x00KVSLIM-CONTENT\x00"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], add_generation_prompt=True, tokenize=False)
+        head, _sep, tail = text.partition(mark)
+    first = list(tokenizer(head + context, add_special_tokens=not use_chat)["input_ids"])
+    rest = list(tokenizer("\n\n" + question + tail, add_special_tokens=False)["input_ids"])
+    import torch
+
+    return torch.tensor([first + rest], dtype=torch.long), len(first)
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -95,13 +126,16 @@ def generate(
     cache: Any = None,
     chat: bool | None = None,
     continue_cache: bool = False,
+    context: str | None = None,
 ) -> GenerateResult:
     """Greedy generation of at most ``max_new_tokens`` tokens after ``prompt``.
 
     ``cache`` is any transformers ``Cache`` (a kvslim compressed cache too); by default a fresh ``DynamicCache``.
     The cache is returned in the result so its bytes can be inspected further. A cache that already holds tokens is
     refused unless ``continue_cache=True``: then ``prompt`` continues the context the cache holds (its tokens are
-    appended after the cached ones). A kvslim cache built for another model is refused too.
+    appended after the cached ones). A kvslim cache built for another model is refused too. ``context``: a document
+    prefilled into the cache on its own before ``prompt`` (the question) is seen; a compressing cache then compresses
+    it question-agnostically (see the module docstring).
     """
     import torch
     from transformers import DynamicCache
@@ -109,7 +143,10 @@ def generate(
     from .units import check_int
 
     check_int(max_new_tokens, "max_new_tokens")
-    ids = encode_prompt(tokenizer, prompt, chat)
+    if context is None:
+        ids, split = encode_prompt(tokenizer, prompt, chat), 0
+    else:
+        ids, split = encode_split(tokenizer, context, prompt, chat)
     n_prompt = int(ids.shape[1])
     past = 0
     if cache is not None:
@@ -131,6 +168,8 @@ def generate(
         cache = DynamicCache(config=model.config)
     t0 = time.perf_counter()
     with torch.inference_mode():
+        if split:  # the context alone first: the cache compresses it before the question arrives
+            model(input_ids=ids[:, past : past + split], cache=cache, use_cache=True, logits_to_keep=1)
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),

@@ -78,6 +78,10 @@ PRESETS: dict[str, tuple[str, str]] = {
     "full-kivi2": ("full+kivi2", "every token kept, KIVI 2-bit"),
     "recall-fp8": ("recall+fp8", "tiered: FP8 bbox summaries per 32 tokens + 128 exact recent tokens hot, every token "
                    "exact in a cold tier, top-8 blocks fetched per query"),
+    "full-kivi4": ("full+kivi4", "every token kept, KIVI 4-bit"),
+    "full-tq4": ("full+tq4", "every token kept, 4-bit TurboQuant"),
+    "full-tq3": ("full+tq3", "every token kept, 3-bit TurboQuant"),
+    "full-fp8": ("full+fp8", "every token kept, FP8 e4m3"),
 }
 
 
@@ -138,6 +142,11 @@ def _convert(kind: str, key: str, raw: str) -> Any:
             return int(raw)
         except ValueError:
             raise InvalidInput(f"{kind}: {key} must be an integer, got {raw!r}") from None
+    if typ is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise InvalidInput(f"{kind}: {key} must be a number, got {raw!r}") from None
     return raw
 
 

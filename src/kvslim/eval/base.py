@@ -101,13 +101,17 @@ def score_answer(answer: str, expected: list[str]) -> tuple[bool, float]:
     return all(found), sum(found) / len(found)
 
 
-def run_retrieval(model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callable[[], Any]) -> dict[str, Any]:
+def run_retrieval(
+    model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callable[[], Any], agnostic: bool = False
+) -> dict[str, Any]:
     """Prefill, graded score (log-prob of ``prompt.answer_ids``), greedy answer; success = every answer string found.
 
     ``score`` is the teacher-forced log-probability in nats of the expected answer tokens (higher is better, 0 is
-    certainty); ``retrieved`` the fraction of ``prompt.answers`` found in the greedy answer.
+    certainty); ``retrieved`` the fraction of ``prompt.answers`` found in the greedy answer. ``agnostic``: the
+    context (``prompt.ids[:prompt.question_start]``) is prefilled alone before the question, so a compressing cache
+    compresses it without knowing the question; otherwise the whole prompt is one prefill (question-aware).
     """
-    pre = prefill(model, prompt.ids, make_cache())
+    pre = prefill(model, prompt.ids, make_cache(), split=prompt.question_start if agnostic else 0)
     logprob = teacher_logprob(model, pre, prompt.answer_ids)
     out = greedy(model, pre, prompt.max_new_tokens, eos_ids(tokenizer, model))
     answer = tokenizer.decode(out, skip_special_tokens=True).strip()

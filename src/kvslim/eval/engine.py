@@ -33,14 +33,23 @@ def _forward(model: Any, ids: list[int], cache: Any, keep: int = 1) -> Any:
     return out.logits[0].float()  # [keep, V]
 
 
-def prefill(model: Any, ids: list[int], cache: Any) -> Prefilled:
-    """Run the whole prompt through ``model`` into ``cache`` (one chunk); measure the bytes held afterwards."""
+def prefill(model: Any, ids: list[int], cache: Any, split: int = 0) -> Prefilled:
+    """Run the prompt through ``model`` into ``cache``; measure the bytes held afterwards.
+
+    ``split = 0``: one call (a compressing cache compresses after the whole prompt: question-aware). ``0 < split <
+    len(ids)``: ``ids[:split]`` (the context) in a first call, the rest (the question) in a second, so the cache
+    compresses the context before it sees the question (question-agnostic).
+    """
     import torch
 
     from ..memory import cache_nbytes
 
+    if not 0 <= split < len(ids):
+        raise ValueError(f"split {split} outside [0, {len(ids)})")
     with torch.inference_mode():
-        logits = _forward(model, ids, cache, keep=1)[-1]
+        if split:
+            _forward(model, ids[:split], cache, keep=1)
+        logits = _forward(model, ids[split:], cache, keep=1)[-1]
     return Prefilled(cache, logits, cache_nbytes(cache), len(ids))
 
 

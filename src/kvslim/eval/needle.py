@@ -22,10 +22,12 @@ INSTRUCTION = "Read the following document carefully. Somewhere in it there is o
 
 @dataclass
 class Needle(Task):
-    """Options: ``max_new_tokens`` (answer budget), ``chat`` (None: the chat template when the model has one)."""
+    """Options: ``max_new_tokens`` (answer budget), ``chat`` (None: the chat template when the model has one),
+    ``agnostic`` (prefill the context before the question, so a compressing cache cannot use the question)."""
 
     max_new_tokens: int = 12
     chat: bool | None = None
+    agnostic: bool = False
 
     name = "needle"
 
@@ -51,4 +53,4 @@ class Needle(Task):
     batchable = True  # run_batch: kvslim.eval.batch, the same records
 
     def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Any, recipe: str) -> dict[str, Any]:
-        return run_retrieval(model, tokenizer, prompt, make_cache)
+        return run_retrieval(model, tokenizer, prompt, make_cache, agnostic=self.agnostic)

@@ -24,10 +24,12 @@ INSTRUCTION = (
 
 @dataclass
 class Passkey(Task):
-    """Options: ``max_new_tokens`` (answer budget), ``chat`` (None: the chat template when the model has one)."""
+    """Options: ``max_new_tokens`` (answer budget), ``chat`` (None: the chat template when the model has one),
+    ``agnostic`` (prefill the context before the question, so a compressing cache cannot use the question)."""
 
     max_new_tokens: int = 8
     chat: bool | None = None
+    agnostic: bool = False
 
     name = "passkey"
 
@@ -53,4 +55,4 @@ class Passkey(Task):
     batchable = True  # run_batch: kvslim.eval.batch, the same records
 
     def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Any, recipe: str) -> dict[str, Any]:
-        return run_retrieval(model, tokenizer, prompt, make_cache)
+        return run_retrieval(model, tokenizer, prompt, make_cache, agnostic=self.agnostic)

@@ -9,6 +9,7 @@ A prompt is built from token pieces, never by re-tokenising the whole string, so
 * ``length`` is the total prompt length in tokens. The haystack gets what the fixed parts leave: ``H`` tokens.
 * Needle i is inserted after ``round(depth_i * H)`` haystack tokens, i.e. at prompt index
   ``haystack_start + round(depth_i * H) + sum(len(needle_j) for j < i)``. Depth 0 puts it first, depth 1 last.
+* ``Prompt.question_start`` is the index of the first token of ``[question]``: everything before it is the context.
 * Segment 0 ends on a sentence boundary and is cut at its start; later segments start on a sentence boundary and are
   cut at their end, so every needle follows a whole sentence or the instruction.
 """
@@ -77,6 +78,12 @@ class Prompt:
     @property
     def hash(self) -> str:
         return ids_hash(self.ids)
+
+    @property
+    def question_start(self) -> int:
+        """Prompt index of the first token after the haystack and its needles (the question, then the frame suffix
+        and the primer): ``ids[:question_start]`` is the context a question-agnostic cache compresses alone."""
+        return self.haystack_start + self.haystack_tokens + sum(map(len, self.needle_ids))
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -48,19 +48,24 @@ def test_lists_read_the_registry():
         formats.register_format(formats.get_format("fp8"))
 
 
-def test_an_outside_format_works_end_to_end(tiny_llama):
-    # registered for this test only: the registry is process-wide, and other tests expect "int8" to be unknown
-    formats.register_format(formats.Format("int8", "int8 codes + one fp32 absmax scale per vector",
-                                           lambda d, role: d + 4, codec=f"{__name__}:make_int8", kinds=("gqa",)))
+@pytest.fixture
+def int8_format():
+    """The worked example registered for one test, and removed after it (the registry is process-wide)."""
+    fmt = formats.register_format(formats.Format("int8", "int8 codes + one fp32 absmax scale per vector",
+                                                 lambda d, role: d + 4, codec=f"{__name__}:make_int8", kinds=("gqa",)))
     try:
-        assert isinstance(make_codec("int8", 16), Int8Codec) and "int8" in CODECS
-        cache = make_cache(tiny_llama, "v4:w=8,m=2,k=3,hm=6+int8")
-        ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(1))
-        with torch.inference_mode():
-            ref = tiny_llama(ids).logits
-            out = tiny_llama(ids, cache=cache).logits
-        shape = ModelShape.from_model(tiny_llama)
-        assert [la.nbytes(include_codec_state=False) for la in cache.layers] == predict_nbytes(shape, cache.recipe, 40)
-        assert type(cache.layers[0].blk_k.codec) is Int8Codec and (out - ref).abs().max() < 1.0
+        yield fmt
     finally:
         del formats.REGISTRY["int8"]
+
+
+def test_an_outside_format_works_end_to_end(tiny_llama, int8_format):
+    assert isinstance(make_codec("int8", 16), Int8Codec) and "int8" in CODECS
+    cache = make_cache(tiny_llama, "v4:w=8,m=2,k=3,hm=6+int8")
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = tiny_llama(ids).logits
+        out = tiny_llama(ids, cache=cache).logits
+    shape = ModelShape.from_model(tiny_llama)
+    assert [la.nbytes(include_codec_state=False) for la in cache.layers] == predict_nbytes(shape, cache.recipe, 40)
+    assert type(cache.layers[0].blk_k.codec) is Int8Codec and (out - ref).abs().max() < 1.0

@@ -18,8 +18,9 @@ import math
 import torch
 
 from kvslim.errors import InvalidInput
-from kvslim.quant.base import Codec, Packed, check_query, check_weights
+from kvslim.quant.base import Codec, Packed
 from kvslim.quant.codebooks import bucket, lloyd_max
+from kvslim.quant.kernels import lookup_mix, lookup_score
 from kvslim.quant.packing import pack_bits, packed_len, unpack_bits
 from kvslim.quant.rotation import make_rotation
 
@@ -51,6 +52,7 @@ class TurboQuantMSE(Codec):
     """
 
     has_fast_score = True
+    attends_from_codes = True
 
     def __init__(self, dim: int, bits: int, seed: int = 0, rotation: str = "auto", law: str = "beta",
                  name: str | None = None) -> None:
@@ -105,20 +107,13 @@ class TurboQuantMSE(Codec):
         y = self.lookup(packed.fields["codes"])
         return (self.rotation.inverse(y) * packed.fields["norm"].to(torch.float32)).to(packed.dtype)
 
-    def score(self, q: torch.Tensor, packed: Packed) -> torch.Tensor:
-        """``q [..., Q, d]`` x packed ``[..., T, d]`` -> ``[..., Q, T]`` from the codes (rotated basis)."""
-        self._check_packed(packed)
-        check_query(q, packed, self.dim, self.name)
-        qr = self.rotation.forward(q.to(torch.float32))
-        y = self.lookup(packed.fields["codes"])
-        s = qr @ y.transpose(-1, -2)
-        return (s * packed.fields["norm"].to(torch.float32).transpose(-1, -2)).to(q.dtype)
+    def score_f32(self, q: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """``q [..., Q, d]`` x packed ``[..., T, d]`` -> ``[..., Q, T]`` float32 from the codes (rotated basis)."""
+        f = packed.fields
+        return lookup_score(self.rotation.forward(q), f["codes"], self.bits, self.centroids, self.dim, f["norm"])
 
-    def weighted_sum(self, w: torch.Tensor, packed: Packed) -> torch.Tensor:
-        """``w [..., Q, T]`` x packed ``[..., T, d]`` -> ``[..., Q, d]``: mix the centroids in the rotated basis
-        (``sum_t w_t n_t c[idx_t]``), then one inverse rotation per query row."""
-        self._check_packed(packed)
-        check_weights(w, packed, self.name)
-        wn = w.to(torch.float32) * packed.fields["norm"].to(torch.float32).transpose(-1, -2)
-        mixed = wn @ self.lookup(packed.fields["codes"])
-        return self.rotation.inverse(mixed).to(w.dtype)
+    def mix_f32(self, w: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """``w [..., Q, T]`` x packed ``[..., T, d]`` -> ``[..., Q, d]`` float32: mix the centroids in the rotated
+        basis (``sum_t w_t n_t c[idx_t]``), then one inverse rotation per query row."""
+        f = packed.fields
+        return self.rotation.inverse(lookup_mix(w, f["codes"], self.bits, self.centroids, self.dim, f["norm"]))

@@ -45,6 +45,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .attend import grouped_attention
 from .registry import register_output
+from .rows import entries, is_rows, rows_attention
 from .storage import Store, exact_codec, make_storage_codec
 
 __all__ = ["BaseLayer", "Chunk", "LayerContext", "LayerSpec", "Segment", "View", "grouped_attention", "stream_nbytes"]
@@ -144,7 +145,10 @@ class Segment:
 class BaseLayer(CacheLayerMixin):
     """A transformers cache layer: sinks + an exact tail (full, window and the model's local layers as they are).
 
-    Class attributes a method may set: ``needs_positions`` (keep ``tail_pos [b, n]`` int32), ``wants_probs``
+    Class attributes a method may set: ``needs_positions`` (keep ``tail_pos [b, n]`` int32), ``codes_tail`` (the
+    tail stores hold the attended vectors themselves, so a decode step may read them from the codes; False when
+    ``decode_tail`` transforms them), ``from_codes`` (an instance may set it False to attend over decoded vectors
+    at every step: the reference the from-codes path is tested against), ``wants_probs`'
     (attention probabilities go to :meth:`observe`), ``m`` / ``overlap`` (tokens per unit leaving the window and
     extra earlier tokens a unit keeps, see the column rule).
     """
@@ -153,6 +157,8 @@ class BaseLayer(CacheLayerMixin):
     is_croppable = False
     supports_early_init = False
     needs_positions: ClassVar[bool] = False
+    codes_tail: ClassVar[bool] = True
+    from_codes: bool = True
     wants_probs: bool = False
 
     def __init__(self, spec: LayerSpec, ctx: LayerContext) -> None:
@@ -382,9 +388,21 @@ class BaseLayer(CacheLayerMixin):
         return drop
 
     # ---- attention -------------------------------------------------------------------------------------------
+    def reads_codes(self, q: int, *stores: Store) -> bool:
+        """True when this call's attention reads ``stores`` from their codes: a decode step (``q == 1``) through
+        codecs whose capability flag ``attends_from_codes`` is set (unless the instance sets ``from_codes`` False)."""
+        return q == 1 and self.from_codes and all(s.attends_from_codes() for s in stores)
+
+    def read_tail(self, q: int) -> tuple[Any, Any]:
+        """The tail this call attends to: at a decode step (``q == 1``) through codecs that attend from their codes,
+        :class:`~kvslim.cache.rows.Rows` read from the codes; otherwise the decoded ``[b, h, n, d]`` tensors."""
+        if self.reads_codes(q, self.tail_k, self.tail_v) and self.codes_tail:
+            return self.tail_k.rows(), self.tail_v.rows()
+        return self.decode_tail()
+
     def prepare(self, q: int, p0: int) -> View:
-        """Hook: decode what this call's attention reads."""
-        tail_k, tail_v = self.decode_tail()
+        """Hook: decode (or, at a decode step, read from the codes) what this call's attention reads."""
+        tail_k, tail_v = self.read_tail(q)
         return View(q, p0, self.sink_k.decode(), self.sink_v.decode(), tail_k, tail_v)
 
     def plain_causal(self, view: View) -> bool:
@@ -420,7 +438,7 @@ class BaseLayer(CacheLayerMixin):
         first = self.spec.sinks + chunk.n_out * self.m
         vis = (cols[None, :] >= first[:, None]) & (cols[None, :] <= chunk.cols[:, None])
         vis = vis[None] & self.tail_valid[:, None, a:e]
-        return Segment(view.tail_k[:, :, a:e], view.tail_v[:, :, a:e], vis[:, None], name="tail",
+        return Segment(entries(view.tail_k, a, e), entries(view.tail_v, a, e), vis[:, None], name="tail",
                        observe=self.wants_probs, meta=(a, e))  # fmt: skip
 
     def segments(self, view: View, chunk: Chunk) -> list[Segment]:
@@ -446,10 +464,15 @@ class BaseLayer(CacheLayerMixin):
                 else torch.ones(b, heads, s, g.k.shape[2], dtype=torch.bool, device=q.device)
                 for g in segs
             ], dim=-1)  # fmt: skip
-        k = segs[0].k if len(segs) == 1 else torch.cat([g.k for g in segs], dim=2)
-        v = segs[0].v if len(segs) == 1 else torch.cat([g.v for g in segs], dim=2)
         want = self.wants_probs or any(g.observe for g in segs)
-        out, probs = grouped_attention(q, k, v, mask, scaling, softcap, want_probs=want, may_be_empty=self.has_padding)
+        if any(is_rows(g.k) or is_rows(g.v) for g in segs):  # read from the codes: explicit softmax over segments
+            out, probs, _ = rows_attention(q, [g.k for g in segs], [g.v for g in segs], mask, scaling, softcap,
+                                           may_be_empty=self.has_padding)  # fmt: skip
+        else:
+            k = segs[0].k if len(segs) == 1 else torch.cat([g.k for g in segs], dim=2)
+            v = segs[0].v if len(segs) == 1 else torch.cat([g.v for g in segs], dim=2)
+            out, probs = grouped_attention(q, k, v, mask, scaling, softcap, want_probs=want,
+                                           may_be_empty=self.has_padding)  # fmt: skip
         if want:
             off = 0
             for g in segs:

@@ -152,6 +152,22 @@ class Store:
             return self.stream.materialize().to(self.out_dtype)
         return self.codec.decode(self.packed).to(self.out_dtype)
 
+    def attends_from_codes(self) -> bool:
+        """True when attention can read this store's packed codes directly (the codec's capability flag)."""
+        return bool(getattr(self.codec, "attends_from_codes", False))
+
+    def rows(self) -> Any:
+        """The stored vectors as :class:`~kvslim.cache.rows.Rows` read from the codes (None when empty): the packed
+        value, or for a streaming store its quantised prefix and its fp16 residual."""
+        from .rows import Rows
+
+        if self.n == 0:
+            return None
+        if self.stream is not None:
+            parts = [] if self.stream.quantized is None else [(self.codec, self.stream.quantized)]
+            return Rows([*parts, self.stream.recent.to(self.out_dtype)], self.out_dtype)
+        return Rows([(self.codec, self.packed)], self.out_dtype)
+
     def can_gather(self) -> bool:
         """True when entries can be picked from the packed form before decoding (per-token packed fields)."""
         return self.stream is None and _is_packed(self.packed) and not self.packed.grouped

@@ -41,11 +41,13 @@ static void score_scalar(int H, int G, int T, int d, int bits, const float *lut,
                          float *out) {
     float *y = (float *)malloc(sizeof(float) * (size_t)d);
     for (int h = 0; h < H; h++) {
-        for (int t = 0; t < T; t++) {
+        long qoff = 0;  /* t / qgroup * G * d, kept without a division per token */
+        for (int t = 0, qleft = qgroup; t < T; t++, qleft--) {
+            if (!qleft) { qleft = qgroup; qoff += (long)G * d; }
             const uint8_t *row = codes + h * chs + (long)t * nbytes;
             const float *sc = scale ? scale + h * shs + (long)t * nblk : NULL;
             for (int j = 0; j < d; j++) y[j] = lut[code_at(row, nbytes, j, bits)] * scale_at(sc, j, blk);
-            const float *qq = q + h * qhs + (long)(t / qgroup) * G * d;
+            const float *qq = q + h * qhs + qoff;
             for (int g = 0; g < G; g++) {
                 float s = 0.0f;
                 for (int j = 0; j < d; j++) s += qq[g * d + j] * y[j];
@@ -82,6 +84,11 @@ static inline __attribute__((always_inline)) __m512 deq16(const uint8_t *row, in
         __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + j0)));
         return _mm512_i32gather_ps(idx, lut, 4);
     }
+    if (bits == 1) {
+        uint16_t m;
+        memcpy(&m, row + j0 / 8, 2);
+        return _mm512_mask_blend_ps((__mmask16)m, _mm512_set1_ps(lut[0]), _mm512_set1_ps(lut[1]));
+    }
     uint64_t word = 0;
     const uint8_t *src = row + (j0 * bits) / 8;
     if (bits == 4) memcpy(&word, src, 8);
@@ -99,6 +106,116 @@ static inline __attribute__((always_inline)) __m512 deq16(const uint8_t *row, in
     return _mm512_permutexvar_ps(idx, lut16);
 }
 
+/* Whole-byte widths (2, 4 bits: `per` = 8 / bits codes per byte): 16 bytes hold 16 * per codes; shifting the 16
+   bytes (one per lane) by k * bits gives codes per * i + k in lane i. Attention is order-free over channels, so the
+   queries are permuted once per call into this lane order and the mixes permuted back: 2 ops per 16 codes instead of
+   a shift-and-pack per 16. `perm[c]` is the channel held at lane position c. */
+static int wide_ok(int d, int bits, int blk, const float *scale) {
+    int span = 16 * (8 / bits);
+    return (bits == 2 || bits == 4) && d % span == 0 && (!scale || blk % span == 0);
+}
+
+static void lane_order(int d, int bits, int *perm) {
+    int per = 8 / bits, span = 16 * per;
+    for (int c0 = 0; c0 < d; c0 += span)
+        for (int k = 0; k < per; k++)
+            for (int i = 0; i < 16; i++) perm[c0 + k * 16 + i] = c0 + per * i + k;
+}
+
+static inline __attribute__((always_inline)) __m512i bytes16(const uint8_t *row, int c0, int bits) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + c0 * bits / 8)));
+}
+
+static inline __attribute__((always_inline)) __m512 wide16(__m512i b, int k, int bits, __m512 lut16) {
+    __m512i idx = _mm512_and_si512(_mm512_srli_epi32(b, (unsigned)(k * bits)), _mm512_set1_epi32((1 << bits) - 1));
+    return _mm512_permutexvar_ps(idx, lut16);
+}
+
+static inline __attribute__((always_inline)) void score_wide(int H, int G, int T, int d, const int bits,
+        const float *lut, const float *q, long qhs, int qgroup, const uint8_t *codes, long chs, int nbytes,
+        const float *scale, long shs, int nblk, int blk, float *out) {
+    const int per = 8 / bits, span = 16 * per;
+    float tab[16] = {0};
+    memcpy(tab, lut, sizeof(float) * (size_t)(1 << bits));
+    const __m512 lut16 = _mm512_loadu_ps(tab);
+    int *perm = (int *)malloc(sizeof(int) * (size_t)d);
+    lane_order(d, bits, perm);
+    int nq = (T + qgroup - 1) / qgroup;
+    float *qp = (float *)malloc(sizeof(float) * (size_t)nq * G * d);
+    const int per_token = nblk == 1 || !scale;
+    for (int h = 0; h < H; h++) {
+        const float *qh = q + h * qhs;
+        for (long r = 0; r < (long)nq * G; r++)
+            for (int c = 0; c < d; c++) qp[r * d + c] = qh[r * d + perm[c]];
+        for (int g0 = 0; g0 < G; g0 += MAXG) {
+            int ng = G - g0 < MAXG ? G - g0 : MAXG;
+            long qoff = 0;  /* t / qgroup * G * d, kept without a division per token */
+            for (int t = 0, qleft = qgroup; t < T; t++, qleft--) {
+                if (!qleft) { qleft = qgroup; qoff += (long)G * d; }
+                const uint8_t *row = codes + h * chs + (long)t * nbytes;
+                const float *sc = scale ? scale + h * shs + (long)t * nblk : NULL;
+                const float *qq = qp + qoff + (long)g0 * d;
+                __m512 acc[MAXG];
+                for (int g = 0; g < ng; g++) acc[g] = _mm512_setzero_ps();
+                for (int c0 = 0; c0 < d; c0 += span) {
+                    __m512i b = bytes16(row, c0, bits);
+                    __m512 sv = per_token ? _mm512_set1_ps(1.0f) : _mm512_set1_ps(sc[c0 / blk]);
+                    for (int k = 0; k < per; k++) {
+                        __m512 v = wide16(b, k, bits, lut16);
+                        if (!per_token) v = _mm512_mul_ps(v, sv);
+                        for (int g = 0; g < ng; g++)
+                            acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qq + g * d + c0 + k * 16), v, acc[g]);
+                    }
+                }
+                float s1 = (per_token && sc) ? sc[0] : 1.0f;
+                for (int g = 0; g < ng; g++) out[((long)h * G + g0 + g) * T + t] = _mm512_reduce_add_ps(acc[g]) * s1;
+            }
+        }
+    }
+    free(qp);
+    free(perm);
+}
+
+static inline __attribute__((always_inline)) void mix_wide(int H, int G, int T, int d, const int bits,
+        const float *lut, const float *w, const uint8_t *codes, long chs, int nbytes, const float *scale, long shs,
+        int nblk, int blk, float *out) {
+    const int per = 8 / bits, span = 16 * per;
+    float tab[16] = {0};
+    memcpy(tab, lut, sizeof(float) * (size_t)(1 << bits));
+    const __m512 lut16 = _mm512_loadu_ps(tab);
+    int *perm = (int *)malloc(sizeof(int) * (size_t)d);
+    lane_order(d, bits, perm);
+    float *acc_buf = (float *)malloc(sizeof(float) * (size_t)G * d);
+    for (int h = 0; h < H; h++) {
+        memset(acc_buf, 0, sizeof(float) * (size_t)G * d);
+        for (int t0 = 0; t0 < T; t0 += TBLOCK) {
+            int t1 = t0 + TBLOCK < T ? t0 + TBLOCK : T;
+            for (int g0 = 0; g0 < G; g0 += MAXG) {
+                int ng = G - g0 < MAXG ? G - g0 : MAXG;
+                for (int c0 = 0; c0 < d; c0 += span) {
+                    for (int k = 0; k < per; k++) {
+                        __m512 acc[MAXG];
+                        for (int g = 0; g < ng; g++) acc[g] = _mm512_loadu_ps(acc_buf + (g0 + g) * d + c0 + k * 16);
+                        for (int t = t0; t < t1; t++) {
+                            const uint8_t *row = codes + h * chs + (long)t * nbytes;
+                            __m512 v = wide16(bytes16(row, c0, bits), k, bits, lut16);
+                            if (scale) v = _mm512_mul_ps(v, _mm512_set1_ps(scale[h * shs + (long)t * nblk + c0 / blk]));
+                            for (int g = 0; g < ng; g++)
+                                acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(w[((long)h * G + g0 + g) * T + t]), v, acc[g]);
+                        }
+                        for (int g = 0; g < ng; g++) _mm512_storeu_ps(acc_buf + (g0 + g) * d + c0 + k * 16, acc[g]);
+                    }
+                }
+            }
+        }
+        float *o = out + (long)h * G * d;
+        for (int g = 0; g < G; g++)
+            for (int c = 0; c < d; c++) o[g * d + perm[c]] = acc_buf[g * d + c];
+    }
+    free(acc_buf);
+    free(perm);
+}
+
 static inline __attribute__((always_inline)) void score_avx512(int H, int G, int T, int d, int bits, const float *lut, const float *q, long qhs, int qgroup,
                          const uint8_t *codes, long chs, int nbytes, const float *scale, long shs, int nblk, int blk,
                          float *out) {
@@ -112,10 +229,12 @@ static inline __attribute__((always_inline)) void score_avx512(int H, int G, int
     for (int h = 0; h < H; h++) {
         for (int g0 = 0; g0 < G; g0 += MAXG) {
             int ng = G - g0 < MAXG ? G - g0 : MAXG;
-            for (int t = 0; t < T; t++) {
+            long qoff = 0;  /* t / qgroup * G * d, kept without a division per token */
+            for (int t = 0, qleft = qgroup; t < T; t++, qleft--) {
+                if (!qleft) { qleft = qgroup; qoff += (long)G * d; }
                 const uint8_t *row = codes + h * chs + (long)t * nbytes;
                 const float *sc = scale ? scale + h * shs + (long)t * nblk : NULL;
-                const float *qq = q + h * qhs + (long)(t / qgroup) * G * d + (long)g0 * d;
+                const float *qq = q + h * qhs + qoff + (long)g0 * d;
                 __m512 acc[MAXG];
                 for (int g = 0; g < ng; g++) acc[g] = _mm512_setzero_ps();
                 for (int j0 = 0; j0 < d; j0 += 16) {
@@ -178,6 +297,11 @@ int kv_has_simd(void) {
 void kv_score(int H, int G, int T, int d, int bits, const float *lut, const float *q, long qhs, int qgroup,
               const uint8_t *codes, long chs, int nbytes, const float *scale, long shs, int nblk, int blk, float *out) {
 #ifdef __AVX512F__
+    if (wide_ok(d, bits, blk, scale)) {
+        if (bits == 4) score_wide(H, G, T, d, 4, lut, q, qhs, qgroup, codes, chs, nbytes, scale, shs, nblk, blk, out);
+        else score_wide(H, G, T, d, 2, lut, q, qhs, qgroup, codes, chs, nbytes, scale, shs, nblk, blk, out);
+        return;
+    }
     if (simd_ok(d, bits, blk)) {
 #define SCORE(B) score_avx512(H, G, T, d, B, lut, q, qhs, qgroup, codes, chs, nbytes, scale, shs, nblk, blk, out)
         switch (bits) {  /* constant widths, so each copy unpacks with fixed shifts and copies */
@@ -196,6 +320,11 @@ void kv_score(int H, int G, int T, int d, int bits, const float *lut, const floa
 void kv_mix(int H, int G, int T, int d, int bits, const float *lut, const float *w, const uint8_t *codes, long chs,
             int nbytes, const float *scale, long shs, int nblk, int blk, float *out) {
 #ifdef __AVX512F__
+    if (wide_ok(d, bits, blk, scale)) {
+        if (bits == 4) mix_wide(H, G, T, d, 4, lut, w, codes, chs, nbytes, scale, shs, nblk, blk, out);
+        else mix_wide(H, G, T, d, 2, lut, w, codes, chs, nbytes, scale, shs, nblk, blk, out);
+        return;
+    }
     if (simd_ok(d, bits, blk)) {
 #define MIX(B) mix_avx512(H, G, T, d, B, lut, w, codes, chs, nbytes, scale, shs, nblk, blk, out)
         switch (bits) {

@@ -99,3 +99,13 @@ def test_cache_decode_from_codes_equals_decode_then_attend(tiny_models, arch, re
         fast = _decode_logits(model, recipe, ids, 14, True, m)
         ref = _decode_logits(model, recipe, ids, 14, False, m)
         torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_kth_largest_equals_topk():
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((480, 32), (33, 32), (32, 32), (100, 1), (7, 3)):
+        x = torch.randn(2, 25, n, generator=g)
+        x[x < -1] = float("-inf")  # masked entries
+        x[0, :3] = float("-inf")  # fewer than k visible
+        x[1, 4] = 1.0  # ties
+        assert torch.equal(kernels.kth_largest(x, k), x.topk(k, dim=-1).values[..., -1:])

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "library", "lookup_mix", "lookup_score", "lut_mix", "lut_score", "table_mix", "table_score"]
+__all__ = ["available", "kth_largest", "library", "lookup_mix", "lookup_score", "lut_mix", "lut_score", "table_mix", "table_score"]
 
 _SOURCE = Path(__file__).with_name("lut_kernel.c")
 _FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
@@ -85,6 +85,8 @@ def library() -> ctypes.CDLL | None:
     lib.kv_mix.argtypes = [_I, _I, _I, _I, _I, _P, _P, _P, _L, _I, _P, _L, _I, _I, _P]
     lib.kv_score.restype = lib.kv_mix.restype = None
     lib.kv_has_simd.restype = _I
+    lib.kv_kth_largest.argtypes = [_I, _I, _P, _L, _I, _P]
+    lib.kv_kth_largest.restype = None
     return lib
 
 
@@ -223,3 +225,18 @@ def lookup_mix(w: torch.Tensor, codes: torch.Tensor, bits: int, lut: torch.Tenso
 def _kernel_ok(x: torch.Tensor, codes: torch.Tensor, tail: int) -> bool:
     return (x.device.type == "cpu" and codes.device.type == "cpu" and x.shape[:-tail] == codes.shape[:-2]
             and available())  # fmt: skip
+
+
+def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest value along the last axis, ``[..., 1]`` (``1 <= k <= x.shape[-1]``): a quickselect in
+    the compiled kernel for float32 CPU tensors, else ``torch.topk``. ``x >= kth_largest(x, k)`` is the top-k mask
+    (all tied values at the threshold included)."""
+    n = x.shape[-1]
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not available() or not x.numel():
+        return x.topk(k, dim=-1).values[..., -1:]
+    rows = x.reshape(-1, n)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape[0], dtype=torch.float32)
+    library().kv_kth_largest(rows.shape[0], n, rows.data_ptr(), rows.stride(0), k, out.data_ptr())
+    return out.reshape(*x.shape[:-1], 1)

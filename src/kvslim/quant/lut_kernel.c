@@ -339,3 +339,32 @@ void kv_mix(int H, int G, int T, int d, int bits, const float *lut, const float 
 #endif
     mix_scalar(H, G, T, d, bits, lut, w, codes, chs, nbytes, scale, shs, nblk, blk, out);
 }
+
+/* k-th largest value of each of `rows` rows of n floats (row stride `stride`): what sorting the row descending puts
+   at index k - 1 (for top-k masks at prefill: x >= out[r]). A bisection over the order-preserving integer keys of
+   the floats: 32 counting passes, each a branch-free loop the compiler vectorises (a quickselect mispredicts most
+   of its branches on scores and is no faster than torch.topk). */
+static inline uint32_t order_key(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+void kv_kth_largest(int rows, int n, const float *x, long stride, int k, float *out) {
+    uint32_t *key = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)n);
+    for (int r = 0; r < rows; r++) {
+        const float *row = x + r * stride;
+        for (int i = 0; i < n; i++) key[i] = order_key(row[i]);
+        uint64_t lo = 0, hi = 0xFFFFFFFFu;  /* the largest v with #(key >= v) >= k */
+        while (lo < hi) {
+            uint32_t mid = (uint32_t)((lo + hi + 1) / 2);
+            int c = 0;
+            for (int i = 0; i < n; i++) c += key[i] >= mid;
+            if (c >= k) lo = mid;
+            else hi = mid - 1;
+        }
+        uint32_t v = (uint32_t)lo, u = (v & 0x80000000u) ? (v & 0x7FFFFFFFu) : ~v;
+        memcpy(out + r, &u, 4);
+    }
+    free(key);
+}

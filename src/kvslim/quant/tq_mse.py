@@ -27,6 +27,7 @@ from kvslim.quant.rotation import make_rotation
 __all__ = ["TurboQuantMSE", "FP16_MAX"]
 
 FP16_MAX = 65504.0
+_SMALL = 4096  # values below which encode buckets with torch.bucketize
 
 
 def vector_norms(x: torch.Tensor, codec: str) -> torch.Tensor:
@@ -88,7 +89,10 @@ class TurboQuantMSE(Codec):
         n = vector_norms(xf, self.name)
         u = xf / torch.where(n > 0, n, torch.ones_like(n))
         y = self.rotation.forward(u)
-        idx = bucket(y, self._thresholds)
+        if y.numel() > _SMALL:
+            idx = bucket(y, self._thresholds)
+        else:  # a decode step's few vectors: one bucketize beats a compare pass per threshold (same cells, ties low)
+            idx = torch.bucketize(y, self.thresholds).to(torch.uint8)
         return idx, y, n
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ...quant.kernels import kth_largest
 from ..base import BaseLayer, Chunk, LayerSpec, Segment, View, stream_nbytes
 from ..method import Method, Params, param, register
 from ..rope import rotate
@@ -186,8 +187,9 @@ class BlocksLayer(BaseLayer):
                 scores = bk.score(q.reshape(b, h, hq // h * s, d).float()).reshape(b, h, hq // h, s, n_last).sum(2)
             else:
                 scores = torch.einsum("bhgsd,bhnd->bhsn", q.reshape(b, h, hq // h, s, d).float(), bk.float())
-            top = scores.masked_fill(~vis, float("-inf")).topk(topk, dim=-1)
+            scores = scores.masked_fill(~vis, float("-inf"))
             if s == 1:  # decode: gather the selected entries only
+                top = scores.topk(topk, dim=-1)
                 idx = top.indices[:, :, 0]  # [b, h, k]
                 gather = idx[..., None].expand(b, h, topk, d)
                 bk = bk.take(idx) if is_rows(bk) else bk.gather(2, gather)
@@ -196,8 +198,8 @@ class BlocksLayer(BaseLayer):
                 else:
                     bv = bv(idx) if callable(bv) else bv.gather(2, gather)
                 vis = torch.isfinite(top.values)  # [b, h, 1, k]
-            else:
-                vis = vis & torch.zeros_like(vis).scatter_(-1, top.indices, True)
+            else:  # prefill: the top-k mask, by each row's k-th largest score (a compiled selection when present)
+                vis = vis & (scores >= kth_largest(scores, topk))
         return Segment(bk, bv, vis, name="blocks")
 
     def segments(self, view: BlocksView, chunk: Chunk) -> list[Segment]:

@@ -82,22 +82,18 @@ def _run_one(model, tok, ids, recipe: str, decode: int) -> dict:
         cache = DynamicCache(config=model.config)
     else:
         cache = make_cache(model, recipe, tokenizer=tok)
-    try:
-        with torch.inference_mode():
+    with torch.inference_mode():
+        t0 = _now()
+        out = model(ids, cache=cache, logits_to_keep=1)
+        prefill = _now() - t0
+        nxt = out.logits[:, -1:].argmax(-1)
+        steps = []
+        for _ in range(decode):
             t0 = _now()
-            out = model(ids, cache=cache, logits_to_keep=1)
-            prefill = _now() - t0
+            out = model(nxt, cache=cache)
+            steps.append(_now() - t0)
             nxt = out.logits[:, -1:].argmax(-1)
-            steps = []
-            for _ in range(decode):
-                t0 = _now()
-                out = model(nxt, cache=cache)
-                steps.append(_now() - t0)
-                nxt = out.logits[:, -1:].argmax(-1)
-        kv = cache_nbytes(cache)
-    finally:
-        if recipe != "dynamic":
-            cache.restore_attention()
+    kv = cache_nbytes(cache)
     return {"prefill_s": prefill, "decode_ms": 1000 * statistics.median(steps), "kv_bytes": kv, "peak_rss": _peak_rss()}
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 
-from kvslim.reproduce import markdown, numbers
+from reproduction import markdown, numbers  # bench/reproduction.py, next to this script
 
 
 def main() -> None:

@@ -18,9 +18,10 @@ import torch
 
 
 def nll(model, ids: torch.Tensor, recipe: str, prefix: int) -> float:
-    from kvslim.cache import compressed
+    from kvslim.cache import make_cache
 
-    with compressed(model, recipe) as cache, torch.inference_mode():
+    cache = make_cache(model, recipe)
+    with torch.inference_mode():
         logits = [model(ids[:, :prefix], cache=cache, logits_to_keep=1).logits]
         for t in range(prefix, ids.shape[1] - 1):
             logits.append(model(ids[:, t : t + 1], cache=cache).logits)

@@ -157,12 +157,11 @@ def test_cli_niah_and_report(tmp_path):
     assert expand_bare_ray(["--ray", "10.0.0.1:6379"]) == ["--ray", "10.0.0.1:6379"]
 
 
-def test_compressed_recipes_need_the_recipe_system(monkeypatch):
-    import kvslim
+def test_recipes_are_checked_by_the_grammar():
     from kvslim.eval.caches import check_recipes
 
     assert check_recipes(["full"]) == ["full"]
-    monkeypatch.setattr(kvslim, "_EXPORTS", {k: v for k, v in kvslim._EXPORTS.items() if k != "make_cache"})
-    with pytest.raises(InvalidInput, match="lacks"):
-        check_recipes(["v4"])
-    assert check_recipes(["win"], extra=DOUBLE) == ["full", "win"]  # test doubles need no recipe system
+    assert check_recipes(["v4-tq3", "full"]) == ["full", "v4-tq3"]
+    with pytest.raises(InvalidInput, match="unknown recipe 'nope'"):
+        check_recipes(["nope"])
+    assert check_recipes(["win"], extra=DOUBLE) == ["full", "win"]  # test doubles need no recipe of the grammar

@@ -7,9 +7,10 @@ import torch
 
 from _eval_helpers import window_double
 from kvslim.eval.base import get_task, score_answer
-from kvslim.eval.caches import cache_factory, full16_nbytes
+from kvslim.eval.caches import cache_factory
 from kvslim.eval.engine import eos_ids, greedy, prefill, teacher_logprob
 from kvslim.eval.tiny import tiny_pair
+from kvslim.hf_config import full16_nbytes
 from kvslim.memory import cache_nbytes
 
 

@@ -66,7 +66,7 @@ def test_mla_equals_transformers_and_itself(name: str) -> None:
     assert rel(naive, ref) <= TOL
     assert rel(absorbed, ref) <= TOL
     assert rel(absorbed, naive) <= TOL
-    cache = ours.new_cache()
+    cache = ours.new_state()
     steps = torch.cat([ours(x[:, t : t + 1], cache, mode="absorbed") for t in range(24)], 1)
     assert rel(steps, absorbed) <= TOL
     # the cache holds exactly the normalised latent + the shared RoPE key per token
@@ -84,7 +84,7 @@ def test_dsa_equals_transformers_and_itself(name: str) -> None:
     absorbed, naive = ours(x, mode="absorbed"), ours(x, mode="naive")
     assert rel(absorbed, ref) <= TOL
     assert rel(naive, ref) <= TOL
-    cache = ours.new_cache()
+    cache = ours.new_state()
     steps = torch.cat([ours(x[:, t : t + 1], cache) for t in range(30)], 1)
     assert rel(steps, absorbed) <= TOL
     c = ours.config
@@ -242,7 +242,7 @@ def test_empty_call_is_a_no_op() -> None:
     state = ours.new_state()
     assert ours(hidden(2, 0), state).shape == (2, 0, 64) and state.seen == 0
     for m in (from_transformers(hf_attention(tiny_v3_config())), from_transformers(hf_attention(tiny_v32_config()))):
-        cache = m.new_cache()
+        cache = m.new_state()
         assert m(hidden(2, 0), cache).shape == (2, 0, 64) and cache.seen == 0
 
 
@@ -261,7 +261,7 @@ def test_mla_dsa_chunked_prefill_equals_prefill(kind: str) -> None:
     ours = from_transformers(hf_attention(cfg, seed=9))
     x = hidden(2, 33, seed=4)
     full = ours(x)
-    cache = ours.new_cache()
+    cache = ours.new_state()
     chunks = torch.cat([ours(x[:, a:b], cache) for a, b in ((0, 9), (9, 10), (10, 33))], 1)
     assert rel(chunks, full) <= TOL
     ours.config.query_chunk = 4

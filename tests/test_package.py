@@ -22,3 +22,26 @@ def test_unknown_attribute_is_an_attribute_error():
         assert "no_such_thing" in str(exc)
     else:
         raise AssertionError("expected AttributeError")
+
+
+def test_subpackages_are_reachable_after_a_plain_import():
+    code = "import kvslim; print(callable(kvslim.models.load), callable(kvslim.cache.make_cache), kvslim.quant.CODEC_NAMES[0])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True", "fp32"]
+
+
+def test_no_import_circles():
+    """spec / presets / spec_hf and eval.runner / eval.executors import in one direction only."""
+    import ast
+    from pathlib import Path
+
+    src = Path(kvslim.__file__).parent
+
+    def imports(rel: str) -> set[str]:
+        tree = ast.parse((src / rel).read_text())
+        return {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+
+    assert not {"presets", "spec_hf"} & imports("spec.py")
+    assert "presets" not in imports("spec_hf.py")
+    assert "runner" not in imports("eval/executors.py")
+    assert "models" not in imports("cache/calibration.py") and "..models" not in imports("cache/calibration.py")

@@ -7,18 +7,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvslim.errors import InvalidInput
-from kvslim.presets import PRESETS, get_preset, resolve_spec
+from kvslim.presets import PRESETS, get_preset, preset, resolve_spec
 from kvslim.spec import (
     GQALayer,
     IndexerSpec,
     MLALayer,
     V4Layer,
-    from_config,
-    preset,
     sum_floor,
     sum_min,
     sum_min_floor,
 )
+from kvslim.spec_hf import from_config
 
 V3 = dict(n_heads=128, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, q_lora_rank=1536)
 IX = IndexerSpec(64, 128, 2048)

@@ -31,8 +31,8 @@ _EXPORTS: dict[str, str] = {
     "V4Config": "kvslim.nn.v4_config",
     "from_transformers": "kvslim.nn.loading",
     "ArchSpec": "kvslim.spec",
-    "preset": "kvslim.spec",
-    "from_config": "kvslim.spec",
+    "preset": "kvslim.presets",
+    "from_config": "kvslim.spec_hf",
     "bytes_per_vector": "kvslim.formats",
     "vectors_nbytes": "kvslim.formats",
     "kv_bytes": "kvslim.plan",
@@ -52,4 +52,8 @@ _EXPORTS: dict[str, str] = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 
-__getattr__, __dir__ = lazy_exports("kvslim", _EXPORTS, globals())
+# subpackages and modules reachable as attributes after a plain ``import kvslim`` (imported on first access)
+SUBMODULES = ("cache", "cli", "errors", "eval", "formats", "generation", "hf_config", "memory", "models", "nn", "plan",
+              "presets", "quant", "recipe", "spec", "spec_hf", "spec_layers", "testing")  # fmt: skip
+
+__getattr__, __dir__ = lazy_exports("kvslim", _EXPORTS, globals(), SUBMODULES)

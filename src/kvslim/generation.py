@@ -52,8 +52,9 @@ class GenerateResult:
 
 
 def max_context(model: Any) -> int:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(getattr(cfg, "max_position_embeddings", 0) or 0)
+    from .hf_config import read
+
+    return read(model.config).max_context
 
 
 def check_context(n_tokens: int, model: Any, what: str = "prompt") -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from .errors import InvalidInput
 from .spec import ArchSpec, GQALayer, IndexerSpec, MLALayer, MLPSpec, V4Layer
 
-__all__ = ["PRESETS", "get_preset", "preset_names", "resolve_spec"]
+__all__ = ["PRESETS", "get_preset", "preset", "preset_names", "resolve_spec"]
 
 
 def _gqa(name: str, *, hidden: int, inter: int, layers: int, heads: int, kv: int, head_dim: int, vocab: int,
@@ -89,13 +89,16 @@ def get_preset(name: str) -> ArchSpec:
         ) from None
 
 
+preset = get_preset  # kvslim.preset(name)
+
+
 def resolve_spec(name_or_path: str) -> ArchSpec:
     """A preset by name, else the spec of a ``config.json`` file or a model folder; unknown names suggest presets."""
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]()
     path = Path(name_or_path).expanduser()
     if path.exists() or name_or_path.endswith(".json") or "/" in name_or_path:
-        from .spec_hf import spec_from_config
+        from .spec_hf import spec_from_config  # a leaf: spec_hf never imports presets
 
         return spec_from_config(path)
     return get_preset(name_or_path)

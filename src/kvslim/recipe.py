@@ -27,9 +27,26 @@ from .formats import REGISTRY, codec_formats
 
 __all__ = ["CODECS", "KINDS", "PRESETS", "LayerSpec", "Recipe", "canonical", "list_recipes", "parse_recipe"]
 
-# storage codecs: name -> description. "none" stores in the model's own dtype (lossless).
-CODECS: dict[str, str] = {"none": "model dtype, lossless",
-                          **{n: REGISTRY[n].description for n in codec_formats("gqa")}}  # fmt: skip
+
+
+class _Codecs(Mapping):
+    """Storage codecs: name -> description, read live from :mod:`kvslim.formats` (``none``: the model's dtype)."""
+
+    def __getitem__(self, name: str) -> str:
+        if name == "none":
+            return "model dtype, lossless"
+        if name not in codec_formats("gqa"):
+            raise KeyError(name)
+        return REGISTRY[name].description
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("none", *codec_formats("gqa")))
+
+    def __len__(self) -> int:
+        return 1 + len(codec_formats("gqa"))
+
+
+CODECS: Mapping[str, str] = _Codecs()
 
 
 

@@ -14,8 +14,9 @@ every model kvslim plans for:
 
 The layer specs live in :mod:`kvslim.spec_layers`; each answers, for a context of ``n`` tokens (the tokens
 visible to the current query, itself included), what it stores, what one decode query reads, and what it costs.
-FLOPs count a multiply-add as 2 (PaLM, Chinchilla). Biases, norms, RoPE, softmax and top-k selection are not counted. Presets live in :mod:`kvslim.presets`;
-specs from transformers configs in :mod:`kvslim.spec_hf`.
+FLOPs count a multiply-add as 2 (PaLM, Chinchilla). Biases, norms, RoPE, softmax and top-k selection are not counted.
+Presets live in :mod:`kvslim.presets` (``preset(name)``); specs from transformers configs in :mod:`kvslim.spec_hf`
+(``from_config(config)``); both import this module, never the reverse.
 """
 
 from __future__ import annotations
@@ -46,8 +47,6 @@ __all__ = [
     "MLPSpec",
     "Stream",
     "V4Layer",
-    "from_config",
-    "preset",
     "sum_floor",
     "sum_min",
     "sum_min_floor",
@@ -120,17 +119,3 @@ class ArchSpec:
         h = self.hidden_size
         attn = sum(layer.proj_params(h) for layer in self.layers)
         return self.vocab_size * h + attn + sum(m.active_params(h) for m in self.mlps)
-
-
-def preset(name: str) -> ArchSpec:
-    """The named preset (see ``kvslim.presets.PRESETS``); an unknown name suggests the closest ones."""
-    from .presets import get_preset
-
-    return get_preset(name)
-
-
-def from_config(config: Any) -> ArchSpec:
-    """An ArchSpec from a transformers config object, a config dict, or a path to ``config.json`` / a model folder."""
-    from .spec_hf import spec_from_config
-
-    return spec_from_config(config)

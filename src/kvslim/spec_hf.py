@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInput
+from .hf_config import read
 from .spec import ArchSpec, GQALayer, IndexerSpec, MLALayer, MLPSpec, V4Layer
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "spec_from_config"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "from_config", "spec_from_config"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "gemma3", "gemma3_text", "deepseek_v3", "deepseek_v32", "deepseek_v4")
 
@@ -54,14 +55,10 @@ def _name(cfg: Any, default: str) -> str:
 
 
 def _gqa_spec(cfg: Any) -> ArchSpec:
-    n = int(cfg.num_hidden_layers)
-    heads = int(cfg.num_attention_heads)
-    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * n)
-    window = getattr(cfg, "sliding_window", None)
+    f = read(cfg)
+    n, heads, kv, head_dim, window = f.n_layers, f.heads, f.kv_heads, f.head_dim, f.sliding_window
     layers = []
-    for t in types:
+    for t in f.layer_types:
         if t == "sliding_attention":
             layers.append(GQALayer(heads, kv, head_dim, window=int(window)))
         elif t == "full_attention":
@@ -128,3 +125,8 @@ def spec_from_config(config: Any) -> ArchSpec:
     if model_type == "deepseek_v4":
         return _deepseek_v4_spec(cfg)
     raise InvalidInput(_unsupported(model_type))
+
+
+def from_config(config: Any) -> ArchSpec:
+    """An ArchSpec from a transformers config object, a config dict, or a path to ``config.json`` / a model folder."""
+    return spec_from_config(config)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..hf_config import read, text_config
 from ..paths import cache_dir
 from .rope import inv_freq_for_layer, rotate
 
@@ -50,14 +51,14 @@ def calibration_ids(model: Any, n_tokens: int, tokenizer: Any = None) -> torch.T
     if tokenizer is not None:
         ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :n_tokens]
     else:
-        vocab = model.config.get_text_config().vocab_size
+        vocab = text_config(model.config).vocab_size
         ids = torch.tensor(list(text.encode("utf-8")[:n_tokens]), dtype=torch.long)[None] % vocab
     return ids
 
 
 def _fingerprint(model: Any, rank: int, ids: torch.Tensor) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps(model.config.get_text_config().to_dict(), sort_keys=True, default=str).encode())
+    h.update(json.dumps(text_config(model.config).to_dict(), sort_keys=True, default=str).encode())
     for name, p in list(model.named_parameters())[:8]:
         h.update(name.encode())
         h.update(repr((tuple(p.shape), float(p.detach().float().sum()), float(p.detach().float().abs().max()))).encode())
@@ -79,8 +80,7 @@ def latent_bases(
     """``{layer: (Uk [h, d, r], Uv [h, d, r])}`` for the given layers (float32), from the disk cache or computed."""
     from transformers import DynamicCache
 
-    cfg = model.config.get_text_config()
-    n_tokens = min(n_tokens, int(getattr(cfg, "max_position_embeddings", n_tokens) or n_tokens))
+    n_tokens = min(n_tokens, read(model.config).max_context or n_tokens)
     ids = calibration_ids(model, n_tokens, tokenizer)
     path = cache_dir() / "latent" / f"{_fingerprint(model, rank, ids)}.pt"
     if path.exists():

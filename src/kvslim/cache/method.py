@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..errors import InvalidInput
+from ..hf_config import LOCAL_TYPES
 
 __all__ = ["INT64_MAX", "LOSSLESS_CONTEXT", "Method", "ModelShape", "Params", "get_method", "methods", "param",
            "register"]  # fmt: skip
 
 INT64_MAX = 2**63 - 1
 LOSSLESS_CONTEXT = 256  # a method's ``lossless`` parameter sets are lossless for contexts below this many tokens
-LOCAL_TYPES = ("sliding_attention", "chunked_attention")
 _REGISTRY: dict[str, type[Method]] = {}
 
 

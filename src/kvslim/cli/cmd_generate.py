@@ -40,11 +40,7 @@ def register(app: typer.Typer) -> None:
             mdl, tok = load(model, status=status)
             status(f"generating up to {max_new_tokens} tokens")
             cache = make_cache(mdl, parsed, tokenizer=tok) if parsed is not None else None
-            try:
-                res = generate(mdl, tok, prompt, max_new_tokens=max_new_tokens, chat=chat, cache=cache)
-            finally:
-                if cache is not None:
-                    cache.restore_attention()
+            res = generate(mdl, tok, prompt, max_new_tokens=max_new_tokens, chat=chat, cache=cache)
         label = str(parsed) if parsed is not None else "stock DynamicCache"
         if as_json:
             print_json({"model": model, "recipe": label, **res.to_dict()})

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..formats import FORMATS
 from ._common import console, fmt_bytes, one_line_errors, print_json
 
 DEFAULT_LADDER = (1 << 12, 1 << 15, 1 << 17, 1 << 20)  # 4k, 32k, 128k, 1M
@@ -70,6 +71,33 @@ def _plot(path: Path, specs: list[Any], contexts: list[int], fmt: Any) -> None:
     plt.close(fig)
 
 
+def _recipes(spec: Any, recipes: list[str], context: str | None, dtype: str, allow: bool, as_json: bool) -> None:
+    from ..plan import GiB, check_context, parse_contexts
+    from ..plan_recipe import price_recipe
+    from ..recipe import canonical
+
+    names = ["full"] + [r for r in dict.fromkeys(canonical(r) for r in recipes) if r != "full"]
+    contexts = parse_contexts(context) if context else [n for n in DEFAULT_LADDER if n < spec.max_context] + [spec.max_context]
+    for n in contexts:
+        check_context(spec, n, allow)
+    rows = [{"model": spec.name, "context": n, **price_recipe(spec, r, n, dtype)} for n in contexts for r in names]
+    if as_json:
+        print_json({"model": spec.name, "dtype": dtype, "contexts": contexts, "rows": rows})
+        return
+    out = console if console.is_terminal else Console(width=150)
+    out.print(f"[bold]{spec.name}[/]: {spec.n_layers} layers ({spec.kinds_summary()}), model dtype {dtype}", highlight=False)
+    for n in contexts:
+        table = Table(title=f"context {_ctx_label(n)} ({n:,} tokens), recipes priced per sequence", padding=(0, 1))
+        for c in ("recipe", "KV MiB", "B/token", "read/step", "GFLOP/tok", "vs stock KV"):
+            table.add_column(c, justify="left" if c == "recipe" else "right", no_wrap=True)
+        for r in (r for r in rows if r["context"] == n):
+            table.add_row(r["recipe"], f"{r['kv_bytes'] / (GiB >> 10):,.2f}", f"{r['kv_bytes'] / n:,.0f}",
+                          fmt_bytes(r["read_bytes"]), f"{r['decode_flops'] / 1e9:,.3f}", f"{r['kv_ratio']:.1%}")  # fmt: skip
+        out.print(table)
+    out.print("[dim]KV = bytes the cache's tensors hold (codec constants aside), the number nbytes() measures; "
+              "read/step = KV bytes one decode step reads; FLOPs = 2 x active params + attention core[/]")  # fmt: skip
+
+
 def register(app: typer.Typer) -> None:
     @app.command("plan")
     @one_line_errors
@@ -83,9 +111,9 @@ def register(app: typer.Typer) -> None:
         ),
         kv_format: str = typer.Option(
             "bf16", "--kv-format", "-f",
-            help="Storage format: one name for every component (bf16, fp16, fp32, fp8, fp4, tq1..tq4, tq2.5, tq3.5, "
-            "tqprod2..4, kivi2, kivi4), 'production' (V3.2: 656 B FP8 MLA + FP8 indexer; V4: 584 B entries + FP4 "
-            "indexer; others bf16), or per component: kv=fp8_ds_v4,index=fp4.",
+            help=f"Storage format (kvslim.formats): one name for every component ({', '.join(FORMATS)}), "
+            "'production' (V3.2: 656 B FP8 MLA + FP8 indexer; V4: 584 B entries + FP4 indexer; others bf16), or per "
+            "component: kv=fp8_ds_v4,index=fp4.",
         ),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (rows: model, context, kv_bytes, decode_flops, ...)."),
         plot: Path | None = typer.Option(None, "--plot", help="Also draw KV GiB against context (log-log) to this PNG file."),
@@ -93,6 +121,12 @@ def register(app: typer.Typer) -> None:
         memory: str | None = typer.Option(None, "--memory", help="Device memory for --fit, e.g. 141GiB or 80GB."),
         weights_format: str = typer.Option("bf16", "--weights-format", help="Weight storage for --fit: bf16, fp16, fp32, fp8 or fp4 (with block scales)."),
         allow_beyond_max: bool = typer.Option(False, "--allow-beyond-max", help="Plan contexts above a model's maximum context."),
+        recipe: list[str] | None = typer.Option(
+            None, "--recipe", "-r",
+            help="Price a kvslim recipe on the model (repeatable; METHOD[:key=value,...][+CODEC], see `kvslim recipes`): "
+            "bytes stored, bytes read per decode step and decode FLOPs, beside `full`; --kv-format is then the "
+            "model's dtype.",
+        ),
     ) -> None:
         """Plan KV-cache memory and decode cost: per context, KV GiB per sequence, bytes per token, bytes read
         per decode step and decode GFLOPs per token (a multiply-add = 2 FLOPs), with ratios to --baseline.
@@ -105,6 +139,11 @@ def register(app: typer.Typer) -> None:
         from ..presets import resolve_spec
 
         spec = resolve_spec(model)
+        if recipe:
+            if baseline or do_fit or plot is not None:
+                raise InvalidInput("--recipe prices recipes on one model; it does not combine with --baseline, --fit or --plot")
+            _recipes(spec, recipe, context, kv_format, allow_beyond_max, as_json)
+            return
         base = resolve_spec(baseline) if baseline else None
         specs = [spec] + ([base] if base is not None else [])
         fmt = parse_kv_format(kv_format)

@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
         check: str = typer.Option(None, "--check", help="Parse this recipe string and print it normalised (or the error)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     ) -> None:
-        """List recipe kinds, named presets and codecs; combine as STRUCTURE[:key=value,...][+CODEC]."""
+        """List methods (from the registry), named presets and codecs; combine as METHOD[:key=value,...][+CODEC]."""
         from rich.table import Table
 
         from ..recipe import list_recipes, parse_recipe
@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json({"recipes": rows})
             return
-        table = Table(title="kvslim recipes: STRUCTURE[:key=value,...][+CODEC], e.g. v4+tq3")
+        table = Table(title="kvslim recipes: METHOD[:key=value,...][+CODEC], e.g. v4+tq3")
         for col in ("name", "description", "parameters (default - meaning)"):
             table.add_column(col, overflow="fold")
         for r in rows:

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInput
+from ..hf_config import full16_nbytes
 from .base import get_task
-from .caches import cache_factory, full16_nbytes
+from .caches import cache_factory
 from .prompt import Prompt
 
 __all__ = ["Job", "run_cell", "LocalExecutor", "RayExecutor", "make_executor"]
@@ -40,20 +41,12 @@ class Job:
 def run_cell(job: Job, task: Any, model: Any, tokenizer: Any, cell: Any, prompt: Prompt) -> dict[str, Any]:
     """Run one cell and return its record (see :mod:`kvslim.eval.store` for the fields)."""
     make = job.factory(cell.recipe)
-    made: list[Any] = []
 
     def fresh() -> Any:
-        made.append(make(model))
-        return made[-1]
+        return make(model)
 
     t0 = time.perf_counter()
-    try:
-        res = task.run(model, tokenizer, prompt, fresh, cell.recipe)
-    finally:
-        for cache in made:  # a kvslim cache switches the model's attention; switch it back after the cell
-            restore = getattr(cache, "restore_attention", None)
-            if callable(restore):
-                restore()
+    res = task.run(model, tokenizer, prompt, fresh, cell.recipe)
     seconds = time.perf_counter() - t0
     full16 = full16_nbytes(model.config, len(prompt))
     rec: dict[str, Any] = {
@@ -85,7 +78,7 @@ class _Worker:
     """A Ray actor body: loads the model once, then runs cells."""
 
     def __init__(self, job: Job) -> None:
-        from .runner import load_pair
+        from .loading import load_pair
 
         if job.threads:
             import torch

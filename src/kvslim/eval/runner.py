@@ -23,6 +23,7 @@ from ..errors import ContextTooLong, InvalidInput
 from .base import TASKS, get_task
 from .caches import CacheFactories, check_recipes
 from .executors import Job, make_executor
+from .loading import check_model_name, load_pair
 from .prompt import Prompt
 from .store import FORMAT, ResultStore, cell_key
 
@@ -79,28 +80,6 @@ class Cell:
     @property
     def key(self) -> tuple:
         return cell_key(self.__dict__)
-
-
-def check_model_name(name: str) -> None:
-    """Refuse a model name that is neither embedded, tiny, nor a path (before anything loads)."""
-    from ..models import EMBEDDED_MODELS
-    from .tiny import TINY_MODELS
-
-    if name in EMBEDDED_MODELS or name in TINY_MODELS or "/" in name or name.endswith(".gguf") or Path(name).exists():
-        return
-    known = ", ".join([*EMBEDDED_MODELS, *TINY_MODELS])
-    raise InvalidInput(f"unknown model {name!r}: known models are {known}, or give a local HF folder or .gguf file")
-
-
-def load_pair(name: str) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for an embedded model, a local path, or a tiny test model."""
-    from .tiny import TINY_MODELS, tiny_pair
-
-    if name in TINY_MODELS:
-        return tiny_pair(name)
-    from ..models import load
-
-    return load(name)
 
 
 def _max_context(model: Any) -> int:
@@ -175,9 +154,7 @@ def run_grid(
     prompts = build_prompts(grid, tokenizer, _max_context(model))
     job = Job(grid.task, grid.options, grid.model, dict(factories or {}), threads)
     for recipe in grid.recipes:  # a recipe the model cannot take fails here, before any cell runs
-        probe = job.factory(recipe)(model)
-        if callable(getattr(probe, "restore_attention", None)):
-            probe.restore_attention()
+        job.factory(recipe)(model)
     store.claim(grid.config(), force=force)
     store.repair()
     done = store.done()

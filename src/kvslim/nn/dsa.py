@@ -102,8 +102,11 @@ class DSA(MLA):
         super().__init__(config, rotary)
         self.indexer = DSAIndexer(config)
 
-    def new_cache(self) -> DSACache:
+    def new_state(self) -> DSACache:
+        """An empty decode state (the same API as ``V4Attention.new_state``)."""
         return DSACache()
+
+    new_cache = new_state  # earlier name, kept as an alias
 
     @torch.no_grad()
     def forward(self, hidden: torch.Tensor, cache: DSACache | None = None, mode: str = "absorbed") -> torch.Tensor:

@@ -97,8 +97,11 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
 
-    def new_cache(self) -> MLACache:
+    def new_state(self) -> MLACache:
+        """An empty decode state (the same API as ``V4Attention.new_state``)."""
         return MLACache()
+
+    new_cache = new_state  # earlier name, kept as an alias
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return (rope_deinterleave if self.config.rope_interleave else rope_half)(x, cos, sin)

@@ -23,7 +23,7 @@ from torch import nn
 
 from kvslim.errors import InvalidInput
 from kvslim.nn._common import RMSNorm, Rotary, rope_interleaved
-from kvslim.nn.storage import Fp4, Fp8DsV4
+from kvslim.nn.storage import RowCodec
 from kvslim.nn.v4_compressor import Compressor, CompressorState
 from kvslim.nn.v4_config import V4Config
 from kvslim.nn.v4_indexer import Indexer
@@ -31,7 +31,8 @@ from kvslim.nn.v4_indexer import Indexer
 __all__ = ["V4Attention", "V4State"]
 
 
-STORAGES = ("float", "v4")
+# state storage -> (K=V row format, indexer key format) of kvslim.formats; "float" keeps the module's dtype
+STORAGES: dict[str, tuple[str, str] | None] = {"float": None, "v4": ("fp8_ds_v4", "fp4")}
 
 
 class V4State:
@@ -45,7 +46,7 @@ class V4State:
 
     def __init__(self, storage: str = "float") -> None:
         if storage not in STORAGES:
-            raise InvalidInput(f"V4 state storage must be one of {STORAGES}, got {storage!r}")
+            raise InvalidInput(f"V4 state storage must be one of {tuple(STORAGES)}, got {storage!r}")
         self.storage = storage
         self.seen = 0
         self.win_kv: torch.Tensor | None = None  # [B, W, d] (or packed [B, W, bytes]) ring, slot = position % W
@@ -55,10 +56,12 @@ class V4State:
         self.indexer = CompressorState()
 
     def _setup(self, config: V4Config) -> None:
-        if self.storage == "v4" and self.kv_codec is None:
-            self.kv_codec = Fp8DsV4(config.head_dim, config.rope_dim)
+        formats = STORAGES[self.storage]
+        if formats is not None and self.kv_codec is None:
+            kv_fmt, index_fmt = formats
+            self.kv_codec = RowCodec(kv_fmt, config.head_dim, rope_dim=config.rope_dim)
             self.compressor = CompressorState(self.kv_codec)
-            self.indexer = CompressorState(Fp4(config.index_head_dim))
+            self.indexer = CompressorState(RowCodec(index_fmt, config.index_head_dim))
 
     def nbytes(self) -> int:
         """Bytes held: window ring + compressed entries + indexer keys + compressor buffers and carries."""

@@ -41,7 +41,7 @@ _WHAT_TO_PASS = "pass cache=kvslim.nn.V4NativeCache(model) (or no cache for a st
 
 def _check_storage(storage: str) -> None:
     if storage not in STORAGES:
-        raise InvalidInput(f"V4 state storage must be one of {STORAGES}, got {storage!r}")
+        raise InvalidInput(f"V4 state storage must be one of {tuple(STORAGES)}, got {storage!r}")
 
 
 def _attention_not_patched(module: Any, *args: Any, **kwargs: Any) -> Any:

@@ -1,8 +1,15 @@
-"""The built-in compression methods, one file each; importing this package registers them (see
-:mod:`kvslim.cache.method` for the interface and ``docs/contributing.md`` for adding one)."""
+"""The built-in compression methods, one file each; importing this package registers them, in the order of
+``BUILTIN`` (the order ``kvslim recipes`` lists them). See :mod:`kvslim.cache.method` for the interface and
+``docs/contributing.md`` for adding a method: a new built-in is one file here plus its name in ``BUILTIN``.
+"""
 
 from __future__ import annotations
 
-from . import blocks, full, heavy, latent, v4, window  # noqa: F401  (each file registers its method)
+import importlib
 
-__all__ = ["blocks", "full", "heavy", "latent", "v4", "window"]
+BUILTIN = ("full", "window", "blocks", "heavy", "v4", "latent")
+
+for _name in BUILTIN:
+    importlib.import_module(f"{__name__}.{_name}")
+
+__all__ = ["BUILTIN"]

@@ -43,6 +43,7 @@ class Latent(Method):
     Params = LatentParams
     needs_rope = True
     exactness = "float"
+    lossless = ()  # r = the model's head dim (lossless_params)
     examples = ({"r": 6},)
 
     @classmethod

@@ -1,16 +1,16 @@
 """Reproduce DeepSeek V4's published KV-cache and FLOPs savings over V3.2 at 1M tokens from the planner.
 
 ``numbers()`` returns the figures (the tests assert them); ``markdown()`` renders ``docs/reproduction.md``
-(``python bench/plan_reproduce.py > docs/reproduction.md``). Published claims and their sources are in
-``/work/shared/reference/deepseek-attention.md`` section 4.
+(``python bench/plan_reproduce.py > docs/reproduction.md``). It lives next to the benchmarks (it generates docs;
+the library does not import it). Published claims are cited with their sources on the generated page.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .plan import GiB, decode_flops, kv_breakdown, kv_bytes
-from .presets import get_preset
+from kvslim.plan import GiB, decode_flops, kv_breakdown, kv_bytes
+from kvslim.presets import get_preset
 
 __all__ = ["CONTEXT", "MODELS", "markdown", "numbers"]
 

@@ -46,7 +46,7 @@ from .attend import grouped_attention
 from .parts import Chunk, LayerContext, LayerSpec, Segment, View, stream_nbytes
 from .registry import register_output
 from .rows import entries, is_rows, rows_attention
-from .storage import Store, exact_codec, make_storage_codec
+from .storage import Store, append_pair, exact_codec, make_storage_codec
 
 __all__ = ["BaseLayer", "Chunk", "LayerContext", "LayerSpec", "Segment", "View", "grouped_attention", "stream_nbytes"]
 
@@ -57,10 +57,11 @@ class BaseLayer(CacheLayerMixin):
     """A transformers cache layer: sinks + an exact tail (full, window and the model's local layers as they are).
 
     Class attributes a method may set: ``needs_positions`` (keep ``tail_pos [b, n]`` int32), ``codes_tail`` (the
-    tail stores hold the attended vectors themselves, so a decode step may read them from the codes; False when
-    ``decode_tail`` transforms them), ``from_codes`` (an instance may set it False to attend over decoded vectors
-    at every step: the reference the from-codes path is tested against), ``wants_probs`'
-    (attention probabilities go to :meth:`observe`), ``m`` / ``overlap`` (tokens per unit leaving the window and
+    layer's hooks accept the tail as :class:`~kvslim.cache.rows.Rows` read from the codes at a decode step: True
+    for this class; a subclass opts in by setting it in its own body, since its hooks may index tensors),
+    ``from_codes`` (an instance may set it False to attend over decoded vectors at every step: the reference the
+    from-codes path is tested against), ``wants_probs`` (attention probabilities go to :meth:`observe`), ``m`` /
+    ``overlap`` (tokens per unit leaving the window and
     extra earlier tokens a unit keeps, see the column rule).
     """
 
@@ -70,6 +71,12 @@ class BaseLayer(CacheLayerMixin):
     needs_positions: ClassVar[bool] = False
     codes_tail: ClassVar[bool] = True
     from_codes: bool = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # reading the tail from the codes is opt-in per class: a method's own hooks may index the view's tail as
+        # tensors, so a subclass gets Rows only when it declares ``codes_tail = True`` itself
+        cls.codes_tail = cls.__dict__.get("codes_tail", False)
     wants_probs: bool = False
 
     def __init__(self, spec: LayerSpec, ctx: LayerContext) -> None:
@@ -279,8 +286,7 @@ class BaseLayer(CacheLayerMixin):
             self.sink_v.append(vs)
             self.sink_valid = torch.cat([self.sink_valid, valid[:, :ns]], 1)
         kt, vt = self.encode(k[:, :, ns:], v[:, :, ns:], pos[:, ns:])
-        self.tail_k.append(kt)
-        self.tail_v.append(vt)
+        append_pair(self.tail_k, self.tail_v, kt, vt)
         self.tail_valid = torch.cat([self.tail_valid, valid[:, ns:]], 1)
         if self.tail_pos is not None:
             self.tail_pos = torch.cat([self.tail_pos, pos[:, ns:].to(torch.int32)], 1)

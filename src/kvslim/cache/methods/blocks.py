@@ -83,6 +83,7 @@ class BlocksLayer(BaseLayer):
     """Sinks + pooled block entries (through the codec) + the exact tail."""
 
     needs_positions = True
+    codes_tail = True  # the default tail segment and the pooling (which decodes) take Rows
     spec: BlockSpec
 
     @classmethod

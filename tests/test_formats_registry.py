@@ -48,10 +48,18 @@ def test_lists_read_the_registry():
         formats.register_format(formats.get_format("fp8"))
 
 
-def test_an_outside_format_works_end_to_end(tiny_llama):
-    if "int8" not in formats.REGISTRY:
-        formats.register_format(formats.Format("int8", "int8 codes + one fp32 absmax scale per vector",
-                                               lambda d, role: d + 4, codec=f"{__name__}:make_int8", kinds=("gqa",)))
+@pytest.fixture
+def int8_format():
+    """The worked example registered for one test, and removed after it (the registry is process-wide)."""
+    fmt = formats.register_format(formats.Format("int8", "int8 codes + one fp32 absmax scale per vector",
+                                                 lambda d, role: d + 4, codec=f"{__name__}:make_int8", kinds=("gqa",)))
+    try:
+        yield fmt
+    finally:
+        del formats.REGISTRY["int8"]
+
+
+def test_an_outside_format_works_end_to_end(tiny_llama, int8_format):
     assert isinstance(make_codec("int8", 16), Int8Codec) and "int8" in CODECS
     cache = make_cache(tiny_llama, "v4:w=8,m=2,k=3,hm=6+int8")
     ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(1))

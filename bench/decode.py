@@ -16,6 +16,13 @@ the observation window, the last query, or every query for H2O), their decode ro
 
     python bench/decode.py --recipes "full,tova:keep=0.5,snapkv:keep=0.5,h2o:keep=0.5,knorm:keep=0.5,streaming:keep=0.5"
 
+Roofline: the bench measures the machine's streaming read bandwidth (the best of ``x.sum()`` over a 1 GiB float32
+tensor, larger than any cache level, on the same clock as the rows) and prints per row the bytes one decode step
+must read (``read_MB``: the weights, counted once, tied embeddings once, an untied input embedding as the one row it
+reads; plus the KV bytes the attention reads: ``DynamicCache`` everything it holds, kvslim layers what their
+``predict(...)["read"]`` gives, e.g. only the top-k chosen block values), the time those bytes take at that bandwidth
+(``floor_ms``) and how far the measured step is from it (``x_floor`` = decode_ms / floor_ms).
+
 Prints a table, then one JSON line; writes ``results/decode.json``. Default: SmolLM2 at 1k/2k tokens with 8
 decode steps (a few minutes on two busy cores). The issue's full configuration::
 
@@ -104,6 +111,40 @@ def _run_one(model, tok, ids, recipe: str, decode: int) -> dict:
             "cold_bytes": tiers.get("cold", 0), "fetched_bytes_step": tiers.get("fetched", 0), "fetched_share": share}
 
 
+def _bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
+    """Streaming read bandwidth in bytes/s: the best time of one ``sum`` over a ``gib`` GiB float32 tensor."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = _now()
+        x.sum()
+        best = min(best, _now() - t0)
+    return x.numel() * 4 / best
+
+
+def _weight_read_bytes(model) -> int:
+    """Bytes of weights one decode step reads: every parameter once; an untied input embedding as one row."""
+    params = {p.data_ptr(): p for p in model.parameters()}
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    if out is None or out.weight.data_ptr() != emb.data_ptr():
+        total -= (emb.shape[0] - 1) * emb.shape[1] * emb.element_size()
+    return total
+
+
+def _kv_read_bytes(model, recipe: str, n: int, held: int) -> int:
+    """KV bytes one decode step at ``n`` tokens reads: DynamicCache all it holds; kvslim the layers' prediction."""
+    if recipe == "dynamic":
+        return held
+    from kvslim.cache.method import ModelShape
+    from kvslim.recipe import parse_recipe
+
+    shape = ModelShape.from_model(model)
+    specs = parse_recipe(recipe).layer_specs(list(shape.layer_types), shape.sliding_window)
+    return sum(s.layer_class().predict(s, n, shape)["read"] for s in specs)
+
+
 def _warm_up(model, tok) -> None:
     """One short stock and one short kvslim pass, so one-time costs (thread pools, lazy init) hit no row."""
     ids = _prompt_ids(tok, 64)
@@ -137,9 +178,12 @@ def main() -> None:
     for r in recipes[1:]:
         parse_recipe(r)
     rows = []
+    bw = _bandwidth()
+    print(f"streaming read bandwidth: {bw / 1e9:.2f} GB/s ({args.clock} clock, {torch.get_num_threads()} thread(s))")
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         model, tok = load(name)
         _warm_up(model, tok)
+        weights = _weight_read_bytes(model)
         for n in [int(x) for x in args.lengths.split(",")]:
             ids = _prompt_ids(tok, n)
             per: dict[str, list[dict]] = {r: [] for r in recipes}
@@ -151,6 +195,8 @@ def main() -> None:
             base = {k: statistics.median(x[k] for x in per["dynamic"]) for k in ("prefill_s", "decode_ms")}
             for r in recipes:
                 med = {k: statistics.median(x[k] for x in per[r]) for k in ("prefill_s", "decode_ms")}
+                read = weights + _kv_read_bytes(model, r, n + args.decode, per[r][-1]["kv_bytes"])
+                floor_ms = 1000 * read / bw
                 rows.append({
                     "model": name, "tokens": n, "recipe": r,
                     "prefill_s": round(med["prefill_s"], 3), "decode_ms": round(med["decode_ms"], 2),
@@ -160,11 +206,13 @@ def main() -> None:
                     "peak_rss_mib": round(max(x["peak_rss"] for x in per[r]) / 2**20, 1),
                     "cold_bytes": per[r][-1]["cold_bytes"], "fetched_bytes_step": per[r][-1]["fetched_bytes_step"],
                     "fetched_share": round(per[r][-1]["fetched_share"], 4),
+                    "read_mb": round(read / 1e6, 1), "floor_ms": round(floor_ms, 2),
+                    "x_floor": round(med["decode_ms"] / floor_ms, 2),
                 })
                 print_row(rows[-1], header=len(rows) == 1)
         del model
     result = {"bench": "decode", "clock": args.clock, "decode_steps": args.decode, "repeats": args.repeats,
-              "threads": torch.get_num_threads(), "rows": rows}
+              "threads": torch.get_num_threads(), "bandwidth_gbs": round(bw / 1e9, 2), "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
@@ -173,9 +221,10 @@ def main() -> None:
 
 def print_row(r: dict, header: bool) -> None:
     cols = ["model", "tokens", "recipe", "prefill_s", "prefill_vs_dynamic", "decode_ms", "decode_speedup_vs_dynamic",
-            "kv_bytes", "kv_ratio_vs_full16", "peak_rss_mib"]
-    widths = [13, 6, 22, 9, 8, 9, 8, 11, 8, 8]
-    short = ["model", "tokens", "recipe", "prefill_s", "pf_ratio", "decode_ms", "dec_x", "kv_bytes", "kv/f16", "rss_MiB"]
+            "kv_bytes", "kv_ratio_vs_full16", "peak_rss_mib", "read_mb", "floor_ms", "x_floor"]
+    widths = [13, 6, 22, 9, 8, 9, 8, 11, 8, 8, 8, 8, 7]
+    short = ["model", "tokens", "recipe", "prefill_s", "pf_ratio", "decode_ms", "dec_x", "kv_bytes", "kv/f16", "rss_MiB",
+             "read_MB", "floor_ms", "x_floor"]
     if header:
         print("  ".join(h.ljust(w) for h, w in zip(short, widths, strict=True)), flush=True)
     print("  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths, strict=True)), flush=True)

@@ -45,7 +45,8 @@ from transformers.cache_utils import CacheLayerMixin
 from .attend import grouped_attention
 from .parts import Chunk, LayerContext, LayerSpec, Segment, View, stream_nbytes
 from .registry import register_output
-from .storage import Store, exact_codec, make_storage_codec
+from .rows import entries, is_rows, rows_attention
+from .storage import Store, append_pair, exact_codec, make_storage_codec
 
 __all__ = ["BaseLayer", "Chunk", "LayerContext", "LayerSpec", "Segment", "View", "grouped_attention", "stream_nbytes"]
 
@@ -55,8 +56,12 @@ _QUERY_CHUNK = 1024
 class BaseLayer(CacheLayerMixin):
     """A transformers cache layer: sinks + an exact tail (full, window and the model's local layers as they are).
 
-    Class attributes a method may set: ``needs_positions`` (keep ``tail_pos [b, n]`` int32), ``wants_probs``
-    (attention probabilities go to :meth:`observe`), ``m`` / ``overlap`` (tokens per unit leaving the window and
+    Class attributes a method may set: ``needs_positions`` (keep ``tail_pos [b, n]`` int32), ``codes_tail`` (the
+    layer's hooks accept the tail as :class:`~kvslim.cache.rows.Rows` read from the codes at a decode step: True
+    for this class; a subclass opts in by setting it in its own body, since its hooks may index tensors),
+    ``from_codes`` (an instance may set it False to attend over decoded vectors at every step: the reference the
+    from-codes path is tested against), ``wants_probs`` (attention probabilities go to :meth:`observe`), ``m`` /
+    ``overlap`` (tokens per unit leaving the window and
     extra earlier tokens a unit keeps, see the column rule).
     """
 
@@ -64,6 +69,14 @@ class BaseLayer(CacheLayerMixin):
     is_croppable = False
     supports_early_init = False
     needs_positions: ClassVar[bool] = False
+    codes_tail: ClassVar[bool] = True
+    from_codes: bool = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # reading the tail from the codes is opt-in per class: a method's own hooks may index the view's tail as
+        # tensors, so a subclass gets Rows only when it declares ``codes_tail = True`` itself
+        cls.codes_tail = cls.__dict__.get("codes_tail", False)
     wants_probs: bool = False
 
     def __init__(self, spec: LayerSpec, ctx: LayerContext) -> None:
@@ -273,8 +286,7 @@ class BaseLayer(CacheLayerMixin):
             self.sink_v.append(vs)
             self.sink_valid = torch.cat([self.sink_valid, valid[:, :ns]], 1)
         kt, vt = self.encode(k[:, :, ns:], v[:, :, ns:], pos[:, ns:])
-        self.tail_k.append(kt)
-        self.tail_v.append(vt)
+        append_pair(self.tail_k, self.tail_v, kt, vt)
         self.tail_valid = torch.cat([self.tail_valid, valid[:, ns:]], 1)
         if self.tail_pos is not None:
             self.tail_pos = torch.cat([self.tail_pos, pos[:, ns:].to(torch.int32)], 1)
@@ -293,9 +305,21 @@ class BaseLayer(CacheLayerMixin):
         return drop
 
     # ---- attention -------------------------------------------------------------------------------------------
+    def reads_codes(self, q: int, *stores: Store) -> bool:
+        """True when this call's attention reads ``stores`` from their codes: a decode step (``q == 1``) through
+        codecs whose capability flag ``attends_from_codes`` is set (unless the instance sets ``from_codes`` False)."""
+        return q == 1 and self.from_codes and all(s.attends_from_codes() for s in stores)
+
+    def read_tail(self, q: int) -> tuple[Any, Any]:
+        """The tail this call attends to: at a decode step (``q == 1``) through codecs that attend from their codes,
+        :class:`~kvslim.cache.rows.Rows` read from the codes; otherwise the decoded ``[b, h, n, d]`` tensors."""
+        if self.reads_codes(q, self.tail_k, self.tail_v) and self.codes_tail:
+            return self.tail_k.rows(), self.tail_v.rows()
+        return self.decode_tail()
+
     def prepare(self, q: int, p0: int) -> View:
-        """Hook: decode what this call's attention reads."""
-        tail_k, tail_v = self.decode_tail()
+        """Hook: decode (or, at a decode step, read from the codes) what this call's attention reads."""
+        tail_k, tail_v = self.read_tail(q)
         return View(q, p0, self.sink_k.decode(), self.sink_v.decode(), tail_k, tail_v)
 
     def plain_causal(self, view: View) -> bool:
@@ -331,7 +355,7 @@ class BaseLayer(CacheLayerMixin):
         first = self.spec.sinks + chunk.n_out * self.m
         vis = (cols[None, :] >= first[:, None]) & (cols[None, :] <= chunk.cols[:, None])
         vis = vis[None] & self.tail_valid[:, None, a:e]
-        return Segment(view.tail_k[:, :, a:e], view.tail_v[:, :, a:e], vis[:, None], name="tail",
+        return Segment(entries(view.tail_k, a, e), entries(view.tail_v, a, e), vis[:, None], name="tail",
                        observe=self.wants_probs, meta=(a, e))  # fmt: skip
 
     def segments(self, view: View, chunk: Chunk) -> list[Segment]:
@@ -357,10 +381,15 @@ class BaseLayer(CacheLayerMixin):
                 else torch.ones(b, heads, s, g.k.shape[2], dtype=torch.bool, device=q.device)
                 for g in segs
             ], dim=-1)  # fmt: skip
-        k = segs[0].k if len(segs) == 1 else torch.cat([g.k for g in segs], dim=2)
-        v = segs[0].v if len(segs) == 1 else torch.cat([g.v for g in segs], dim=2)
         want = self.wants_probs or any(g.observe for g in segs)
-        out, probs = grouped_attention(q, k, v, mask, scaling, softcap, want_probs=want, may_be_empty=self.has_padding)
+        if any(is_rows(g.k) or is_rows(g.v) for g in segs):  # read from the codes: explicit softmax over segments
+            out, probs, _ = rows_attention(q, [g.k for g in segs], [g.v for g in segs], mask, scaling, softcap,
+                                           may_be_empty=self.has_padding)  # fmt: skip
+        else:
+            k = segs[0].k if len(segs) == 1 else torch.cat([g.k for g in segs], dim=2)
+            v = segs[0].v if len(segs) == 1 else torch.cat([g.v for g in segs], dim=2)
+            out, probs = grouped_attention(q, k, v, mask, scaling, softcap, want_probs=want,
+                                           may_be_empty=self.has_padding)  # fmt: skip
         if want:
             off = 0
             for g in segs:

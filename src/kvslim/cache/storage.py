@@ -18,7 +18,7 @@ import torch
 from ..formats import REGISTRY
 from ..memory import tensor_nbytes
 
-__all__ = ["ExactCodec", "Store", "exact_codec", "make_storage_codec", "packed_nbytes"]
+__all__ = ["ExactCodec", "Store", "append_pair", "exact_codec", "make_storage_codec", "packed_nbytes"]
 
 class ExactCodec:
     """Storage in the compute dtype itself (recipe codec ``none``): nothing is converted, so it is lossless."""
@@ -125,7 +125,10 @@ class Store:
             return
         if getattr(self.codec, "calibrated", True) is False:
             self.codec.calibrate(x.reshape(-1, x.shape[-1]).float())
-        p = self.codec.encode(x)
+        self.add(self.codec.encode(x))
+
+    def add(self, p: Any) -> None:
+        """Append an already encoded value (what ``codec.encode`` returned for the new tokens)."""
         if self.packed is None:
             self.packed = p
         elif _is_packed(p):
@@ -151,6 +154,22 @@ class Store:
         if self.stream is not None:
             return self.stream.materialize().to(self.out_dtype)
         return self.codec.decode(self.packed).to(self.out_dtype)
+
+    def attends_from_codes(self) -> bool:
+        """True when attention can read this store's packed codes directly (the codec's capability flag)."""
+        return bool(getattr(self.codec, "attends_from_codes", False))
+
+    def rows(self) -> Any:
+        """The stored vectors as :class:`~kvslim.cache.rows.Rows` read from the codes (None when empty): the packed
+        value, or for a streaming store its quantised prefix and its fp16 residual."""
+        from .rows import Rows
+
+        if self.n == 0:
+            return None
+        if self.stream is not None:
+            parts = [] if self.stream.quantized is None else [(self.codec, self.stream.quantized)]
+            return Rows([*parts, self.stream.recent.to(self.out_dtype)], self.out_dtype)
+        return Rows([(self.codec, self.packed)], self.out_dtype)
 
     def can_gather(self) -> bool:
         """True when entries can be picked from the packed form before decoding (per-token packed fields)."""
@@ -189,3 +208,21 @@ def _select_packed(p: Any, fn: Any) -> Any:
     fields = {k: fn(v) for k, v in p.fields.items()}
     b = next(iter(fields.values())).shape[0]
     return replace(p, fields=fields, shape=(b, *p.shape[1:]))
+
+
+def append_pair(sk: Store, sv: Store, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Append keys ``k`` and values ``v`` ``[b, h, n, d]``; when both stores share one codec whose format encodes
+    each vector on its own (``chunk_invariant``), one ``encode`` of both stacked (the same bytes as two: a decode
+    step pays each codec call's fixed cost once)."""
+    fmt = REGISTRY.get(getattr(sk.codec, "name", ""))
+    if (sk.codec is not sv.codec or fmt is None or fmt.codec is None or not fmt.chunk_invariant or fmt.append_only
+            or fmt.calibrated or k.shape != v.shape or k.shape[2] == 0):  # fmt: skip
+        sk.append(k)
+        sv.append(v)
+        return
+    from dataclasses import replace
+
+    p = sk.codec.encode(torch.stack([k, v]))
+    for i, store in enumerate((sk, sv)):
+        store.n += k.shape[2]
+        store.add(replace(p, shape=p.shape[1:], fields={n: f[i] for n, f in p.fields.items()}))

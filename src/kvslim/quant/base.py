@@ -162,7 +162,9 @@ class Codec:
 
     Class attributes of every codec: ``name``, ``dim``, ``bits_per_value`` (nominal code bits per coordinate, for
     display), ``lossless`` (True only for the plain float codecs, which round to their storage dtype and nothing
-    else), ``has_fast_score`` (``score`` works from the codes rather than decode-then-matmul).
+    else), ``has_fast_score`` (``score`` works from the codes rather than decode-then-matmul),
+    ``attends_from_codes`` (the capability a cache reads: ``score_f32`` / ``mix_f32`` work from the codes and are at
+    least as fast as decoding first, so attention over stored vectors calls them instead of ``decode``).
     """
 
     name: str = ""
@@ -170,6 +172,7 @@ class Codec:
     bits_per_value: float = 0.0
     lossless: bool = False
     has_fast_score: bool = False
+    attends_from_codes: bool = False
     device: torch.device = torch.device("cpu")
 
     # -- to implement -------------------------------------------------------------------------------------------
@@ -202,25 +205,27 @@ class Codec:
         return Packed.cat(parts)
 
     def score(self, q: torch.Tensor, packed: Packed) -> torch.Tensor:
-        """Inner products ``q @ x~^T``: ``q [..., Q, d]`` against packed ``[..., T, d]`` -> ``[..., Q, T]``.
-
-        The base implementation decodes then multiplies; TurboQuant codecs override it to work from the codes.
-        """
+        """Inner products ``q @ x~^T``: ``q [..., Q, d]`` against packed ``[..., T, d]`` -> ``[..., Q, T]``
+        (validated, in ``q``'s dtype; computed by :meth:`score_f32`)."""
         self._check_packed(packed)
         check_query(q, packed, self.dim, self.name)
-        keys = self.decode(packed).to(torch.float32)
-        return (q.to(torch.float32) @ keys.transpose(-1, -2)).to(q.dtype)
+        return self.score_f32(q.to(torch.float32), packed).to(q.dtype)
 
     def weighted_sum(self, w: torch.Tensor, packed: Packed) -> torch.Tensor:
-        """Attention-style mix ``w @ x~``: weights ``w [..., Q, T]`` over packed ``[..., T, d]`` -> ``[..., Q, d]``.
-
-        The base implementation decodes then multiplies; TurboQuant codecs override it to mix in the rotated basis
-        and rotate back once per query row instead of once per stored vector.
-        """
+        """Attention-style mix ``w @ x~``: weights ``w [..., Q, T]`` over packed ``[..., T, d]`` -> ``[..., Q, d]``
+        (validated, in ``w``'s dtype; computed by :meth:`mix_f32`)."""
         self._check_packed(packed)
         check_weights(w, packed, self.name)
-        vals = self.decode(packed).to(torch.float32)
-        return (w.to(torch.float32) @ vals).to(w.dtype)
+        return self.mix_f32(w.to(torch.float32), packed).to(w.dtype)
+
+    def score_f32(self, q: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """Unvalidated :meth:`score` in float32: ``q [..., Q, d]`` float32 -> ``[..., Q, T]`` float32. The base
+        decodes then multiplies; codecs with ``attends_from_codes`` work from the codes."""
+        return q @ self.decode(packed).to(torch.float32).transpose(-1, -2)
+
+    def mix_f32(self, w: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """Unvalidated :meth:`weighted_sum` in float32: ``w [..., Q, T]`` float32 -> ``[..., Q, d]`` float32."""
+        return w @ self.decode(packed).to(torch.float32)
 
     def to(self, device: torch.device | str) -> Codec:
         """Move the codec's constants (and sub-codecs / rotations) to ``device``; returns ``self``."""

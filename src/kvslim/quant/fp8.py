@@ -12,6 +12,7 @@ import torch
 
 from kvslim.errors import InvalidInput
 from kvslim.quant.base import Codec, Packed
+from kvslim.quant.kernels import lookup_mix, lookup_score
 from kvslim.quant.packing import split_blocks
 
 __all__ = ["FP8Codec", "E4M3_MAX"]
@@ -20,8 +21,12 @@ E4M3_MAX = 448.0
 
 
 class FP8Codec(Codec):
+    """FP8 e4m3 per block of ``block`` channels. ``score_f32`` / ``mix_f32`` read the code bytes through the table of
+    the 256 e4m3 values (a computing aid, not stored per vector)."""
+
     name = "fp8"
     bits_per_value = 8.0
+    attends_from_codes = True
 
     def __init__(self, dim: int, block: int = 128) -> None:
         if not isinstance(dim, int) or dim < 1:
@@ -31,6 +36,7 @@ class FP8Codec(Codec):
         self.dim = dim
         self.block = block
         self.nblocks = -(-dim // block)
+        self.table = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
 
     def bytes_per_vector(self) -> int:
         return self.dim + 4 * self.nblocks
@@ -52,3 +58,11 @@ class FP8Codec(Codec):
         vals = packed.fields["codes"].view(torch.float8_e4m3fn).to(torch.float32)
         vb = self._blocks(vals) * packed.fields["scale"].unsqueeze(-1)
         return vb.reshape(*vals.shape[:-1], self.nblocks * self.block)[..., : self.dim].to(packed.dtype)
+
+    def score_f32(self, q: torch.Tensor, packed: Packed) -> torch.Tensor:
+        f = packed.fields
+        return lookup_score(q, f["codes"], 8, self.table, self.dim, f["scale"], self.block)
+
+    def mix_f32(self, w: torch.Tensor, packed: Packed) -> torch.Tensor:
+        f = packed.fields
+        return lookup_mix(w, f["codes"], 8, self.table, self.dim, f["scale"], self.block)

@@ -26,6 +26,7 @@ import torch
 
 from kvslim.errors import InvalidInput
 from kvslim.quant.base import Codec, Packed
+from kvslim.quant.kernels import lookup_mix, lookup_score
 from kvslim.quant.packing import pack_bits, packed_len, unpack_bits
 
 __all__ = ["KiviCodec", "KiviStore", "kivi_store_nbytes"]
@@ -34,7 +35,10 @@ ROLES = ("key", "value")
 
 
 class KiviCodec(Codec):
-    """KIVI-``bits`` for keys (per channel over ``group`` tokens) or values (per token over 32 channels)."""
+    """KIVI-``bits`` for keys (per channel over ``group`` tokens) or values (per token over 32 channels). Keys are
+    scored and values mixed from the codes (``score_f32`` / ``mix_f32``); the other direction decodes."""
+
+    attends_from_codes = True
 
     def __init__(self, dim: int, bits: int, role: str = "key", group: int = 32, residual: int = 128) -> None:
         if not isinstance(bits, int) or not 1 <= bits <= 8:
@@ -114,6 +118,30 @@ class KiviCodec(Codec):
             idx = torch.arange(self.dim, device=q.device) // 32
             scale, zero = scale[..., idx], zero[..., idx]
         return (q * scale + zero).to(packed.dtype)
+
+    def _levels(self, device: torch.device) -> torch.Tensor:
+        return torch.arange(1 << self.bits, dtype=torch.float32, device=device)
+
+    def score_f32(self, q: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """Keys from the codes: per group of G tokens ``q . (code * scale + zero) = (q * scale) . code + q . zero``,
+        so each query is scaled once per group and the codes are read through the table ``0..2^b-1``."""
+        if not packed.grouped:
+            return super().score_f32(q, packed)
+        f, t = packed.fields, packed.tokens
+        scale, zero = f["scale"].to(torch.float32), f["zero"].to(torch.float32)  # [..., T/G, d]
+        qs = q.unsqueeze(-3) * scale.unsqueeze(-2)  # [..., T/G, Q, d]
+        s = lookup_score(qs, f["codes"], self.bits, self._levels(q.device), self.dim, qgroup=self.group)
+        shift = (q @ zero.transpose(-1, -2)).repeat_interleave(self.group, dim=-1)[..., :t]  # [..., Q, T]
+        return s + shift
+
+    def mix_f32(self, w: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """Values from the codes: ``sum_t w_t (code_t * scale_t + zero_t)`` with scale and zero per 32 channels."""
+        if packed.grouped:
+            return super().mix_f32(w, packed)
+        f = packed.fields
+        mixed = lookup_mix(w, f["codes"], self.bits, self._levels(w.device), self.dim, f["scale"], 32)
+        shift = (w @ f["zero"].to(torch.float32)).repeat_interleave(32, dim=-1)[..., : self.dim]
+        return mixed + shift
 
     def _check_packed(self, packed: Packed) -> None:
         super()._check_packed(packed)

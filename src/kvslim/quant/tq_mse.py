@@ -18,14 +18,16 @@ import math
 import torch
 
 from kvslim.errors import InvalidInput
-from kvslim.quant.base import Codec, Packed, check_query, check_weights
+from kvslim.quant.base import Codec, Packed
 from kvslim.quant.codebooks import bucket, lloyd_max
+from kvslim.quant.kernels import lookup_mix, lookup_score
 from kvslim.quant.packing import pack_bits, packed_len, unpack_bits
 from kvslim.quant.rotation import make_rotation
 
 __all__ = ["TurboQuantMSE", "FP16_MAX"]
 
 FP16_MAX = 65504.0
+_SMALL = 4096  # values below which encode buckets with torch.bucketize
 
 
 def vector_norms(x: torch.Tensor, codec: str) -> torch.Tensor:
@@ -51,6 +53,7 @@ class TurboQuantMSE(Codec):
     """
 
     has_fast_score = True
+    attends_from_codes = True
 
     def __init__(self, dim: int, bits: int, seed: int = 0, rotation: str = "auto", law: str = "beta",
                  name: str | None = None) -> None:
@@ -86,7 +89,10 @@ class TurboQuantMSE(Codec):
         n = vector_norms(xf, self.name)
         u = xf / torch.where(n > 0, n, torch.ones_like(n))
         y = self.rotation.forward(u)
-        idx = bucket(y, self._thresholds)
+        if y.numel() > _SMALL:
+            idx = bucket(y, self._thresholds)
+        else:  # a decode step's few vectors: one bucketize beats a compare pass per threshold (same cells, ties low)
+            idx = torch.bucketize(y, self.thresholds).to(torch.uint8)
         return idx, y, n
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
@@ -105,20 +111,13 @@ class TurboQuantMSE(Codec):
         y = self.lookup(packed.fields["codes"])
         return (self.rotation.inverse(y) * packed.fields["norm"].to(torch.float32)).to(packed.dtype)
 
-    def score(self, q: torch.Tensor, packed: Packed) -> torch.Tensor:
-        """``q [..., Q, d]`` x packed ``[..., T, d]`` -> ``[..., Q, T]`` from the codes (rotated basis)."""
-        self._check_packed(packed)
-        check_query(q, packed, self.dim, self.name)
-        qr = self.rotation.forward(q.to(torch.float32))
-        y = self.lookup(packed.fields["codes"])
-        s = qr @ y.transpose(-1, -2)
-        return (s * packed.fields["norm"].to(torch.float32).transpose(-1, -2)).to(q.dtype)
+    def score_f32(self, q: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """``q [..., Q, d]`` x packed ``[..., T, d]`` -> ``[..., Q, T]`` float32 from the codes (rotated basis)."""
+        f = packed.fields
+        return lookup_score(self.rotation.forward(q), f["codes"], self.bits, self.centroids, self.dim, f["norm"])
 
-    def weighted_sum(self, w: torch.Tensor, packed: Packed) -> torch.Tensor:
-        """``w [..., Q, T]`` x packed ``[..., T, d]`` -> ``[..., Q, d]``: mix the centroids in the rotated basis
-        (``sum_t w_t n_t c[idx_t]``), then one inverse rotation per query row."""
-        self._check_packed(packed)
-        check_weights(w, packed, self.name)
-        wn = w.to(torch.float32) * packed.fields["norm"].to(torch.float32).transpose(-1, -2)
-        mixed = wn @ self.lookup(packed.fields["codes"])
-        return self.rotation.inverse(mixed).to(w.dtype)
+    def mix_f32(self, w: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """``w [..., Q, T]`` x packed ``[..., T, d]`` -> ``[..., Q, d]`` float32: mix the centroids in the rotated
+        basis (``sum_t w_t n_t c[idx_t]``), then one inverse rotation per query row."""
+        f = packed.fields
+        return self.rotation.inverse(lookup_mix(w, f["codes"], self.bits, self.centroids, self.dim, f["norm"]))

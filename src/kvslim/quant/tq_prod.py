@@ -21,7 +21,8 @@ import math
 import torch
 
 from kvslim.errors import InvalidInput
-from kvslim.quant.base import Codec, Packed, check_query, check_weights
+from kvslim.quant.base import Codec, Packed
+from kvslim.quant.kernels import lookup_mix, lookup_score
 from kvslim.quant.packing import pack_bits, packed_len, unpack_bits
 from kvslim.quant.tq_mse import TurboQuantMSE
 
@@ -34,6 +35,7 @@ class TurboQuantProd(Codec):
     """TurboQuant-prod at ``bits`` = 2..8 total bits per coordinate ((b-1)-bit MSE codes + 1 QJL bit)."""
 
     has_fast_score = True
+    attends_from_codes = True
 
     def __init__(self, dim: int, bits: int, seed: int = 0, rotation: str = "auto", law: str = "beta") -> None:
         if not isinstance(bits, int) or not 2 <= bits <= 8:
@@ -47,6 +49,7 @@ class TurboQuantProd(Codec):
         g.manual_seed((int(seed) + _SKETCH_SEED_OFFSET) % (1 << 63))
         self.sketch = torch.randn(dim, dim, generator=g, dtype=torch.float32)  # S [m = d, d]
         self._qjl_scale = math.sqrt(math.pi / 2) / dim
+        self._signs_lut = torch.tensor([-1.0, 1.0])  # QJL bit 0 / 1 -> sign
 
     def _state_tensors(self) -> list[torch.Tensor]:
         return [self.sketch]
@@ -82,24 +85,22 @@ class TurboQuantProd(Codec):
         y = y + (self._signs(packed) @ self.sketch) * (gamma * self._qjl_scale)
         return (self.mse.rotation.inverse(y) * packed.fields["norm"].to(torch.float32)).to(packed.dtype)
 
-    def score(self, q: torch.Tensor, packed: Packed) -> torch.Tensor:
-        """Unbiased ``<q, x>`` estimates ``[..., Q, T]`` from the codes: one rotation + one sketch per query."""
-        self._check_packed(packed)
-        check_query(q, packed, self.dim, self.name)
-        qr = self.mse.rotation.forward(q.to(torch.float32))  # [..., Q, d]
-        qs = qr @ self.sketch.t()  # S Pi q
-        s_mse = qr @ self.mse.lookup(packed.fields["codes"]).transpose(-1, -2)
-        s_qjl = qs @ self._signs(packed).transpose(-1, -2)
-        gamma = packed.fields["rnorm"].to(torch.float32).transpose(-1, -2)
-        n = packed.fields["norm"].to(torch.float32).transpose(-1, -2)
-        return ((s_mse + s_qjl * (gamma * self._qjl_scale)) * n).to(q.dtype)
+    def _qjl_weights(self, packed: Packed) -> torch.Tensor:
+        """Per-token weight of the sign stage, ``n * gamma * sqrt(pi/2)/d`` float32 ``[..., T, 1]``."""
+        f = packed.fields
+        return f["norm"].to(torch.float32) * f["rnorm"].to(torch.float32) * self._qjl_scale
 
-    def weighted_sum(self, w: torch.Tensor, packed: Packed) -> torch.Tensor:
+    def score_f32(self, q: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """Unbiased ``<q, x>`` estimates ``[..., Q, T]`` from the codes: one rotation + one sketch per query."""
+        f, m = packed.fields, self.mse
+        qr = m.rotation.forward(q)  # [..., Q, d]
+        s = lookup_score(qr, f["codes"], self.bits - 1, m.centroids, self.dim, f["norm"])
+        return s + lookup_score(qr @ self.sketch.t(), f["qjl"], 1, self._signs_lut, self.dim, self._qjl_weights(packed))
+
+    def mix_f32(self, w: torch.Tensor, packed: Packed) -> torch.Tensor:
         """``w [..., Q, T]`` x packed -> ``[..., Q, d]``: ``Pi^T (sum_t w_t n_t c_t + (sum_t w_t n_t g_t s_t) S)``
         with ``g_t = gamma_t sqrt(pi/2)/d`` and ``s_t`` the +-1 signs; one sketch and one rotation per query row."""
-        self._check_packed(packed)
-        check_weights(w, packed, self.name)
-        wn = w.to(torch.float32) * packed.fields["norm"].to(torch.float32).transpose(-1, -2)
-        wg = wn * (packed.fields["rnorm"].to(torch.float32).transpose(-1, -2) * self._qjl_scale)
-        mixed = wn @ self.mse.lookup(packed.fields["codes"]) + (wg @ self._signs(packed)) @ self.sketch
-        return self.mse.rotation.inverse(mixed).to(w.dtype)
+        f, m = packed.fields, self.mse
+        mixed = lookup_mix(w, f["codes"], self.bits - 1, m.centroids, self.dim, f["norm"])
+        signs = lookup_mix(w, f["qjl"], 1, self._signs_lut, self.dim, self._qjl_weights(packed))
+        return m.rotation.inverse(mixed + signs @ self.sketch)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from kvslim.errors import InvalidInput
-from kvslim.quant.base import Codec, Packed, check_input, check_query, check_weights
+from kvslim.quant.base import Codec, Packed, check_input
 from kvslim.quant.tq_mse import TurboQuantMSE
 
 __all__ = ["TurboQuantSplit"]
@@ -27,6 +27,7 @@ class TurboQuantSplit(Codec):
     """Two TurboQuant-MSE instances over a channel split: ``n_hi`` outlier channels at ``hi`` bits, rest at ``lo``."""
 
     has_fast_score = True
+    attends_from_codes = True
 
     def __init__(self, dim: int, name: str, hi: int, lo: int, n_hi: int, seed: int = 0, rotation: str = "auto",
                  law: str = "beta") -> None:
@@ -95,20 +96,13 @@ class TurboQuantSplit(Codec):
         out[..., self.inliers.long()] = self.lo.decode(pl)
         return out.to(packed.dtype)
 
-    def score(self, q: torch.Tensor, packed: Packed) -> torch.Tensor:
-        self._check_packed(packed)
-        check_query(q, packed, self.dim, self.name)
+    def score_f32(self, q: torch.Tensor, packed: Packed) -> torch.Tensor:
         ph, pl = self._parts(packed)
-        qf = q.to(torch.float32)
-        s = self.hi.score(qf[..., self.outliers.long()], ph) + self.lo.score(qf[..., self.inliers.long()], pl)
-        return s.to(q.dtype)
+        return self.hi.score_f32(q[..., self.outliers.long()], ph) + self.lo.score_f32(q[..., self.inliers.long()], pl)
 
-    def weighted_sum(self, w: torch.Tensor, packed: Packed) -> torch.Tensor:
-        self._check_packed(packed)
-        check_weights(w, packed, self.name)
+    def mix_f32(self, w: torch.Tensor, packed: Packed) -> torch.Tensor:
         ph, pl = self._parts(packed)
-        wf = w.to(torch.float32)
-        out = torch.empty(*wf.shape[:-1], self.dim, dtype=torch.float32, device=wf.device)
-        out[..., self.outliers.long()] = self.hi.weighted_sum(wf, ph)
-        out[..., self.inliers.long()] = self.lo.weighted_sum(wf, pl)
-        return out.to(w.dtype)
+        out = torch.empty(*w.shape[:-1], self.dim, dtype=torch.float32, device=w.device)
+        out[..., self.outliers.long()] = self.hi.mix_f32(w, ph)
+        out[..., self.inliers.long()] = self.lo.mix_f32(w, pl)
+        return out

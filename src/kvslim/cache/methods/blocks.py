@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 
+from ...quant.kernels import kth_largest
 from ..base import BaseLayer, Chunk, LayerSpec, Segment, View, stream_nbytes
 from ..method import Method, Params, param, register
 from ..rope import rotate
+from ..rows import entries, is_rows
 from ..storage import Store
 from .window import sinks_param, window_param, wq_param
 
@@ -81,6 +83,7 @@ class BlocksLayer(BaseLayer):
     """Sinks + pooled block entries (through the codec) + the exact tail."""
 
     needs_positions = True
+    codes_tail = True  # the default tail segment and the pooling (which decodes) take Rows
     spec: BlockSpec
 
     @classmethod
@@ -153,15 +156,20 @@ class BlocksLayer(BaseLayer):
         self.n_blocks = upto
 
     def prepare(self, q: int, p0: int) -> BlocksView:
-        tail_k, tail_v = self.decode_tail()
+        tail_k, tail_v = self.read_tail(q)
         n_next = self.n_out(self.seen)
         if n_next > self.n_blocks:
-            self.pool_blocks(n_next, tail_k, tail_v)
-        topk = self.spec.topk
-        lazy_values = q == 1 and topk and self.n_out(p0) > topk and self.blk_v.can_gather()
-        # at decode with top-k selection, only the selected entries' values are decoded
-        blk_v = self.blk_v.decode_rows if lazy_values else self.blk_v.decode()
-        return BlocksView(q, p0, self.sink_k.decode(), self.sink_v.decode(), tail_k, tail_v, self.blk_k.decode(), blk_v)
+            dense = [x.decode() if is_rows(x) else x for x in (tail_k, tail_v)]
+            self.pool_blocks(n_next, *dense)
+        if self.reads_codes(q, self.blk_k, self.blk_v):
+            # decode step: block keys scored and the chosen values mixed straight from the codes
+            blk_k, blk_v = self.blk_k.rows(), self.blk_v.rows()
+        else:
+            topk = self.spec.topk
+            lazy_values = q == 1 and topk and self.n_out(p0) > topk and self.blk_v.can_gather()
+            # at decode with top-k selection, only the selected entries' values are decoded
+            blk_k, blk_v = self.blk_k.decode(), self.blk_v.decode_rows if lazy_values else self.blk_v.decode()
+        return BlocksView(q, p0, self.sink_k.decode(), self.sink_v.decode(), tail_k, tail_v, blk_k, blk_v)
 
     def block_segment(self, view: BlocksView, chunk: Chunk) -> Segment | None:
         n_last = int(chunk.n_out[-1])
@@ -170,22 +178,29 @@ class BlocksLayer(BaseLayer):
         q, topk = chunk.q, self.spec.topk
         b, hq, s, d = q.shape
         h = self.heads
-        bk = view.blk_k[:, :, :n_last]
-        bv = view.blk_v if callable(view.blk_v) else view.blk_v[:, :, :n_last]
+        bk = entries(view.blk_k, 0, n_last)
+        bv = view.blk_v if callable(view.blk_v) else entries(view.blk_v, 0, n_last)
         j = torch.arange(n_last, device=q.device)
         vis = (j[None, :] < chunk.n_out[:, None])[None] & self.blk_valid[:, None, :n_last]  # [b, s, n]
         vis = vis[:, None].expand(b, h, s, n_last)
         if topk and n_last > topk:
-            scores = torch.einsum("bhgsd,bhnd->bhsn", q.reshape(b, h, hq // h, s, d).float(), bk.float())
-            top = scores.masked_fill(~vis, float("-inf")).topk(topk, dim=-1)
+            if is_rows(bk):  # from the codes: [b, h, g*s, n] summed over the group
+                scores = bk.score(q.reshape(b, h, hq // h * s, d).float()).reshape(b, h, hq // h, s, n_last).sum(2)
+            else:
+                scores = torch.einsum("bhgsd,bhnd->bhsn", q.reshape(b, h, hq // h, s, d).float(), bk.float())
+            scores = scores.masked_fill(~vis, float("-inf"))
             if s == 1:  # decode: gather the selected entries only
+                top = scores.topk(topk, dim=-1)
                 idx = top.indices[:, :, 0]  # [b, h, k]
                 gather = idx[..., None].expand(b, h, topk, d)
-                bk = bk.gather(2, gather)
-                bv = bv(idx) if callable(bv) else bv.gather(2, gather)
+                bk = bk.take(idx) if is_rows(bk) else bk.gather(2, gather)
+                if is_rows(bv):
+                    bv = bv.take(idx)
+                else:
+                    bv = bv(idx) if callable(bv) else bv.gather(2, gather)
                 vis = torch.isfinite(top.values)  # [b, h, 1, k]
-            else:
-                vis = vis & torch.zeros_like(vis).scatter_(-1, top.indices, True)
+            else:  # prefill: the top-k mask, by each row's k-th largest score (a compiled selection when present)
+                vis = vis & (scores >= kth_largest(scores, topk))
         return Segment(bk, bv, vis, name="blocks")
 
     def segments(self, view: BlocksView, chunk: Chunk) -> list[Segment]:

@@ -76,6 +76,7 @@ class LatentLayer(BaseLayer):
     """Exact tail stored as rank-``r`` projections; ``basis = (Uk [h, d, r], Uv [h, d, r])`` float32."""
 
     needs_positions = True
+    codes_tail = False  # the stores hold projections; attention reads the expanded keys and values
     spec: LatentSpec
 
     def init_state(self) -> None:

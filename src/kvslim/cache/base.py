@@ -402,22 +402,28 @@ class BaseLayer(CacheLayerMixin):
         """Hook: after the call's attention (default: drop what left every future window)."""
         self.trim(self.n_out(self.seen))
 
+    def take_pending(self, query: torch.Tensor, positions: torch.Tensor | None, valid_new: torch.Tensor | None) -> int:
+        """Store the tokens ``update`` recorded (through :meth:`ingest`) for the queries ``[b, h*g, q, d]`` of this
+        call: positions default to the columns after what was seen, validity to all True. Returns the first column."""
+        k_new, v_new = self.pending
+        self.pending = None
+        b, q = query.shape[0], query.shape[2]
+        p0 = self.seen - q
+        if positions is None:
+            positions = torch.arange(p0, p0 + q, device=query.device)[None]
+        if valid_new is None:
+            valid_new = torch.ones(b, q, dtype=torch.bool, device=query.device)
+        self.ingest(k_new, v_new, positions.expand(b, q), valid_new)
+        return p0
+
     def attend(
         self, query: torch.Tensor, positions: torch.Tensor | None, valid_new: torch.Tensor | None,
         scaling: float, softcap: float | None,
     ) -> torch.Tensor:
         """Store the pending tokens and attend: ``query [b, h*g, q, d]``, ``positions [b|1, q]`` (RoPE positions of
         the new tokens), ``valid_new [b, q]`` bool (False for padding) -> ``[b, q, h*g, d]``."""
-        k_new, v_new = self.pending
-        self.pending = None
         b, hq, q, d = query.shape
-        p0 = self.seen - q
-        if positions is None:
-            positions = torch.arange(p0, p0 + q, device=query.device)[None]
-        positions = positions.expand(b, q)
-        if valid_new is None:
-            valid_new = torch.ones(b, q, dtype=torch.bool, device=query.device)
-        self.ingest(k_new, v_new, positions, valid_new)
+        p0 = self.take_pending(query, positions, valid_new)
         view = self.prepare(q, p0)
         if softcap is None and self.plain_causal(view):
             out = F.scaled_dot_product_attention(

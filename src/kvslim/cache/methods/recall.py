@@ -227,15 +227,8 @@ class RecallLayer(BaseLayer):
     def attend(self, query: torch.Tensor, positions: torch.Tensor | None, valid_new: torch.Tensor | None,
                scaling: float, softcap: float | None) -> torch.Tensor:  # fmt: skip
         """Store the pending tokens and attend: ``query [b, h*g, q, d]`` -> ``[b, q, h*g, d]``."""
-        k_new, v_new = self.pending
-        self.pending = None
         b, hq, q, d = query.shape
-        p0 = self.seen - q
-        if positions is None:
-            positions = torch.arange(p0, p0 + q, device=query.device)[None]
-        if valid_new is None:
-            valid_new = torch.ones(b, q, dtype=torch.bool, device=query.device)
-        self.ingest(k_new, v_new, positions.expand(b, q), valid_new)
+        p0 = self.take_pending(query, positions, valid_new)
         n_next = self.n_out(self.seen)
         tail_k, tail_v = self.tail_k.decode(), self.tail_v.decode()
         sink_k, sink_v = self.sink_k.decode(), self.sink_v.decode()

@@ -77,6 +77,14 @@ class Policy:
         columns ``held..n-1``); ``acc [b, h, n]``: the running scores (accumulating policies)."""
         raise NotImplementedError
 
+    def call_scores(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, held: int, scaling: float,
+                    softcap: float | None, acc: torch.Tensor | None, pos: torch.Tensor, valid_q: torch.Tensor | None,
+                    inv_freq: torch.Tensor | None) -> torch.Tensor:
+        """Scores ``[b, h, n]`` with everything the layer has: also the values ``v [b, h, n, d]``, the RoPE positions
+        ``pos [b, s]`` of the call's queries, their validity ``valid_q [b, s]`` (None: no padding) and the layer's
+        RoPE inverse frequencies (None without RoPE). Default: :meth:`scores` (policies that read attention only)."""
+        return self.scores(q, k, held, scaling, softcap, acc)
+
 
 def kept_tokens(policy: Policy, calls: list[int]) -> int:
     """Tokens a layer holds (per KV head) after forward calls of ``calls`` tokens each (what the planner prices)."""
@@ -232,11 +240,16 @@ class EvictLayer(BaseLayer):
                 if valid is not None:
                     mask = mask & valid[:, :, None, :]
             out, _ = grouped_attention(query, k_all, v_all, mask, scaling, softcap)
-        self._store(query, k_all, v_all, k_new, v_new, valid, scaling, softcap)
+        pos = positions  # RoPE positions of the call's tokens (default: the columns after what was seen)
+        if pos is None:
+            pos = torch.arange(self.seen - s, self.seen, device=self.device)[None]
+        call = (pos.expand(b, s), valid_new)
+        self._store(query, k_all, v_all, k_new, v_new, valid, scaling, softcap, call)
         return out
 
     def _store(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, k_new: torch.Tensor,
-               v_new: torch.Tensor, valid: torch.Tensor | None, scaling: float, softcap: float | None) -> None:
+               v_new: torch.Tensor, valid: torch.Tensor | None, scaling: float, softcap: float | None,
+               call: tuple[torch.Tensor, torch.Tensor | None]) -> None:
         pol = self.policy
         first = self.calls == 0
         self.calls += 1
@@ -253,7 +266,7 @@ class EvictLayer(BaseLayer):
             self.tail_v.append(v_all if first else v_new)
             self.acc, self.valid = acc, valid if self.valid is not None else None
             return
-        sc = pol.scores(q, k_all, held, scaling, softcap, acc)
+        sc = pol.call_scores(q, k_all, v_all, held, scaling, softcap, acc, *call, self.inv_freq)
         idx = select_keep(sc, target, *pol.protect(target), valid=valid)  # [b, h, target]
         if first:  # nothing stored yet: encode the kept tokens only
             self.tail_k.append(_gather(k_all, idx))

@@ -10,11 +10,13 @@ high-water mark during that row (``/proc/self/clear_refs`` reset before each row
 process-wide peak). Tiered recipes (``recall``) also report their cold bytes, the cold bytes the last decode step
 fetched and the fetched share (tokens fetched per KV head and tiered layer / context) in the JSON rows.
 
-The eviction baselines (``streaming``, ``snapkv``, ``tova``, ``h2o``, ``knorm``, e.g. ``tova:keep=0.5``; see
-``kvslim.cache.methods``) are recipes like the others: their prefill row includes the scoring (attention probabilities of
-the observation window, the last query, or every query for H2O), their decode rows the per-step eviction.
+The eviction baselines (``streaming``, ``snapkv``, ``tova``, ``h2o``, ``knorm``, ``expattn``, e.g.
+``tova:keep=0.5``; see ``kvslim.cache.methods``) are recipes like the others: their prefill row includes the scoring
+(attention probabilities of the observation window, the last query, or every query for H2O; Expected Attention's
+query statistics), their decode rows the per-step eviction.
 
     python bench/decode.py --recipes "full,tova:keep=0.5,snapkv:keep=0.5,h2o:keep=0.5,knorm:keep=0.5,streaming:keep=0.5"
+    python bench/decode.py --recipes "full,tova:keep=0.5,expattn:keep=0.5,expattn:keep=0.25"
 
 Roofline: the bench measures the machine's streaming read bandwidth (the best of ``x.sum()`` over a 1 GiB float32
 tensor, larger than any cache level, on the same clock as the rows) and prints per row the bytes one decode step

@@ -2,15 +2,15 @@
 methods and kvslim's quantization-only points, on the real models.
 
 Runs, for each model, length and task (passkey, natural-text needle), a grid over ``full``, every preset of
-``kvslim.recipe.PRESETS``, the quantization-only points (``full+tq4``, ``full+tq3``, ``full+kivi4``, ``full+fp8``), the
-eviction baselines (StreamingLLM, SnapKV, TOVA, H2O, key-norm at keep ratios 1/2, 1/4, 1/8) and a few eviction +
-codec compositions, at the given depths and seeds, into resumable stores under ``results/niah-baseline/<model>/<task>/``
-(rerunning skips finished cells). The context is compressed before the question is seen (question-agnostic, as a
-server caching a shared document must; ``--aware`` runs the question-aware variant into ``<task>-aware/``). Work
-goes cheapest first (by length), and ``--budget-min`` stops starting new cells after that many minutes, so a slow
-machine yields a complete small grid and a list of what is missing rather than nothing. Then writes
-``docs/baseline.md`` (tables + frontier plots in ``docs/img/``), ``results/niah_baseline.json``, prints the tables and
-one final JSON line.
+``kvslim.recipe.PRESETS``, the quantization-only points (``full+tq4``, ``full+tq3``, ``full+kivi4``,
+``full+fp8``), the eviction baselines (StreamingLLM, SnapKV, TOVA, H2O, key-norm, Expected Attention at keep
+ratios 1/2, 1/4, 1/8) and a few eviction + codec compositions, at the given depths and seeds, into resumable
+stores under ``results/niah-baseline/<model>/<task>/`` (rerunning skips finished cells). The context is compressed
+before the question is seen (question-agnostic, as a server caching a shared document must; ``--aware`` runs the
+question-aware variant into ``<task>-aware/``). Work goes cheapest first (by length), and ``--budget-min`` stops
+starting new cells after that many minutes, so a slow machine yields a complete small grid and a list of what is
+missing rather than nothing. Then writes ``docs/baseline.md`` (tables + frontier plots in ``docs/img/``),
+``results/niah_baseline.json``, prints the tables and one final JSON line.
 
     python bench/niah_baseline.py                      # the issue's grid: SmolLM2 1k/2k/4k, Gemma 3 1k/4k/8k
     python bench/niah_baseline.py --budget-min 40      # stop starting cells after 40 minutes
@@ -30,7 +30,7 @@ GRID = {"smollm2-135m": [1000, 2000, 4000], "gemma3-270m": [1000, 4000, 8000]}
 TASKS = ("passkey", "needle")
 DEPTHS = "0,0.25,0.5,0.75,1"
 QUANT_ONLY = ("full+tq4", "full+tq3", "full+kivi4", "full+fp8")
-EVICTION = ("streaming", "snapkv", "tova", "h2o", "knorm")
+EVICTION = ("streaming", "snapkv", "tova", "h2o", "knorm", "expattn")
 KEEP = ("0.5", "0.25", "0.125")
 COMPOSED = ("tova:keep=0.5+tq4", "tova:keep=0.25+tq4", "knorm:keep=0.5+kivi2", "snapkv:keep=0.5+fp8")
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,8 +141,8 @@ def write_docs(args: argparse.Namespace) -> dict:
         *([args.note, ""] if args.note else []),
         "Recipes: `full` (transformers' `DynamicCache`, float32), kvslim's presets (`kvslim recipes`), its",
         "quantization-only points (`full+CODEC`), the eviction baselines of `kvslim.cache.methods` (`streaming`:",
-        "StreamingLLM, `snapkv`, `tova`, `h2o`, `knorm`: key-norm; `keep=r` keeps a fraction r of the tokens per layer",
-        "and KV head, evicted tokens are deleted) and eviction + codec compositions: "
+        "StreamingLLM, `snapkv`, `tova`, `h2o`, `knorm`: key-norm, `expattn`: Expected Attention; `keep=r` keeps a",
+        "fraction r of the tokens per layer and KV head, evicted tokens are deleted) and eviction + codec compositions: "
         + ", ".join(f"`{r}`" for r in recipes[1:]) + f". Depths {args.depths}, seeds {args.seeds}; greedy answers"
         + f" (so each `acc@N` is over {len(args.depths) * len(args.seeds)} cell(s)).",
         "Question-agnostic sections prefill the context alone, then the question (a compressing cache never sees the",

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvslim import make_cache
 from kvslim.cache.build import predict_nbytes
@@ -169,6 +170,12 @@ def test_the_layer_keeps_exactly_the_best_scored_tokens():
         qpre = qs[i].reshape(1, 48, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
         want = _direct(qpre[0], list(range(48, 80)), ref_k[0], ref_v[0], inv_freq, cfg.head_dim**-0.5, 4,
                        torch.arange(48) >= 4)  # fmt: skip
+        # the policy, given the queries as the model rotates them (transformers' RoPE), scores as the direct way
+        cos, sin = model.model.rotary_emb(qpre, torch.arange(48)[None])
+        q_hf, _ = apply_rotary_pos_emb(qpre, qpre, cos, sin)
+        got = layer.policy.call_scores(q_hf, ref_k, ref_v, 0, cfg.head_dim**-0.5, None, None, torch.arange(48)[None],
+                                       None, layer.inv_freq)  # fmt: skip
+        torch.testing.assert_close(got[..., 4:].double(), want[None, :, 4:], atol=1e-6, rtol=1e-4)
         idx = select_keep(want[None].float(), 12)
         assert layer.tail_k.n == layer.tail_v.n == 12
         for got, ref in ((layer.tail_k.decode(), ref_k), (layer.tail_v.decode(), ref_v)):

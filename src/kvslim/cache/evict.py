@@ -1,6 +1,7 @@
 """The cache layer of the eviction baselines: exactly ``budget`` tokens per KV head, the rest deleted (not masked).
 
-A policy (:class:`Policy` subclass: StreamingLLM, SnapKV, TOVA, H2O, key-norm) gives a score per held token; the
+A policy (:class:`Policy` subclass: StreamingLLM, SnapKV, TOVA, H2O, key-norm, Expected Attention) gives a score
+per held token (:meth:`Policy.call_scores` also hands it the values, RoPE positions and frequencies); the
 layer keeps the best ``budget`` per KV head with :func:`kvslim.cache.scores.select_keep` (sinks and a recent window
 always kept where the policy has them) and deletes the rest from its stores: kept keys (post-RoPE, so positions stay
 right) and values are gathered per head, other tokens are gone.
@@ -13,8 +14,8 @@ document alone and the question in a second call therefore compresses question-a
 :mod:`kvslim.generation`). Until the first compression nothing is stored; kept tokens are then encoded through the
 storage codec (``none`` keeps the model dtype, which makes ``ratio = 1`` token-identical to ``DynamicCache``).
 
-Method files (``kvslim/cache/methods/{streaming,snapkv,tova,h2o,knorm}.py``) each hold a policy, its parameters
-(:class:`EvictParams`) and an :class:`EvictMethod`; this module is what they share: the layer (on
+Method files (``kvslim/cache/methods/{streaming,snapkv,tova,h2o,knorm,expattn}.py``) each hold a policy, its
+parameters (:class:`EvictParams`) and an :class:`EvictMethod`; this module is what they share: the layer (on
 :class:`~kvslim.cache.base.BaseLayer`, whose exact tail store holds the kept tokens), its spec and its byte
 prediction.
 

@@ -66,6 +66,8 @@ class Rows:
 
     def slice(self, a: int, e: int) -> Rows:
         """Entries ``[a, e)``."""
+        if a <= 0 and e >= self.n:
+            return self
         parts, off = [], 0
         for p in self.parts:
             k = _length(p)

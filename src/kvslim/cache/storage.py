@@ -253,6 +253,12 @@ def append_pair(sk: Store, sv: Store, k: torch.Tensor, v: torch.Tensor) -> None:
     """Append keys ``k`` and values ``v`` ``[b, h, n, d]``; when both stores share one codec whose format encodes
     each vector on its own (``chunk_invariant``), one ``encode`` of both stacked (the same bytes as two: a decode
     step pays each codec call's fixed cost once)."""
+    if sk.plain is not None and sv.plain == sk.plain and k.shape == v.shape and k.shape[2]:
+        both = _to_plain(torch.stack([k, v]), sk.plain, sk.codec.name)  # one conversion and one check
+        for i, store in enumerate((sk, sv)):
+            store.n += k.shape[2]
+            store.add(both[i])
+        return
     fmt = REGISTRY.get(getattr(sk.codec, "name", ""))
     if (sk.codec is not sv.codec or sk.plain is not None or fmt is None or fmt.codec is None or not fmt.chunk_invariant or fmt.append_only
             or fmt.calibrated or k.shape != v.shape or k.shape[2] == 0):  # fmt: skip

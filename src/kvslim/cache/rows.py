@@ -8,7 +8,11 @@ A KIVI stream is two parts: its quantised prefix and its fp16 residual.
 
 :func:`rows_attention` is the explicit-softmax attention of :func:`~kvslim.cache.attend.grouped_attention` over
 segments whose keys or values may be :class:`Rows`: logits per segment, one softmax over all of them, then the
-probabilities mix each segment's values. Index letters: b batch, h KV head, G folded queries, n entry, d dim.
+probabilities mix each segment's values. :func:`decode_attention` is the same attention for a decode step that sees
+everything it is given (no mask, no probabilities wanted), with fewer calls: the dense segments joined (one matmul
+for their logits, one for their mix), no mask work. A :class:`Scored` segment carries keys whose logits
+are already known (the top-k blocks a selector scored from the codes), so they are not scored twice.
+Index letters: b batch, h KV head, G folded queries, n entry, d dim.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Rows", "entries", "is_rows", "rows_attention"]
+__all__ = ["Rows", "Scored", "decode_attention", "entries", "is_rows", "rows_attention"]
 
 
 class Rows:
@@ -62,6 +66,8 @@ class Rows:
 
     def slice(self, a: int, e: int) -> Rows:
         """Entries ``[a, e)``."""
+        if a <= 0 and e >= self.n:
+            return self
         parts, off = [], 0
         for p in self.parts:
             k = _length(p)
@@ -93,12 +99,23 @@ class Rows:
         return torch.cat([x.to(self.dtype) for x in out], dim=2)
 
 
+class Scored:
+    """Keys ``[b, h, n, d]`` whose logits for the current chunk's queries are known: ``logits [b, h, G, n]``
+    float32 (``q . k``, before scaling and softcap), e.g. gathered from the scores a top-k selector computed."""
+
+    def __init__(self, logits: torch.Tensor, dim: int) -> None:
+        self.logits = logits
+        self.n = logits.shape[-1]
+        self.shape = (logits.shape[0], logits.shape[1], self.n, dim)
+
+
 def _length(p: Any) -> int:
     return p.shape[2] if isinstance(p, torch.Tensor) else p[1].tokens
 
 
 def is_rows(x: Any) -> bool:
-    return isinstance(x, Rows)
+    """True for keys or values that are not one dense tensor (:class:`Rows` read from codes, :class:`Scored`)."""
+    return isinstance(x, (Rows, Scored))
 
 
 def entries(x: torch.Tensor | Rows, a: int, e: int) -> torch.Tensor | Rows:
@@ -106,7 +123,9 @@ def entries(x: torch.Tensor | Rows, a: int, e: int) -> torch.Tensor | Rows:
     return x.slice(a, e) if isinstance(x, Rows) else x[:, :, a:e]
 
 
-def _score(x: torch.Tensor | Rows, q: torch.Tensor) -> torch.Tensor:
+def _score(x: torch.Tensor | Rows | Scored, q: torch.Tensor) -> torch.Tensor:
+    if isinstance(x, Scored):
+        return x.logits
     return x.score(q) if isinstance(x, Rows) else q @ x.to(torch.float32).transpose(-1, -2)
 
 
@@ -145,3 +164,36 @@ def rows_attention(
         out = part if out is None else out + part
         off += n
     return out.to(q.dtype).reshape(b, hq, s, -1).transpose(1, 2), probs, lengths
+
+
+def decode_attention(
+    q: torch.Tensor, keys: list[Any], values: list[Any], scaling: float, softcap: float | None = None,
+) -> torch.Tensor:
+    """:func:`rows_attention` for queries that see every entry of every segment (a decode step without padding) and
+    want no probabilities: ``q [b, hq, s, d]`` -> ``[b, s, hq, d]`` in ``q``'s dtype. The dense segments (tensor
+    keys and values) are joined so they cost one matmul for their logits and one for their mix; the others are
+    scored and mixed from their codes (or their known logits); one softmax over everything."""
+    b, hq, s, d = q.shape
+    h = keys[0].shape[1]
+    qg = q.reshape(b, h, hq // h * s, d).to(torch.float32)
+    dense = [i for i, (k, v) in enumerate(zip(keys, values, strict=True)) if not (is_rows(k) or is_rows(v))]
+    codes = [i for i in range(len(keys)) if i not in dense]
+    logits, nd = [], 0
+    if dense:
+        kd = keys[dense[0]] if len(dense) == 1 else torch.cat([keys[i] for i in dense], dim=2)
+        vd = values[dense[0]] if len(dense) == 1 else torch.cat([values[i] for i in dense], dim=2)
+        nd = kd.shape[2]
+        logits.append(qg @ kd.to(torch.float32).transpose(-1, -2))
+    logits += [_score(keys[i], qg) for i in codes]
+    logits = (logits[0] if len(logits) == 1 else torch.cat(logits, dim=-1)) * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    probs = torch.softmax(logits, dim=-1)
+    out = probs[..., :nd] @ vd.to(torch.float32) if dense else None
+    off = nd
+    for i in codes:
+        n = _n(keys[i])
+        part = _mix(values[i], probs[..., off : off + n])
+        out = part if out is None else out + part
+        off += n
+    return out.to(q.dtype).reshape(b, hq, s, -1).transpose(1, 2)

@@ -6,7 +6,9 @@ token axis) and back. ``none`` (the compute dtype, lossless) is built here; ever
 the streaming store the format names.
 
 ``Store`` holds one packed value per layer segment; ``append`` concatenates along tokens, ``drop_front`` slices,
-``decode`` returns ``[b, h, n, d]`` in the compute dtype, ``nbytes`` counts exactly the bytes held.
+``decode`` returns ``[b, h, n, d]`` in the compute dtype, ``nbytes`` counts exactly the bytes held. A plain float
+format (``fp16`` / ``bf16`` / ``fp32``: a 16-bit window) is held as the bare tensor in its storage dtype - the same
+bytes as its ``Packed`` value, without the per-call container work at every decode step.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ class Store:
         self.packed: Any = None
         self.n = 0
         self.stream = None
+        self.plain = _plain_dtype(codec)  # a plain float format: the bare tensor in this dtype
         fmt = REGISTRY.get(getattr(codec, "name", ""))
         if fmt is not None and fmt.append_only:  # KIVI: a streaming store (fp16 residual, groups quantized together)
             self.stream = fmt.make_store(codec)
@@ -122,6 +125,9 @@ class Store:
         self.n += x.shape[2]
         if self.stream is not None:
             self.stream.append(x)
+            return
+        if self.plain is not None:
+            self.add(_to_plain(x, self.plain, self.codec.name))
             return
         if getattr(self.codec, "calibrated", True) is False:
             self.codec.calibrate(x.reshape(-1, x.shape[-1]).float())
@@ -153,6 +159,8 @@ class Store:
             return None
         if self.stream is not None:
             return self.stream.materialize().to(self.out_dtype)
+        if self.plain is not None:
+            return self.packed.to(self.out_dtype)
         return self.codec.decode(self.packed).to(self.out_dtype)
 
     def attends_from_codes(self) -> bool:
@@ -173,6 +181,8 @@ class Store:
 
     def can_gather(self) -> bool:
         """True when entries can be picked from the packed form before decoding (per-token packed fields)."""
+        if self.plain is not None:
+            return True
         return self.stream is None and _is_packed(self.packed) and not self.packed.grouped
 
     def decode_rows(self, idx: torch.Tensor) -> torch.Tensor:
@@ -181,6 +191,8 @@ class Store:
 
         p = self.packed
         b, h, k = idx.shape
+        if self.plain is not None:
+            return p.gather(2, idx[..., None].expand(b, h, k, p.shape[-1])).to(self.out_dtype)
         fields = {n: f.gather(2, idx[..., None].expand(b, h, k, f.shape[-1])) for n, f in p.fields.items()}
         sub = replace(p, fields=fields, shape=(b, h, k, p.shape[-1]))
         return self.codec.decode(sub).to(self.out_dtype)
@@ -199,7 +211,34 @@ class Store:
     def nbytes(self) -> int:
         if self.stream is not None:
             return int(self.stream.nbytes())
+        if self.plain is not None:
+            return packed_nbytes(self.packed)
         return 0 if self.packed is None else int(self.codec.nbytes(self.packed))
+
+
+_PLAIN = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_FP16_MAX = 65504.0
+
+
+def _plain_dtype(codec: Any) -> torch.dtype | None:
+    """The storage dtype of a plain float codec (``fp16`` / ``bf16`` / ``fp32``), else None."""
+    fmt = REGISTRY.get(getattr(codec, "name", ""))
+    if fmt is None or not fmt.lossless or fmt.codec is None or fmt.append_only:
+        return None
+    return _PLAIN.get(codec.name)
+
+
+def _to_plain(x: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """``x`` in the storage dtype (a copy); ``InvalidInput`` on non-finite input or float16 overflow (the checks of
+    ``PlainCodec.encode``, in one reduction)."""
+    from ..errors import InvalidInput
+
+    top = float(x.abs().amax()) if x.numel() else 0.0
+    if not top < float("inf"):  # NaN fails too
+        raise InvalidInput(f"{name}: input has non-finite values; storage needs finite input")
+    if dtype == torch.float16 and top > _FP16_MAX:
+        raise InvalidInput(f"{name}: values up to {top:.4g} overflow float16 storage")
+    return x.to(dtype, copy=True)
 
 
 def _select_packed(p: Any, fn: Any) -> Any:
@@ -214,8 +253,14 @@ def append_pair(sk: Store, sv: Store, k: torch.Tensor, v: torch.Tensor) -> None:
     """Append keys ``k`` and values ``v`` ``[b, h, n, d]``; when both stores share one codec whose format encodes
     each vector on its own (``chunk_invariant``), one ``encode`` of both stacked (the same bytes as two: a decode
     step pays each codec call's fixed cost once)."""
+    if sk.plain is not None and sv.plain == sk.plain and k.shape == v.shape and k.shape[2]:
+        both = _to_plain(torch.stack([k, v]), sk.plain, sk.codec.name)  # one conversion and one check
+        for i, store in enumerate((sk, sv)):
+            store.n += k.shape[2]
+            store.add(both[i])
+        return
     fmt = REGISTRY.get(getattr(sk.codec, "name", ""))
-    if (sk.codec is not sv.codec or fmt is None or fmt.codec is None or not fmt.chunk_invariant or fmt.append_only
+    if (sk.codec is not sv.codec or sk.plain is not None or fmt is None or fmt.codec is None or not fmt.chunk_invariant or fmt.append_only
             or fmt.calibrated or k.shape != v.shape or k.shape[2] == 0):  # fmt: skip
         sk.append(k)
         sv.append(v)

@@ -110,6 +110,13 @@ def _scale(scale: torch.Tensor | None, h: int, t: int) -> torch.Tensor | None:
     return scale.to(torch.float32).reshape(h, t, scale.shape[-1]).contiguous()
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a contiguous float32 tensor (itself when it already is one: no call on a decode step's hot path)."""
+    if x.dtype != torch.float32:
+        x = x.to(torch.float32)
+    return x if x.is_contiguous() else x.contiguous()
+
+
 def _ptr(x: torch.Tensor | None) -> int | None:
     return None if x is None else x.data_ptr()
 
@@ -125,11 +132,11 @@ def lut_score(q: torch.Tensor, codes: torch.Tensor, bits: int, lut: torch.Tensor
     c = _rows(codes)
     h = c.shape[0]
     g = q.shape[-2]
-    qf = q.to(torch.float32).reshape(h, -1, g, d).contiguous()
+    qf = _f32(q).reshape(h, -1, g, d)
     sc = _scale(scale, h, t)
     nblk = 1 if sc is None else sc.shape[-1]
     out = torch.empty(h, g, t, dtype=torch.float32)
-    lut = lut.to(torch.float32).contiguous()
+    lut = _f32(lut)
     if t and h:
         lib.kv_score(h, g, t, d, bits, lut.data_ptr(), qf.data_ptr(), qf.stride(0), qgroup or max(t, 1),
                      c.data_ptr(), c.stride(0), nb, _ptr(sc), 0 if sc is None else sc.stride(0), nblk, blk or d,
@@ -146,10 +153,10 @@ def lut_mix(w: torch.Tensor, codes: torch.Tensor, bits: int, lut: torch.Tensor, 
     c = _rows(codes)
     h = c.shape[0]
     g = w.shape[-2]
-    wf = w.to(torch.float32).reshape(h, g, t).contiguous()
+    wf = _f32(w).reshape(h, g, t)
     sc = _scale(scale, h, t)
     nblk = 1 if sc is None else sc.shape[-1]
-    lut = lut.to(torch.float32).contiguous()
+    lut = _f32(lut)
     if not (t and h):
         return torch.zeros(*lead, g, d, dtype=torch.float32)
     out = torch.empty(h, g, d, dtype=torch.float32)

@@ -21,8 +21,8 @@ from ...quant.kernels import kth_largest
 from ..base import BaseLayer, Chunk, LayerSpec, Segment, View, stream_nbytes
 from ..method import Method, Params, param, register
 from ..rope import rotate
-from ..rows import entries, is_rows
-from ..storage import Store
+from ..rows import Scored, entries, is_rows
+from ..storage import Store, append_pair
 from .window import sinks_param, window_param, wq_param
 
 __all__ = ["BlockSpec", "Blocks", "BlocksLayer", "BlocksParams", "POOLS", "pool_param"]
@@ -150,8 +150,7 @@ class BlocksLayer(BaseLayer):
         v_pool = (w[..., None] * v.float()).sum(3)
         cnt = valid.sum(-1).clamp_min(1)
         anchor = (pos * valid).sum(-1) / cnt  # [b, nb] mean position of the valid tokens
-        self.blk_k.append(rotate(k_pool, anchor, self.inv_freq).to(self.dtype))
-        self.blk_v.append(v_pool.to(self.dtype))
+        append_pair(self.blk_k, self.blk_v, rotate(k_pool, anchor, self.inv_freq).to(self.dtype), v_pool.to(self.dtype))
         self.blk_valid = torch.cat([self.blk_valid, valid.any(-1)], 1)
         self.n_blocks = upto
 
@@ -180,25 +179,33 @@ class BlocksLayer(BaseLayer):
         h = self.heads
         bk = entries(view.blk_k, 0, n_last)
         bv = view.blk_v if callable(view.blk_v) else entries(view.blk_v, 0, n_last)
-        j = torch.arange(n_last, device=q.device)
-        vis = (j[None, :] < chunk.n_out[:, None])[None] & self.blk_valid[:, None, :n_last]  # [b, s, n]
-        vis = vis[:, None].expand(b, h, s, n_last)
+        free = self.decode_mask_free(s)  # one query without padding sees every block that has left its window
+        vis = None
+        if not free:
+            j = torch.arange(n_last, device=q.device)
+            vis = (j[None, :] < chunk.n_out[:, None])[None] & self.blk_valid[:, None, :n_last]  # [b, s, n]
+            vis = vis[:, None].expand(b, h, s, n_last)
         if topk and n_last > topk:
-            if is_rows(bk):  # from the codes: [b, h, g*s, n] summed over the group
-                scores = bk.score(q.reshape(b, h, hq // h * s, d).float()).reshape(b, h, hq // h, s, n_last).sum(2)
+            if is_rows(bk):  # from the codes: [b, h, g*s, n] per query head
+                per_head = bk.score(q.reshape(b, h, hq // h * s, d).float())
+                scores = per_head.reshape(b, h, hq // h, s, n_last).sum(2)
             else:
                 scores = torch.einsum("bhgsd,bhnd->bhsn", q.reshape(b, h, hq // h, s, d).float(), bk.float())
-            scores = scores.masked_fill(~vis, float("-inf"))
+            if vis is not None:
+                scores = scores.masked_fill(~vis, float("-inf"))
             if s == 1:  # decode: gather the selected entries only
                 top = scores.topk(topk, dim=-1)
                 idx = top.indices[:, :, 0]  # [b, h, k]
                 gather = idx[..., None].expand(b, h, topk, d)
-                bk = bk.take(idx) if is_rows(bk) else bk.gather(2, gather)
+                if is_rows(bk):  # the chosen keys' logits are already known: gathered, not scored again
+                    bk = Scored(per_head.gather(-1, idx[:, :, None].expand(b, h, hq // h, topk)), d)
+                else:
+                    bk = bk.gather(2, gather)
                 if is_rows(bv):
                     bv = bv.take(idx)
                 else:
                     bv = bv(idx) if callable(bv) else bv.gather(2, gather)
-                vis = torch.isfinite(top.values)  # [b, h, 1, k]
+                vis = None if free else torch.isfinite(top.values)  # [b, h, 1, k]
             else:  # prefill: the top-k mask, by each row's k-th largest score (a compiled selection when present)
                 vis = vis & (scores >= kth_largest(scores, topk))
         return Segment(bk, bv, vis, name="blocks")

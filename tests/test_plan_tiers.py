@@ -85,3 +85,13 @@ def test_cli_prints_the_cold_tier_and_the_step_time():
 def test_cli_bad_tier_options(args, match):
     res = CliRunner().invoke(app, ["plan", "llama-3.1-8b", "-c", "4k", *args])
     assert res.exit_code == 2 and match in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("n,share", [(2000, 1 / 8), (4000, 1 / 16), (16000, 1 / 16)])
+def test_preset_meets_the_hot_targets_on_smollm2(n, share):
+    """The issue's targets for the `recall-fp8` preset: hot bytes <= 1/8 of a 16-bit full cache at 2k tokens and
+    <= 1/16 at 4k and beyond, on SmolLM2 as the harness runs it (float32 model: the sinks stay float32)."""
+    from kvslim.plan import kv_bytes
+
+    s = get_preset("smollm2-135m")
+    assert tier_price(s, "recall-fp8", n, "fp32")["hot"] <= share * kv_bytes(s, n, "bf16", include_state=False)

@@ -93,7 +93,7 @@ def _recipes(spec: Any, recipes: list[str], context: str | None, dtype: str, all
         print_json({"model": spec.name, "dtype": dtype, "contexts": contexts, "rows": rows,
                     **{k: v for k, v in tiers.items() if k != "gpu"}, "gpu": gpu and gpu.name})  # fmt: skip
         return
-    out = console if console.is_terminal else Console(width=170)
+    out = console if console.is_terminal else Console(width=200)  # piped: the tier columns need the room
     out.print(f"[bold]{spec.name}[/]: {spec.n_layers} layers ({spec.kinds_summary()}), model dtype {dtype}", highlight=False)
     cold = any(r["cold"] for r in rows)
     for n in contexts:

@@ -169,3 +169,51 @@ def test_deep_copy_continues_like_the_original(models, store):
         b = _logits(model, cache, ids[:, 45:], [1] * 5)
         assert torch.equal(a, b)
         assert twin.tier_nbytes()["cold"] == cache.tier_nbytes()["cold"] > 0
+
+
+def test_block_lse_is_the_exact_per_block_attention():
+    from kvslim.cache.segments import block_lse
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 6, 1, 8, generator=g), torch.randn(2, 3, 12, 8, generator=g)  # 3 KV heads x 2 query heads
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :5] = False  # row 1: block 0 has no valid token, block 1 one
+    got = block_lse(q, k, valid, 4, 0.5)
+    for b in range(2):
+        for h in range(3):
+            for j in range(3):
+                keys = [t for t in range(4 * j, 4 * j + 4) if valid[b, t]]
+                want = max((torch.logsumexp(0.5 * k[b, h, keys] @ q[b, 2 * h + i, 0], 0) if keys else
+                            torch.tensor(float("-inf"))) for i in range(2))  # fmt: skip
+                assert torch.allclose(got[b, h, j], want, atol=1e-5), (b, h, j)
+
+
+def test_pinned_blocks_are_fetched_and_chunking_keeps_them(models):
+    """pin=P: the prefill's last query pins P blocks per KV head (exact block log-sum-exp); every decode step fetches
+    them; one-shot and chunked prefill pin the same blocks; a later multi-token call re-pins; bytes = predict."""
+    model = models["llama"]
+    ids = _ids(60)
+    recipe = f"recall:{SMALL},k=2,pin=2"
+    with compressed(model, recipe) as c1, compressed(model, recipe) as c2, compressed(model, recipe) as c3:
+        one = _logits(model, c1, ids[:, :50], [50])
+        chunked = _logits(model, c2, ids[:, :50], [23, 27])
+        assert torch.allclose(one, chunked, atol=1e-4)
+        layer = c1.layers[0]
+        assert bool(layer.pin_ok.all()) and torch.equal(layer.pinned, c2.layers[0].pinned)
+        assert int(layer.pinned.max()) < layer.n_blocks
+        rows = []
+        fetch = layer.cold_k.fetch
+        layer.cold_k.fetch = lambda idx: rows.append(idx.clone()) or fetch(idx)  # record what the step fetches
+        _logits(model, c1, ids[:, 50:51], [1])
+        assert [sorted(set((rows[0][0, h] // 4).tolist())) for h in range(2)] == [sorted(layer.pinned[0, h].tolist()) for h in range(2)]
+        shape = ModelShape.from_model(model)
+        assert [x.nbytes(include_codec_state=False) for x in c1.layers] == predict_nbytes(shape, recipe, 51)
+        _logits(model, c2, ids[:, 50:], [10])  # a later multi-token call re-pins from its own last query
+        _logits(model, c3, ids, [60])
+        assert all(torch.equal(a.pinned, b.pinned) for a, b in zip(c2.layers, c3.layers, strict=True))
+
+
+def test_pin_needs_dense_prefill_and_at_most_k(models):
+    for bad in ("recall:k=2,pin=3", "recall:pin=2,prefill=select"):
+        with pytest.raises(InvalidInput, match="pin="):
+            make_cache(models["llama"], bad)

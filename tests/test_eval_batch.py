@@ -21,6 +21,7 @@ def records(out):
 @pytest.mark.parametrize("name,task,recipes,length", [
     ("tiny-llama", "passkey", ["win", "window:w=64"], 500),
     ("tiny-gemma3", "niah_multivalue", ["win"], 900),
+    ("tiny-llama", "passkey", ["recall:m=4,k=2,w=16,sinks=2"], 500),
     pytest.param("tiny-gemma3", "niah_multikey_1", ["v4-fp8"], 900, marks=pytest.mark.slow),
 ])
 def test_batched_cells_equal_one_by_one(tmp_path, name, task, recipes, length):
@@ -35,6 +36,8 @@ def test_batched_cells_equal_one_by_one(tmp_path, name, task, recipes, length):
         b = many[key]
         for field in ("answer", "success", "retrieved", "kv_bytes", "kv_bytes_full16", "prompt_hash", "expected"):
             assert a[field] == b[field], (key, field)
+        for field in ("cold_bytes", "fetched_bytes"):  # a tiered cache's, per row; absent for the others
+            assert a.get(field) == b.get(field), (key, field)
         assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-3)
 
 

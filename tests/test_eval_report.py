@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kvslim.errors import InvalidInput
-from kvslim.eval.report import build_report, markdown_table, summarize
+from kvslim.eval.report import build_report, markdown_table, summarize, table_rows
 from kvslim.eval.store import ResultStore
 
 FIXTURE = Path(__file__).parent / "data" / "niah_results.jsonl"
@@ -53,3 +53,33 @@ def test_report_of_nothing_is_refused(tmp_path):
     (tmp_path / "results.jsonl").write_text("")
     with pytest.raises(InvalidInput, match="no finished cells"):
         build_report(tmp_path)
+
+
+def test_tier_columns_only_where_a_recipe_has_a_cold_tier(folder):
+    """A tiered recipe's cold bytes and per-step fetch are columns with their ratio to a 16-bit full cache; records
+    without the fields (the fixture, written before they existed) still load and add no column."""
+    import json
+
+    head, _ = table_rows(summarize(ResultStore(folder).records())[0])
+    assert not any("cold" in h or "fetched" in h for h in head)
+    lines = (folder / "results.jsonl").read_text().splitlines()
+    extra = []
+    for line in lines:
+        r = json.loads(line)
+        if r["recipe"] == "small":
+            r.update(recipe="tiered", kv_bytes=r["kv_bytes"] // 10, cold_bytes=900_000 * r["length"] // 1000,
+                     fetched_bytes=2_000 + 2 * r["length"])
+            extra.append(json.dumps(r))
+    (folder / "results.jsonl").write_text("\n".join(lines + extra) + "\n")
+    res = build_report(folder, images=False)
+    s = res["summaries"][0]
+    tiered = next(r for r in s.rows if r.recipe == "tiered")
+    assert tiered.cold == {1000: 900_000, 2000: 1_800_000} and tiered.fetched == {1000: 4_000, 2000: 6_000}
+    assert all(not r.cold and not r.fetched for r in s.rows if r.recipe != "tiered")
+    table = markdown_table(s)
+    assert "cold bytes@2000" in table.splitlines()[0] and "fetched/step@2000" in table.splitlines()[0]
+    row = next(line for line in table.splitlines() if line.startswith("| tiered "))
+    assert "1.7 MiB (0.900x)" in row and "5.9 KiB (0.003x)" in row  # full16 at 2000 tokens: 2,000,000 B
+    assert next(line for line in table.splitlines() if line.startswith("| small ")).endswith("| - | - |")
+    saved = json.loads((folder / "summary.json").read_text())[0]["rows"]
+    assert next(r for r in saved if r["recipe"] == "tiered")["cold_bytes"] == {"1000": 900_000, "2000": 1_800_000}

@@ -50,6 +50,21 @@ def test_grid_runs_every_cell_with_identical_prompts(tmp_path, pair):
     assert cfg["task"] == "passkey" and cfg["recipes"] == ["full", "win"]
 
 
+def test_tiered_records_carry_cold_and_fetched_bytes(tmp_path, pair):
+    """A recall cell's record: hot bytes in kv_bytes, the cold tier after the prefill, the largest per-step fetch.
+    tiny-llama: 2 layers x 2 KV heads x dim 16, float32; blocks of 4 tokens, top-2 fetched per KV head."""
+    recipe = "recall:m=4,k=2,w=16,sinks=2"
+    run_grid(grid(recipes=[recipe], lengths=[400], depths=[0.5]), tmp_path, pair=pair, progress=False)
+    by = {r["recipe"]: r for r in lines(tmp_path)}
+    assert "cold_bytes" not in by["full"] and "fetched_bytes" not in by["full"]  # DynamicCache: no tiers
+    (rec,) = [r for name, r in by.items() if name != "full"]  # stored in canonical form
+    n_blocks = (400 - 16 + 1 - 2) // 4  # blocks out of the window after the prefill
+    per_token = 2 * 2 * 2 * 16 * 4  # layers x (K, V) x heads x dim x float32
+    assert rec["cold_bytes"] == n_blocks * 4 * per_token
+    assert rec["fetched_bytes"] == 2 * 4 * per_token  # k blocks x m tokens, every layer and head
+    assert rec["kv_bytes"] < by["full"]["kv_bytes"] / 3  # hot: sinks, window of 16, two summary vectors a block
+
+
 def test_resume_after_a_simulated_kill(tmp_path, pair):
     class Killed(Exception):
         pass

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["cache_nbytes", "layer_nbytes", "tensor_nbytes"]
+__all__ = ["cache_nbytes", "cache_tiers", "layer_nbytes", "tensor_nbytes"]
 
 
 def tensor_nbytes(t: torch.Tensor) -> int:
@@ -56,3 +56,10 @@ def cache_nbytes(cache: Any) -> int:
     if layers is None:
         raise TypeError(f"cannot measure a cache of type {type(cache).__name__}: it has no .layers")
     return sum(layer_nbytes(layer) for layer in layers)
+
+
+def cache_tiers(cache: Any) -> dict[str, int] | None:
+    """A kvslim cache's ``tier_nbytes()``: ``{"hot", "cold", "fetched"}`` bytes (``fetched``: what its last forward
+    call read from the cold tier); None for a cache without tiers (transformers' ``DynamicCache``)."""
+    own = getattr(cache, "tier_nbytes", None)
+    return {k: int(v) for k, v in own().items()} if callable(own) else None

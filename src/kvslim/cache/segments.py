@@ -2,7 +2,8 @@
 
 ``attend_segment`` attends queries to one segment and returns the partial output with its log-sum-exp;
 ``merge`` combines partials into the attention over the union of the segments, exactly (up to float rounding).
-Used to attend densely over a cold tier read chunk by chunk. Index letters: b batch, h KV head, g query heads
+Used to attend densely over a cold tier read chunk by chunk. ``block_lse`` gives one query's exact log-sum-exp per
+block of a segment (what a tiered cache pins after a prefill). Index letters: b batch, h KV head, g query heads
 per KV head, s queries, n keys, d dim.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["attend_segment", "merge"]
+__all__ = ["attend_segment", "block_lse", "merge"]
 
 
 def attend_segment(
@@ -42,3 +43,18 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     total = torch.logsumexp(lse, dim=0)
     w = torch.exp(lse - total).nan_to_num(0.0)
     return sum(w[i][..., None] * parts[i][0] for i in range(len(parts)))
+
+
+def block_lse(q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None, m: int, scaling: float,
+              softcap: float | None = None) -> torch.Tensor:  # fmt: skip
+    """One query per head ``q [b, h*g, 1, d]`` against ``k [b, h, j*m, d]`` in blocks of ``m`` tokens
+    (``valid [b, j*m]``) -> ``[b, h, j]``: per KV head the largest over its ``g`` query heads of the log-sum-exp of
+    the logits over each block's valid tokens (``-inf`` for a block without one)."""
+    b, hq, _, d = q.shape
+    h, n = k.shape[1], k.shape[2]
+    logits = torch.matmul(q.float().reshape(b, h, hq // h, d), k.float().transpose(-1, -2)) * scaling  # [b, h, g, n]
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return torch.logsumexp(logits.reshape(b, h, hq // h, n // m, m), -1).amax(2)

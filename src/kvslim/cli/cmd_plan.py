@@ -71,31 +71,80 @@ def _plot(path: Path, specs: list[Any], contexts: list[int], fmt: Any) -> None:
     plt.close(fig)
 
 
-def _recipes(spec: Any, recipes: list[str], context: str | None, dtype: str, allow: bool, as_json: bool) -> None:
+def _recipes(spec: Any, recipes: list[str], context: str | None, dtype: str, allow: bool, as_json: bool,
+             tiers: dict[str, Any]) -> None:  # fmt: skip
+    """The recipe table; ``tiers``: ``gpu`` (a GPU for the decode-step time), ``memory`` / ``host`` (for --fit)."""
     from ..plan import GiB, check_context, parse_contexts
-    from ..plan_recipe import price_recipe
+    from ..plan_tiers import fit_tiers, step_time, tier_price
     from ..recipe import canonical
 
     names = ["full"] + [r for r in dict.fromkeys(canonical(r) for r in recipes) if r != "full"]
     contexts = parse_contexts(context) if context else [n for n in DEFAULT_LADDER if n < spec.max_context] + [spec.max_context]
     for n in contexts:
         check_context(spec, n, allow)
-    rows = [{"model": spec.name, "context": n, **price_recipe(spec, r, n, dtype)} for n in contexts for r in names]
+    gpu, memory, wf = tiers.get("gpu"), tiers.get("memory"), tiers["weights_format"]
+    rows = [{"model": spec.name, "context": n, **tier_price(spec, r, n, dtype)} for n in contexts for r in names]
+    for r in rows:
+        if memory is not None:
+            r["fit"] = fit_tiers(spec, r, memory, tiers.get("host"), wf)
+        if gpu is not None:  # one step of the sequences that fit (or of one sequence)
+            r["step"] = step_time(spec, r, max(1, r["fit"]["sequences"]) if "fit" in r else 1, gpu, wf)
     if as_json:
-        print_json({"model": spec.name, "dtype": dtype, "contexts": contexts, "rows": rows})
+        print_json({"model": spec.name, "dtype": dtype, "contexts": contexts, "rows": rows,
+                    **{k: v for k, v in tiers.items() if k != "gpu"}, "gpu": gpu and gpu.name})  # fmt: skip
         return
-    out = console if console.is_terminal else Console(width=150)
+    out = console if console.is_terminal else Console(width=200)  # piped: the tier columns need the room
     out.print(f"[bold]{spec.name}[/]: {spec.n_layers} layers ({spec.kinds_summary()}), model dtype {dtype}", highlight=False)
+    cold = any(r["cold"] for r in rows)
     for n in contexts:
         table = Table(title=f"context {_ctx_label(n)} ({n:,} tokens), recipes priced per sequence", padding=(0, 1))
-        for c in ("recipe", "KV MiB", "B/token", "read/step", "GFLOP/tok", "vs stock KV"):
+        cols = ["recipe", "KV MiB", "B/token", "read/step", "GFLOP/tok", "vs stock KV"]
+        cols += ["cold MiB", "fetched/step"] if cold else []
+        cols += ["seqs fit", "limit"] if memory is not None else []
+        cols += ["step ms (serial / overlapped)"] if gpu is not None else []
+        for c in cols:
             table.add_column(c, justify="left" if c == "recipe" else "right", no_wrap=True)
         for r in (r for r in rows if r["context"] == n):
-            table.add_row(r["recipe"], f"{r['kv_bytes'] / (GiB >> 10):,.2f}", f"{r['kv_bytes'] / n:,.0f}",
-                          fmt_bytes(r["read_bytes"]), f"{r['decode_flops'] / 1e9:,.3f}", f"{r['kv_ratio']:.1%}")  # fmt: skip
+            cells = [r["recipe"], f"{r['kv_bytes'] / (GiB >> 10):,.2f}", f"{r['kv_bytes'] / n:,.0f}",
+                     fmt_bytes(r["read_bytes"]), f"{r['decode_flops'] / 1e9:,.3f}", f"{r['kv_ratio']:.1%}"]  # fmt: skip
+            if cold:
+                cells += [f"{r['cold'] / (GiB >> 10):,.2f}", fmt_bytes(r["fetched"])]
+            if memory is not None:
+                cells += [f"{r['fit']['sequences']:,}", r["fit"]["limit"]]
+            if gpu is not None:
+                t = r["step"]
+                cells += [f"{t['batch']} seqs: {1e3 * t['serial_s']:,.1f} / {1e3 * t['overlapped_s']:,.1f}"]
+            table.add_row(*cells)
         out.print(table)
-    out.print("[dim]KV = bytes the cache's tensors hold (codec constants aside), the number nbytes() measures; "
-              "read/step = KV bytes one decode step reads; FLOPs = 2 x active params + attention core[/]")  # fmt: skip
+    out.print("[dim]KV = bytes the cache's tensors hold in GPU memory (the hot tier; codec constants aside), the number "
+              "nbytes() measures; read/step = bytes one decode step reads from it; cold = bytes held off the GPU "
+              "(host RAM or disk), fetched/step = cold bytes one decode step copies in; FLOPs = 2 x active params + "
+              "attention core[/]")  # fmt: skip
+    if memory is not None:
+        host = tiers.get("host")
+        out.print(f"[dim]fit: {fmt_bytes(memory)} minus {wf} weights for the hot tiers; cold tiers in "
+                  f"{fmt_bytes(host) + ' of host memory' if host is not None else 'host memory (not limited: --host)'}; "
+                  "activations and runtime overheads not counted[/]")  # fmt: skip
+    if gpu is not None:
+        out.print(f"[dim]step: assumed {gpu.describe()}; HBM bytes = {wf} weights (active params) once + every "
+                  "sequence's read/step, link bytes = every sequence's fetched/step; serial = HBM + link time (no "
+                  "overlap), overlapped = the larger[/]")  # fmt: skip
+
+
+def _tier_options(gpu: str | None, do_fit: bool, memory: str | None, host: str | None, wf: str) -> dict[str, Any]:
+    from ..errors import InvalidInput
+    from ..formats import weight_bytes_per_param
+    from ..plan import parse_bytes
+    from ..plan_tiers import get_gpu
+
+    g = get_gpu(gpu) if gpu is not None else None
+    weight_bytes_per_param(wf)  # validates the name
+    if memory is not None and not do_fit:
+        raise InvalidInput("--memory is only used with --fit")
+    if do_fit and memory is None and g is None:
+        raise InvalidInput("--fit needs --memory (e.g. --memory 141GiB) or --gpu")
+    mem = parse_bytes(memory) if memory is not None else (g.memory if do_fit and g is not None else None)
+    return {"gpu": g, "memory": mem, "host": parse_bytes(host) if host is not None else None, "weights_format": wf}
 
 
 def plot_suffixes() -> tuple[str, ...]:
@@ -138,6 +187,14 @@ def register(app: typer.Typer) -> None:
             "bytes stored, bytes read per decode step and decode FLOPs, beside `full`; --kv-format is then the "
             "model's dtype.",
         ),
+        gpu: str | None = typer.Option(
+            None, "--gpu", help="With --recipe: estimate the decode-step time on this GPU (h200, h100, a100) from its "
+            "memory bandwidth and host link (the assumed figures are printed); with --fit, its memory is the default "
+            "--memory.",
+        ),
+        host: str | None = typer.Option(
+            None, "--host", help="With --recipe --fit: host memory for the cold tiers, e.g. 256GiB (default: not limited)."
+        ),
     ) -> None:
         """Plan KV-cache memory and decode cost: per context, KV GiB per sequence, bytes per token, bytes read
         per decode step and decode GFLOPs per token (a multiply-add = 2 FLOPs), with ratios to --baseline.
@@ -153,10 +210,15 @@ def register(app: typer.Typer) -> None:
         if plot is not None:  # before any work: a plot path that cannot be written is refused first
             check_output_file(plot, "--plot", plot_suffixes())
         spec = resolve_spec(model)
+        if (gpu is not None or host is not None) and not recipe:
+            raise InvalidInput("--gpu and --host price tiered recipes: give --recipe")
+        if host is not None and not do_fit:
+            raise InvalidInput("--host is only used with --fit")
         if recipe:
-            if baseline or do_fit or plot is not None:
-                raise InvalidInput("--recipe prices recipes on one model; it does not combine with --baseline, --fit or --plot")
-            _recipes(spec, recipe, context, kv_format, allow_beyond_max, as_json)
+            if baseline or plot is not None:
+                raise InvalidInput("--recipe prices recipes on one model; it does not combine with --baseline or --plot")
+            tiers = _tier_options(gpu, do_fit, memory, host, weights_format)
+            _recipes(spec, recipe, context, kv_format, allow_beyond_max, as_json, tiers)
             return
         base = resolve_spec(baseline) if baseline else None
         specs = [spec] + ([base] if base is not None else [])

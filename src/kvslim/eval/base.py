@@ -105,6 +105,7 @@ def run_retrieval(
     model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callable[[], Any], agnostic: bool = False
 ) -> dict[str, Any]:
     """Prefill, graded score (log-prob of ``prompt.answer_ids``), greedy answer; success = every answer string found.
+    A tiered cache adds ``cold_bytes`` and ``fetched_bytes`` (:class:`~kvslim.eval.engine.Prefilled`).
 
     ``score`` is the teacher-forced log-probability in nats of the expected answer tokens (higher is better, 0 is
     certainty); ``retrieved`` the fraction of ``prompt.answers`` found in the greedy answer. ``agnostic``: the
@@ -123,6 +124,7 @@ def run_retrieval(
         "logprob": round(logprob, 5),
         "answer": answer,
         "kv_bytes": pre.kv_bytes,
+        **pre.tier_fields(),
     }
 
 

@@ -40,6 +40,8 @@ def run_retrieval_batch(model: Any, tokenizer: Any, prompts: list[Prompt], make_
     """:func:`kvslim.eval.base.run_retrieval` for every prompt (all of one length), in batched passes."""
     import torch
 
+    from ..memory import cache_tiers
+
     if len({len(p) for p in prompts}) != 1:
         raise ValueError("a batch holds prompts of one length")
     b = len(prompts)
@@ -47,14 +49,18 @@ def run_retrieval_batch(model: Any, tokenizer: Any, prompts: list[Prompt], make_
     with torch.inference_mode():
         last = _forward(model, [p.ids for p in prompts], cache, keep=1)[:, -1]  # [B, V]
         kv_bytes = row_nbytes(cache, b)
+        tiers = cache_tiers(cache)
         logprobs = _teacher(model, cache, last, [p.answer_ids for p in prompts])
-        outs = _greedy(model, cache, last, [p.max_new_tokens for p in prompts], eos_ids(tokenizer, model))
+        outs, fetched = _greedy(model, cache, last, [p.max_new_tokens for p in prompts], eos_ids(tokenizer, model))
+    extra = {} if tiers is None else {"cold_bytes": tiers["cold"] // b}
+    if fetched is not None:
+        extra["fetched_bytes"] = fetched // b
     res = []
     for p, lp, out in zip(prompts, logprobs, outs, strict=True):
         answer = tokenizer.decode(out, skip_special_tokens=True).strip()
         success, retrieved = score_answer(answer, p.answers)
         res.append({"success": success, "retrieved": retrieved, "score": round(lp, 5), "logprob": round(lp, 5),
-                    "answer": answer, "kv_bytes": kv_bytes})
+                    "answer": answer, "kv_bytes": kv_bytes, **extra})
     return res
 
 
@@ -75,12 +81,16 @@ def _teacher(model: Any, cache: Any, last: Any, targets: list[list[int]]) -> lis
     return totals
 
 
-def _greedy(model: Any, cache: Any, last: Any, budgets: list[int], stop: set[int]) -> list[list[int]]:
+def _greedy(model: Any, cache: Any, last: Any, budgets: list[int], stop: set[int]
+            ) -> tuple[list[list[int]], int | None]:
+    """Answers, and a tiered cache's largest per-step fetch over the batch (None: no tiers or no decode step)."""
     import torch
+
+    from ..memory import cache_tiers
 
     outs: list[list[int]] = [[] for _ in budgets]
     live = [n > 0 for n in budgets]
-    logits = last
+    logits, fetched = last, None
     for _ in range(max(budgets)):
         toks = [int(t) for t in torch.argmax(logits, -1)]
         for i, tok in enumerate(toks):
@@ -93,7 +103,10 @@ def _greedy(model: Any, cache: Any, last: Any, budgets: list[int], stop: set[int
         if not any(live):
             break
         logits = _forward(model, [[t] for t in toks], cache, keep=1)[:, -1]
-    return outs
+        tiers = cache_tiers(cache)
+        if tiers is not None:
+            fetched = max(fetched or 0, tiers["fetched"])
+    return outs, fetched
 
 
 def batches(todo: list[tuple[Any, Prompt]], size: int) -> list[list[tuple[Any, Prompt]]]:

@@ -16,13 +16,25 @@ __all__ = ["Prefilled", "prefill", "teacher_logprob", "greedy", "eos_ids"]
 
 
 class Prefilled:
-    """A cache holding a whole prompt, the logits after its last token and the bytes the cache held then."""
+    """A cache holding a whole prompt, the logits after its last token and the bytes the cache held then.
 
-    def __init__(self, cache: Any, last_logits: Any, kv_bytes: int, n_tokens: int) -> None:
+    ``kv_bytes`` is the hot tier (``nbytes()``). A tiered cache (one with ``tier_nbytes()``) also gives
+    ``cold_bytes`` (held in its cold tier after the prefill) and, once :func:`greedy` ran, ``fetched_bytes``: the
+    most cold-tier bytes one decode step of the answer fetched (None: no tiers, or no decode step ran).
+    """
+
+    def __init__(self, cache: Any, last_logits: Any, kv_bytes: int, n_tokens: int, cold_bytes: int | None = None) -> None:
         self.cache = cache
         self.last_logits = last_logits  # [V] float32: the distribution of the token after the prompt
         self.kv_bytes = kv_bytes
         self.n_tokens = n_tokens
+        self.cold_bytes = cold_bytes
+        self.fetched_bytes: int | None = None
+
+    def tier_fields(self) -> dict[str, int]:
+        """The record fields of the cold tier: ``cold_bytes`` and ``fetched_bytes``, where the cache has them."""
+        out = {"cold_bytes": self.cold_bytes, "fetched_bytes": self.fetched_bytes}
+        return {k: v for k, v in out.items() if v is not None}
 
 
 def _forward(model: Any, ids: list[int], cache: Any, keep: int = 1) -> Any:
@@ -42,7 +54,7 @@ def prefill(model: Any, ids: list[int], cache: Any, split: int = 0) -> Prefilled
     """
     import torch
 
-    from ..memory import cache_nbytes
+    from ..memory import cache_nbytes, cache_tiers
 
     if not 0 <= split < len(ids):
         raise ValueError(f"split {split} outside [0, {len(ids)})")
@@ -50,7 +62,8 @@ def prefill(model: Any, ids: list[int], cache: Any, split: int = 0) -> Prefilled
         if split:
             _forward(model, ids[:split], cache, keep=1)
         logits = _forward(model, ids[split:], cache, keep=1)[-1]
-    return Prefilled(cache, logits, cache_nbytes(cache), len(ids))
+    tiers = cache_tiers(cache)
+    return Prefilled(cache, logits, cache_nbytes(cache), len(ids), None if tiers is None else tiers["cold"])
 
 
 def teacher_logprob(model: Any, pre: Prefilled, target: list[int]) -> float:
@@ -85,8 +98,11 @@ def eos_ids(tokenizer: Any, model: Any) -> set[int]:
 
 
 def greedy(model: Any, pre: Prefilled, max_new_tokens: int, stop: set[int]) -> list[int]:
-    """Greedy decoding after the prompt, one token per forward through ``pre.cache`` (which it extends)."""
+    """Greedy decoding after the prompt, one token per forward through ``pre.cache`` (which it extends); a tiered
+    cache's largest per-step fetch goes to ``pre.fetched_bytes``."""
     import torch
+
+    from ..memory import cache_tiers
 
     out: list[int] = []
     logits = pre.last_logits
@@ -99,4 +115,7 @@ def greedy(model: Any, pre: Prefilled, max_new_tokens: int, stop: set[int]) -> l
             if len(out) == max_new_tokens:
                 break
             logits = _forward(model, [tok], pre.cache, keep=1)[-1]
+            tiers = cache_tiers(pre.cache)
+            if tiers is not None:
+                pre.fetched_bytes = max(pre.fetched_bytes or 0, tiers["fetched"])
     return out

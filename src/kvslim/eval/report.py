@@ -2,10 +2,12 @@
 
 Aggregates ``results.jsonl`` (see :mod:`kvslim.eval.store`) per recipe and length: accuracy (mean success over depths
 and seeds; for fidelity, which has no success, the mean KL), the mean graded score, the KV bytes held after prefill and
-their ratio to a 16-bit full ``DynamicCache`` of the same prompt (``kv_bytes_full16``). Writes into the folder:
+their ratio to a 16-bit full ``DynamicCache`` of the same prompt (``kv_bytes_full16``); for a tiered cache
+(``recall``) ``kv_bytes`` is the hot tier and the table adds the cold tier (``cold_bytes``) and the bytes one decode
+step fetched from it (``fetched_bytes``), as columns only when some recipe has them. Writes into the folder:
 
 * ``heatmap-<recipe>.png``: depth (rows) x length (columns), colour = accuracy, the classic needle picture;
-* ``frontier.png``: accuracy against KV bytes per token, one point per recipe;
+* ``frontier.png``: accuracy against (hot) KV bytes per token, one point per recipe;
 * ``summary.md`` and ``summary.json``.
 """
 
@@ -41,6 +43,8 @@ class Row:
     ppl: float | None = None  # fidelity: mean perplexity over all cells
     grid: dict[tuple[float, int], float] = field(default_factory=dict)  # (depth, length) -> accuracy
     n: dict[int, int] = field(default_factory=dict)  # length -> cells (the n of each accuracy's interval)
+    cold: dict[int, float] = field(default_factory=dict)  # length -> mean cold-tier bytes (tiered caches only)
+    fetched: dict[int, float] = field(default_factory=dict)  # length -> mean bytes one decode step fetched
 
 
 @dataclass
@@ -56,6 +60,12 @@ class Summary:
 def _metric(rec: dict[str, Any]) -> float:
     s = rec.get("success")
     return float(rec["score"]) if s is None else float(bool(s))
+
+
+def _means(at: dict[int, list[dict[str, Any]]], key: str) -> dict[int, float]:
+    """Per length, the mean of ``key`` over the records that have it (records written before it existed lack it)."""
+    out = {n: [r[key] for r in v if r.get(key) is not None] for n, v in at.items()}
+    return {n: fmean(v) for n, v in out.items() if v}
 
 
 def summarize(records: list[dict[str, Any]]) -> list[Summary]:
@@ -90,6 +100,8 @@ def summarize(records: list[dict[str, Any]]) -> list[Summary]:
                 ppl=fmean(r["ppl"] for r in mine) if all(r.get("ppl") is not None for r in mine) else None,
                 grid={k: fmean(v) for k, v in grid.items()},
                 n={k: len(v) for k, v in at.items()},
+                cold=_means(at, "cold_bytes"),
+                fetched=_means(at, "fetched_bytes"),
             ))
         out.append(Summary(task, model, "accuracy" if has_success else "mean KL (nats)", lengths, depths, rows))
     return out
@@ -108,10 +120,12 @@ def table_rows(s: Summary) -> tuple[list[str], list[list[str]]]:
     top = s.lengths[-1]
     acc = "acc" if s.metric == "accuracy" else "KL"
     ppl = any(r.ppl is not None for r in s.rows)
+    tiers = [k for k in ("cold", "fetched") if any(getattr(r, k).get(top) for r in s.rows)]
     head = ["recipe", *[f"{acc}@{n}" for n in s.lengths], f"mean {acc}", "ppl" if ppl else "score", f"KV bytes@{top}",
-            "vs fp16 full", "B/token"]
+            "vs fp16 full", "B/token", *[f"{_TIER_HEAD[k]}@{top}" for k in tiers]]
     body = []
     for r in s.rows:
+        full16 = r.kv_bytes[top] / r.ratio16[top] if r.ratio16.get(top) else None
         if s.metric == "accuracy":  # every accuracy with its 95 % Wilson interval and cell count
             at = [fmt_ci(r.acc[n], r.n.get(n, 0)) if n in r.acc else "-" for n in s.lengths]
             mean = fmt_ci(r.mean_acc, r.cells)
@@ -126,8 +140,19 @@ def table_rows(s: Summary) -> tuple[list[str], list[list[str]]]:
             _fmt_bytes(r.kv_bytes[top]) if top in r.kv_bytes else "-",
             f"{r.ratio16[top]:.3f}x" if top in r.ratio16 else "-",
             f"{r.bytes_per_token:.0f}",
+            *[_tier_cell(getattr(r, k).get(top), full16) for k in tiers],
         ])
     return head, body
+
+
+_TIER_HEAD = {"cold": "cold bytes", "fetched": "fetched/step"}
+
+
+def _tier_cell(v: float | None, full16: float | None) -> str:
+    """A cold-tier figure with its ratio to the 16-bit full cache: ``44.0 MiB (0.95x)``; ``-`` where absent."""
+    if v is None:
+        return "-"
+    return _fmt_bytes(v) + (f" ({v / full16:.3f}x)" if full16 else "")
 
 
 def markdown_table(s: Summary) -> str:
@@ -184,7 +209,8 @@ def _frontier(s: Summary, path: Path) -> None:
         else:
             ax.scatter([r.bytes_per_token], [r.mean_acc], s=40)
         # stagger labels vertically so neighbours at similar bytes stay readable
-        ax.annotate(r.recipe, (r.bytes_per_token, r.mean_acc), textcoords="offset points", xytext=(4, 5 + 11 * (i % 3)),
+        label = r.recipe + (" (+cold tier)" if any(r.cold.values()) else "")
+        ax.annotate(label, (r.bytes_per_token, r.mean_acc), textcoords="offset points", xytext=(4, 5 + 11 * (i % 3)),
                     fontsize=8)
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -193,7 +219,7 @@ def _frontier(s: Summary, path: Path) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
     ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels on a log axis overlap
     ax.margins(x=0.15, y=0.1)
-    ax.set_xlabel("KV bytes held per prompt token (after prefill)")
+    ax.set_xlabel("KV bytes held per prompt token (after prefill; hot tier)")
     ax.set_ylabel(s.metric)
     ax.set_title(f"{s.task} / {s.model}: memory vs {s.metric}", fontsize=9)
     ax.grid(True, alpha=0.3)
@@ -229,7 +255,8 @@ def build_report(out: str | Path, images: bool = True) -> dict[str, Any]:
     for s in summaries:
         prefix = "" if len(summaries) == 1 else f"{_slug(s.task)}-{_slug(s.model)}-"
         md += [f"## {s.task} on {s.model}", "", f"Metric: {s.metric}; depths {', '.join(f'{d:g}' for d in s.depths)}; "
-               f"KV bytes are held after prefill, ratio against a 16-bit full cache of the same prompt; accuracies "
+               f"KV bytes are held after prefill (a tiered cache's hot tier; its cold tier and one decode step's fetch "
+               f"beside it), ratio against a 16-bit full cache of the same prompt; accuracies "
                f"carry their 95 % Wilson interval and cell count n.", "",
                markdown_table(s), ""]
         if images:
@@ -260,6 +287,7 @@ def summary_json(s: Summary) -> dict[str, Any]:
         "task": s.task, "model": s.model, "metric": s.metric, "lengths": s.lengths, "depths": s.depths,
         "rows": [{"recipe": r.recipe, "acc": r.acc, "mean_acc": r.mean_acc, "score": r.score, "kv_bytes": r.kv_bytes,
                   "ratio16": r.ratio16, "bytes_per_token": r.bytes_per_token, "cells": r.cells, "ppl": r.ppl,
+                  "cold_bytes": r.cold, "fetched_bytes": r.fetched,
                   **_intervals(s, r)} for r in s.rows],
     }
 

@@ -68,6 +68,9 @@ def check_record(rec: Any) -> str | None:
         return f"'score' is missing or not a number (got {s!r})"
     if "success" not in rec or rec["success"] not in (True, False, None):
         return f"'success' is missing or not true/false/null (got {rec.get('success')!r})"
+    for k in ("cold_bytes", "fetched_bytes"):  # tiered caches only; older records lack them
+        if rec.get(k) is not None and not (_is_int(rec[k]) and rec[k] >= 0):
+            return f"{k!r} is not a whole number >= 0 (got {rec[k]!r})"
     for k in ("kv_bytes_full16", "ppl"):
         if rec.get(k) is not None and not _is_num(rec[k]):
             return f"{k!r} is not a number (got {rec[k]!r})"

@@ -14,7 +14,10 @@ A decode query at column ``t`` scores the ``n(t)`` blocks out of its window per 
 combined by ``gqa``), fetches the exact tokens of the top ``k`` (+ ``nbr`` neighbours each side) and attends
 exactly over sinks + fetched tokens + window; the bytes fetched are counted (``tier_nbytes()["fetched"]``).
 Prefill: ``dense`` (default) attends exactly to every earlier token, the cold tier read chunk by chunk and merged
-by log-sum-exp (:mod:`kvslim.cache.segments`); ``select`` applies the decode rule to every prefill query, so
+by log-sum-exp (:mod:`kvslim.cache.segments`), and with ``pin=P`` the ``P`` blocks per KV head the call's last query
+attended most (exact log-sum-exp over each block's tokens, the query heads of a group combined by max) are pinned:
+every later decode step fetches them in place of ``P`` of its top-``k`` blocks, so what the prompt's last token found
+stays in view while the answer is decoded (a later multi-token call re-pins); ``select`` applies the decode rule to every prefill query, so
 what a query sees depends only on its column: one-shot == chunked == token-by-token. ``dense`` agrees over chunks
 of two or more tokens; a one-token forward is a decode step (it selects). ``k=0`` (all blocks) is lossless.
 Index letters: b batch, h KV head, g group, s queries, n tokens, j blocks, d dim.
@@ -33,7 +36,7 @@ from ...formats import REGISTRY
 from ..base import BaseLayer, LayerSpec, stream_nbytes
 from ..cold import COLD_STORES, ColdTier, check_cold_codec, check_folder, cold_codecs
 from ..method import Method, Params, param, register
-from ..segments import attend_segment, merge
+from ..segments import attend_segment, block_lse, merge
 from ..storage import Store
 from ..summaries import GQA_MODES, SUMMARIES, score_blocks, select_blocks, summarize, vectors_per_block
 from .window import sinks_param, window_param, wq_param
@@ -53,6 +56,7 @@ class RecallParams(Params):
     summary: str = param("bbox", "block summary: mean | bbox (Quest min/max bound) | reps (r keys)", choices=SUMMARIES)
     r: int = param(2, "reps: representative keys per block", lo=1)
     nbr: int = param(0, "neighbour blocks fetched on each side of a selected block", lo=0)
+    pin: int = param(0, "blocks per KV head pinned by the last prefill query's exact attention (of the k fetched)", lo=0)
     gqa: str = param("max", "combine a KV group's query heads: max | sum", choices=GQA_MODES)
     store: str = param("ram", "cold tier: ram | disk (memory-mapped files)", choices=COLD_STORES)
     cold: str = param("none", "codec of the cold tier: none (exact), fp16, bf16, fp8, fp4, tq1..tq4, tqprod2..4")
@@ -67,6 +71,8 @@ class RecallParams(Params):
             raise InvalidInput(f"recall: cold must be one of {', '.join(cold_codecs())}, got {self.cold!r}")
         if self.dir and self.store != "disk":
             raise InvalidInput("recall: dir= names the folder of the disk store; add store=disk")
+        if self.pin and (self.prefill != "dense" or (self.k and self.pin > self.k)):
+            raise InvalidInput(f"recall: pin={self.pin} needs prefill=dense and pin <= k (k={self.k})")
 
 
 @dataclass(frozen=True)
@@ -132,13 +138,16 @@ class RecallLayer(BaseLayer):
         self.cold_valid: torch.Tensor | None = None  # [b, cold tokens], held once padding was seen
         self.n_blocks = 0
         self.fetched = self.fetched_tokens = 0  # by the last forward call (tokens: per KV head)
+        if p.pin:  # blocks pinned by the last prefill query [b, h, pin] and which slots hold one
+            self.pinned = torch.zeros(self.batch, self.heads, p.pin, dtype=torch.long, device=self.device)
+            self.pin_ok = torch.zeros(self.batch, self.heads, p.pin, dtype=torch.bool, device=self.device)
 
     # ---- what is held ----------------------------------------------------------------------------------------
     def stores(self) -> list[Store]:
         return [*super().stores(), self.summ]
 
     def side_tensors(self) -> list[str]:
-        return [*super().side_tensors(), "blk_valid", "cold_valid"]
+        return [*super().side_tensors(), "blk_valid", "cold_valid", *(["pinned", "pin_ok"] if self.spec.p.pin else [])]
 
     def stored_length(self) -> int:  # every token can be attended (fetched from the cold tier)
         return self.seen if self.is_initialized else 0
@@ -172,7 +181,7 @@ class RecallLayer(BaseLayer):
         cold = stream_nbytes(shape, cold_fmt, d, c["units"] * p.m, batch)
         fetched_tokens = min(c["units"], (p.k or c["units"]) * (2 * p.nbr + 1)) * p.m
         fetched = stream_nbytes(shape, cold_fmt, d, fetched_tokens, batch)
-        side = batch * (c["sinks"] + c["tail"] + c["units"])
+        side = batch * (c["sinks"] + c["tail"] + c["units"] + shape.kv_heads * p.pin * 9)  # pins: int64 + flag
         attended = c["sinks"] + c["tail"] + fetched_tokens
         return {"stored": hot + summ + side, "read": hot + summ + fetched, "cold": cold, "fetched": fetched,
                 "flops": 4 * batch * shape.heads * d * attended}  # fmt: skip
@@ -237,6 +246,8 @@ class RecallLayer(BaseLayer):
             out = self._decode_step(query, scaling, softcap, (sink_k, sink_v), (tail_k, tail_v))
         else:
             out = self._prefill(query, p0, n_next, scaling, softcap, (sink_k, sink_v), (tail_k, tail_v))
+            if self.spec.p.pin and n_next > 0:
+                self._pin(query[:, :, -1:], n_next, tail_k, scaling, softcap)
         self._move_out(n_next, tail_k, tail_v)
         return out.transpose(1, 2)
 
@@ -251,6 +262,11 @@ class RecallLayer(BaseLayer):
         nt = self.n_out(self.seen - 1)
         if nt > 0:
             scores = score_blocks(p.summary, query, self._summaries(nt, None), p.gqa)
+            if p.pin:  # pinned blocks first: above every summary score
+                pins = torch.zeros(b, h, nt + 1, dtype=torch.bool, device=query.device)
+                pins.scatter_(2, torch.where(self.pin_ok, self.pinned, nt), True)
+                top = scores.abs().amax(-1, keepdim=True) + 1.0
+                scores = torch.where(pins[:, :, None, :nt], 2 * top + scores.abs(), scores)
             idx, ok = select_blocks(scores, self.blk_valid[:, None, None, :nt], p.k or nt, p.nbr)  # [b, h, 1, K]
             rows = (idx[:, :, 0, :, None] * m + torch.arange(m, device=idx.device)).reshape(b, h, -1)
             before = self.cold_k.fetched_bytes + self.cold_v.fetched_bytes
@@ -275,6 +291,23 @@ class RecallLayer(BaseLayer):
             bias = torch.zeros(M.shape, dtype=query.dtype, device=query.device).masked_fill_(~M, float("-inf"))
             bias = bias[:, :, None].expand(b, h, hq // h, 1, K.shape[2]).reshape(b, hq, 1, -1)
         return F.scaled_dot_product_attention(query, K, V, attn_mask=bias, scale=scaling, enable_gqa=True)
+
+    def _pin(self, q: torch.Tensor, n_next: int, tail_k: torch.Tensor, scaling: float, softcap: float | None) -> None:
+        """Pin the ``pin`` blocks of ``0 .. n_next-1`` the query ``q [b, h*g, 1, d]`` attends most, per KV head."""
+        m, parts = self.m, []
+        for a in range(0, self.n_blocks * m, _K_CHUNK):
+            e = min(self.n_blocks * m, a + _K_CHUNK)
+            valid = None if self.cold_valid is None else self.cold_valid[:, a:e]
+            parts.append(block_lse(q, self.cold_k.read(a, e), valid, m, scaling, softcap))
+        fresh = (n_next - self.n_blocks) * m
+        if fresh:
+            parts.append(block_lse(q, tail_k[:, :, :fresh], self.tail_valid[:, :fresh], m, scaling, softcap))
+        lse = torch.cat(parts, -1)  # [b, h, n_next]
+        top = lse.topk(min(self.spec.p.pin, n_next), dim=-1)
+        self.pinned.zero_()
+        self.pin_ok.zero_()
+        self.pinned[..., : top.indices.shape[-1]] = top.indices
+        self.pin_ok[..., : top.indices.shape[-1]] = torch.isfinite(top.values)
 
     def _prefill(self, query, p0, n_next, scaling, softcap, sinks, tail) -> torch.Tensor:
         b, hq, q, d = query.shape

@@ -49,6 +49,20 @@ def presets() -> list[str]:
     return [*named, *QUANT_ONLY, *(f"{m}:keep={r}" for r in KEEP for m in EVICTION), *COMPOSED]
 
 
+def records(model: str, task: str, aware: bool) -> list[dict]:
+    """The store's records, each recipe under one name: a preset's name where the recipe is a preset (stores written
+    before records held canonical names say ``stream``, later ones ``window``: one row either way)."""
+    from kvslim.eval.store import ResultStore
+    from kvslim.recipe import PRESETS, canonical
+
+    quant = {canonical(q) for q in QUANT_ONLY}  # full+tq4 keeps that spelling, not the preset full-tq4
+    names = {canonical(p): p for p in PRESETS if canonical(p) not in quant}
+    recs = ResultStore(folder(model, task, aware)).records()
+    for r in recs:
+        r["recipe"] = names.get(canonical(r["recipe"]), canonical(r["recipe"]))
+    return recs
+
+
 def folder(model: str, task: str, aware: bool) -> Path:
     return ROOT / "results" / "niah-baseline" / model / (task + ("-aware" if aware else ""))
 
@@ -127,7 +141,6 @@ def frontier_lines(recs: list[dict]) -> list[str]:
 
 def write_docs(args: argparse.Namespace) -> dict:
     from kvslim.eval.report import _frontier, markdown_table, summarize
-    from kvslim.eval.store import ResultStore
 
     img = ROOT / "docs" / "img"
     img.mkdir(parents=True, exist_ok=True)
@@ -159,7 +172,7 @@ def write_docs(args: argparse.Namespace) -> dict:
     seconds = 0.0
     for model in args.models:
         for task, aware in [(t, a) for t in TASKS for a in (False, True)]:
-            recs = ResultStore(folder(model, task, aware)).records()
+            recs = records(model, task, aware)
             seconds += sum(r.get("seconds", 0) for r in recs)
             if aware and not recs:
                 continue  # the question-aware variant is optional (--aware)
@@ -230,10 +243,8 @@ def main() -> None:
     if not args.report_only:
         run(args)
     elif not explicit_recipes:  # describe what the stores hold, not today's preset list
-        from kvslim.eval.store import ResultStore
-
         seen = [r["recipe"] for m in args.models for t in TASKS for a in (False, True)
-                for r in ResultStore(folder(m, t, a)).records()]
+                for r in records(m, t, a)]
         if seen:
             args.recipes = ["full", *[r for r in dict.fromkeys(seen) if r != "full"]]
     summary = write_docs(args)

@@ -24,10 +24,10 @@ must read (``read_MB``: the weights, counted once, tied embeddings once, an unti
 reads; plus the KV bytes the attention reads: ``DynamicCache`` everything it holds, kvslim layers what their
 ``predict(...)["read"]`` gives, e.g. only the top-k chosen block values), the time those bytes take at that bandwidth
 (``floor_ms``) and how far the measured step is from it (``x_floor`` = decode_ms / floor_ms). On a small model
-the floor is mostly the weights, and the excess is fixed work per step, not bytes: SmolLM2's 211 weight matmuls
-alone run near their floor, the stock step at a 16-token context (no KV to read) is already about 1.5x it, and each
-kvslim recipe adds a fixed cost per layer call (the calls of storing, selecting and attending: 0.2-0.9 ms per layer
-on one busy core), which is why rows sit near 2x the floor even when their KV bytes are a fraction of the weights.
+the floor is mostly the weights, and part of the excess is fixed work per step, not bytes: a short context (no KV
+to speak of) shows it, e.g. ``--models smollm2-135m --lengths 16 --recipes full,v4-tq3 --decode 4 --repeats 1``
+gave dynamic 1.17x, full 1.24x and v4-tq3 1.36x the floor on an idle core: each kvslim recipe adds a fixed cost
+per layer call (storing, selecting, attending).
 
 Prints a table, then one JSON line; writes ``results/decode.json``. Default: SmolLM2 at 1k/2k tokens with 8
 decode steps (a few minutes on two busy cores). The issue's full configuration::

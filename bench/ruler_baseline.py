@@ -10,6 +10,9 @@ counts, the suite average, and which tasks are informative) and ``results/ruler_
     python bench/ruler_baseline.py                            # the whole grid, 5 depths x 1 seed per cell group
     python bench/ruler_baseline.py --models smollm2-135m      # one model
     python bench/ruler_baseline.py --report-only              # rebuild docs/ruler.md from the stores
+
+Two processes may share the grid (one thread each on a 2-core machine, e.g. one with ``--lengths 8000`` and one
+with ``--lengths 16000``): a task folder the other is writing is retried later instead of failing.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class OutOfTime(Exception):
 
 def run(args: argparse.Namespace) -> None:
     from kvslim.eval.runner import load_pair, run_grid
+    from kvslim.eval.store import StoreBusy
     from kvslim.eval.suite import suite_grids
 
     deadline = time.monotonic() + args.budget_min * 60 if args.budget_min else None
@@ -42,18 +46,35 @@ def run(args: argparse.Namespace) -> None:
 
     for model in args.models:
         pair = load_pair(model)
-        for length in args.lengths_of(model):
-            for grid in suite_grids("ruler", model=model, recipes=args.recipes, lengths=[length], depths=args.depths,
-                                    seeds=args.seeds, tasks=args.tasks):
-                out = STORE / model / grid.task
-                print(f"== {model} {grid.task} {length} tokens -> {out}", flush=True)
-                try:
-                    res = run_grid(grid, out, pair=pair, threads=args.threads, progress=not args.quiet,
-                                   on_record=check_time, **({"batch": args.batch} if args.batch > 1 else {}))
-                    print(f"   {res['ran']} run, {res['skipped']} done before", flush=True)
-                except OutOfTime:
-                    print(f"   budget of {args.budget_min} min spent: stopping", flush=True)
-                    return
+        # (length, grid) in order; a task folder another run is writing (two processes of this script share the
+        # grid, one core each) is put back at the end of the queue and retried once the rest is done or busy
+        queue = [(length, grid) for length in args.lengths_of(model)
+                 for grid in suite_grids("ruler", model=model, recipes=args.recipes, lengths=[length],
+                                         depths=args.depths, seeds=args.seeds, tasks=args.tasks)]
+        busy_round = 0
+        while queue:
+            length, grid = queue.pop(0)
+            out = STORE / model / grid.task
+            print(f"== {model} {grid.task} {length} tokens -> {out}", flush=True)
+            try:
+                res = run_grid(grid, out, pair=pair, threads=args.threads, progress=not args.quiet,
+                               on_record=check_time, prefill_chunk=args.prefill_chunk,
+                               **({"batch": args.batch} if args.batch > 1 else {}))
+                print(f"   {res['ran']} run, {res['skipped']} done before", flush=True)
+                busy_round = 0
+            except StoreBusy as e:
+                print(f"   busy ({e}): later", flush=True)
+                queue.append((length, grid))
+                busy_round += 1
+                if busy_round >= len(queue):  # every remaining folder is busy: wait for the other run
+                    if deadline is not None and time.monotonic() > deadline:
+                        print(f"   budget of {args.budget_min} min spent: stopping", flush=True)
+                        return
+                    time.sleep(30)
+                    busy_round = 0
+            except OutOfTime:
+                print(f"   budget of {args.budget_min} min spent: stopping", flush=True)
+                return
         del pair
 
 
@@ -78,12 +99,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(GRID), help="comma-separated: smollm2-135m,gemma3-270m")
     ap.add_argument("--max-length", type=int, default=0, help="skip lengths above this (0: the whole grid)")
+    ap.add_argument("--lengths", default="", help="comma-separated subset of the model's lengths (default: all)")
     ap.add_argument("--tasks", default="", help="comma-separated subset of the suite (default: all)")
     ap.add_argument("--recipes", default="full", help="comma-separated (default: full only)")
     ap.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (depth-free tasks: as many seeds)")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared 2-core box)")
     ap.add_argument("--batch", type=int, default=1, help="cells of one recipe and length run together (see niah --batch)")
+    ap.add_argument("--prefill-chunk", type=int, default=0,
+                    help="tokens per prefill call (0: one call); see niah --prefill-chunk")
     ap.add_argument("--budget-min", type=float, default=0, help="stop starting cells after this many minutes")
     ap.add_argument("--report-only", action="store_true", help="only rebuild docs/ruler.md from the stores")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -97,7 +121,9 @@ def main() -> None:
     args.recipes = ["full", *[r for r in args.recipes.split(",") if r and r != "full"]]
     args.depths = [float(d) for d in args.depths.split(",")]
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.lengths_of = lambda m: [n for n in GRID[m] if not args.max_length or n <= args.max_length]
+    only = {int(n) for n in args.lengths.split(",") if n.strip()}
+    args.lengths_of = lambda m: [n for n in GRID[m] if (not args.max_length or n <= args.max_length)
+                                 and (not only or n in only)]
     if not args.report_only:
         run(args)
     summary = write_docs(args)

@@ -119,6 +119,10 @@ def register(app: typer.Typer) -> None:
         ray: str | None = typer.Option(None, "--ray", help="Run on Ray: bare --ray (or --ray local) starts a local cluster; --ray ADDRESS joins one."),
         workers: int = typer.Option(2, "--workers", "-w", help="Ray actors, >= 1 (each loads the model once)."),
         threads: int = typer.Option(0, "--threads", help="torch CPU threads per process, 0..4096 (0: torch's default)."),
+        prefill_chunk: int = typer.Option(0, "--prefill-chunk", help="Feed each prompt in calls of at most this many "
+                                          "tokens (0: one call). Only with the full recipe alone (a compressing "
+                                          "cache would compress per chunk); faster on long prompts for models with "
+                                          "sliding-window layers (Gemma 3)."),
         force: bool = typer.Option(False, "--force", help="Write into a folder holding another configuration's results."),
         as_json: bool = typer.Option(False, "--json", help="No progress bar; print one JSON object at the end."),
     ) -> None:
@@ -156,7 +160,7 @@ def register(app: typer.Typer) -> None:
                                 options=options,
                                 tasks=[t.strip() for t in suite_tasks.split(",") if t.strip()] if suite_tasks else None)
             res = run_suite(grids, out, suite=suite, ray=ray, workers=workers, threads=threads, force=force,
-                            progress=not as_json, batch=batch, warn=warn_line)
+                            progress=not as_json, batch=batch, warn=warn_line, prefill_chunk=prefill_chunk)
             if as_json:
                 print_json(res)
             else:
@@ -173,7 +177,7 @@ def register(app: typer.Typer) -> None:
             options=options,
         )
         res = run_grid(grid, out, ray=ray, workers=workers, threads=threads, force=force, progress=not as_json,
-                       warn=warn_line, batch=batch)
+                       warn=warn_line, batch=batch, prefill_chunk=prefill_chunk)
         if as_json:
             print_json(res)
         else:

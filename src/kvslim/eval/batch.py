@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .base import score_answer
-from .engine import eos_ids
+from .engine import eos_ids, prefill_chunks
 from .prompt import Prompt
 
 __all__ = ["run_retrieval_batch", "batches", "row_nbytes"]
@@ -47,7 +47,8 @@ def run_retrieval_batch(model: Any, tokenizer: Any, prompts: list[Prompt], make_
     b = len(prompts)
     cache = make_cache()
     with torch.inference_mode():
-        last = _forward(model, [p.ids for p in prompts], cache, keep=1)[:, -1]  # [B, V]
+        for a, z in prefill_chunks(0, len(prompts[0])):  # one call, or calls of --prefill-chunk tokens
+            last = _forward(model, [p.ids[a:z] for p in prompts], cache, keep=1)[:, -1]  # [B, V]
         kv_bytes = row_nbytes(cache, b)
         tiers = cache_tiers(cache)
         logprobs = _teacher(model, cache, last, [p.answer_ids for p in prompts])

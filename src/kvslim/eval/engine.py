@@ -9,10 +9,41 @@ Shapes: ``ids`` is a list of ``T`` token ids (batch 1); logits are float32 ``[V]
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["Prefilled", "prefill", "teacher_logprob", "greedy", "eos_ids"]
+__all__ = ["Prefilled", "prefill", "prefill_chunks", "chunked_prefill", "teacher_logprob", "greedy", "eos_ids"]
+
+#: tokens per prefill call (0: the whole prompt, or each side of the question split, in one call); set for a run by
+#: :func:`chunked_prefill` (the harness's ``--prefill-chunk``)
+PREFILL_CHUNK: ContextVar[int] = ContextVar("kvslim_prefill_chunk", default=0)
+
+
+@contextlib.contextmanager
+def chunked_prefill(chunk: int) -> Iterator[None]:
+    """Within the block, :func:`prefill` (and the batched harness) feed prompts in calls of at most ``chunk`` tokens.
+
+    For the plain ``DynamicCache`` this changes nothing but float rounding, and on models with sliding-window layers
+    (Gemma 3) it is much cheaper: one call over T tokens scores every local layer's T x T block through a mask,
+    chunks of C score C x (window + C). A compressing cache, though, would see C-token calls and compress after each
+    one, so the harness allows it only for ``full``.
+    """
+    token = PREFILL_CHUNK.set(int(chunk))
+    try:
+        yield
+    finally:
+        PREFILL_CHUNK.reset(token)
+
+
+def prefill_chunks(start: int, stop: int) -> list[tuple[int, int]]:
+    """``[(a, b), ...]`` covering ``[start, stop)`` in calls of at most the current chunk (one call if unset)."""
+    n = PREFILL_CHUNK.get()
+    if n <= 0 or stop - start <= n:
+        return [(start, stop)]
+    return [(a, min(a + n, stop)) for a in range(start, stop, n)]
 
 
 class Prefilled:
@@ -50,7 +81,8 @@ def prefill(model: Any, ids: list[int], cache: Any, split: int = 0) -> Prefilled
 
     ``split = 0``: one call (a compressing cache compresses after the whole prompt: question-aware). ``0 < split <
     len(ids)``: ``ids[:split]`` (the context) in a first call, the rest (the question) in a second, so the cache
-    compresses the context before it sees the question (question-agnostic).
+    compresses the context before it sees the question (question-agnostic). Inside :func:`chunked_prefill`, each
+    of those calls is cut into calls of at most the chunk.
     """
     import torch
 
@@ -59,9 +91,8 @@ def prefill(model: Any, ids: list[int], cache: Any, split: int = 0) -> Prefilled
     if not 0 <= split < len(ids):
         raise ValueError(f"split {split} outside [0, {len(ids)})")
     with torch.inference_mode():
-        if split:
-            _forward(model, ids[:split], cache, keep=1)
-        logits = _forward(model, ids[split:], cache, keep=1)[-1]
+        for a, b in (prefill_chunks(0, split) if split else []) + prefill_chunks(split, len(ids)):
+            logits = _forward(model, ids[a:b], cache, keep=1)[-1]
     tiers = cache_tiers(cache)
     return Prefilled(cache, logits, cache_nbytes(cache), len(ids), None if tiers is None else tiers["cold"])
 

@@ -19,6 +19,7 @@ from ..errors import InvalidInput
 from ..hf_config import full16_nbytes
 from .base import get_task
 from .caches import cache_factory
+from .engine import chunked_prefill
 from .prompt import Prompt
 
 __all__ = ["Job", "run_cell", "make_record", "run_cells_batched", "LocalExecutor", "RayExecutor", "make_executor",
@@ -37,6 +38,7 @@ class Job:
     model: str
     factories: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
     threads: int = 0  # torch threads in each worker (0: the worker's default)
+    prefill_chunk: int = 0  # tokens per prefill call (0: one call); only for full (see engine.chunked_prefill)
 
     def factory(self, recipe: str) -> Callable[[Any], Any]:
         return cache_factory(recipe, self.factories)
@@ -50,12 +52,15 @@ def run_cell(job: Job, task: Any, model: Any, tokenizer: Any, cell: Any, prompt:
         return make(model)
 
     t0 = time.perf_counter()
-    res = task.run(model, tokenizer, prompt, fresh, cell.recipe)
-    return make_record(cell, prompt, res, time.perf_counter() - t0, model)
+    with chunked_prefill(job.prefill_chunk):
+        res = task.run(model, tokenizer, prompt, fresh, cell.recipe)
+    return make_record(cell, prompt, res, time.perf_counter() - t0, model, job.prefill_chunk)
 
 
-def make_record(cell: Any, prompt: Prompt, res: dict[str, Any], seconds: float, model: Any) -> dict[str, Any]:
-    """A cell's record from the task's result (see :mod:`kvslim.eval.store` for the fields)."""
+def make_record(cell: Any, prompt: Prompt, res: dict[str, Any], seconds: float, model: Any,
+                prefill_chunk: int = 0) -> dict[str, Any]:
+    """A cell's record from the task's result (see :mod:`kvslim.eval.store` for the fields); a chunked prefill
+    is noted as ``prefill_chunk``."""
     full16 = full16_nbytes(model.config, len(prompt))
     rec: dict[str, Any] = {
         "task": cell.task, "model": cell.model, "recipe": cell.recipe, "length": cell.length,
@@ -67,6 +72,8 @@ def make_record(cell: Any, prompt: Prompt, res: dict[str, Any], seconds: float, 
         "prompt_hash": prompt.hash, "needle_positions": prompt.needle_positions,
     }
     rec.update(res)  # task extras: logprob, retrieved, ppl, ppl_full
+    if prefill_chunk:
+        rec["prefill_chunk"] = int(prefill_chunk)
     return rec
 
 
@@ -104,9 +111,10 @@ def run_cells_batched(job: Job, task: Any, model: Any, tokenizer: Any, group: li
         return make(model)
 
     t0 = time.perf_counter()
-    results = task.run_batch(model, tokenizer, [p for _, p in group], fresh, group[0][0].recipe)
+    with chunked_prefill(job.prefill_chunk):
+        results = task.run_batch(model, tokenizer, [p for _, p in group], fresh, group[0][0].recipe)
     seconds = (time.perf_counter() - t0) / len(group)
-    return [make_record(c, p, r, seconds, model) for (c, p), r in zip(group, results, strict=True)]
+    return [make_record(c, p, r, seconds, model, job.prefill_chunk) for (c, p), r in zip(group, results, strict=True)]
 
 
 class _Worker:

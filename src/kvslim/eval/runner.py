@@ -189,6 +189,7 @@ def run_grid(
     on_record: Callable[[dict[str, Any]], None] | None = None,
     warn: Callable[[str], None] | None = None,
     batch: int = 1,
+    prefill_chunk: int = 0,
 ) -> dict[str, Any]:
     """Run every unfinished cell of ``grid`` and append its record to ``<out>/results.jsonl``.
 
@@ -204,6 +205,10 @@ def run_grid(
 
         batch: the local executor runs up to this many cells of one recipe and length together (batched passes,
             the same records; :mod:`kvslim.eval.batch`); the Ray executor runs one cell per call.
+        prefill_chunk: feed each prompt in calls of at most this many tokens (0: one call); only for grids of the
+            ``full`` recipe alone, where it changes nothing but float rounding (a compressing cache would compress
+            after every chunk). Much faster on long prompts for models with sliding-window layers; each record
+            notes it as ``prefill_chunk``. See :func:`kvslim.eval.engine.chunked_prefill`.
 
     Raises ``InvalidInput`` before anything is written for a bad grid, option, output folder or Ray address, and
     when another run holds the folder.
@@ -213,6 +218,7 @@ def run_grid(
     """
     grid = grid.validate(factories)
     check_int(threads, "--threads", minimum=0, maximum=MAX_THREADS)
+    check_prefill_chunk(prefill_chunk, grid.recipes)
     if ray is not None:
         check_ray(ray, workers)  # ray installed, --workers in range, the address reachable: before anything loads
     say = warn or _warn
@@ -224,7 +230,7 @@ def run_grid(
         torch.set_num_threads(threads)
     model, tokenizer = pair if pair is not None else load_pair(grid.model)
     prompts = build_prompts(grid, tokenizer, _max_context(model))
-    job = Job(grid.task, grid.options, grid.model, dict(factories or {}), threads)
+    job = Job(grid.task, grid.options, grid.model, dict(factories or {}), threads, prefill_chunk)
     for recipe in grid.recipes:  # a recipe the model cannot take fails here, before any cell runs
         job.factory(recipe)(model)
     store.lock()  # one writer per folder (the first thing written): a second run on it is refused here
@@ -247,6 +253,17 @@ def run_grid(
     finally:
         store.unlock()
     return {"ran": len(todo), "skipped": len(cells) - len(todo), "total": len(cells), "out": str(store.results)}
+
+
+def check_prefill_chunk(chunk: int, recipes: list[str]) -> None:
+    """Refuse a bad ``--prefill-chunk``: not a whole number >= 0, or > 0 with a recipe other than ``full``."""
+    check_int(chunk, "--prefill-chunk", minimum=0)
+    others = [r for r in recipes if r != FULL]
+    if chunk and others:
+        raise InvalidInput(
+            f"--prefill-chunk {chunk} is only for the uncompressed full recipe, not {others[0]!r}: a compressing "
+            "cache would compress after every chunk, which is a different experiment; run the other recipes without it"
+        )
 
 
 def _warn(message: str) -> None:

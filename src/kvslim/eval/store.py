@@ -77,6 +77,10 @@ def check_record(rec: Any) -> str | None:
     return None
 
 
+class StoreBusy(InvalidInput):
+    """The results folder is held by another live run (its ``.lock``); a scheduler may try another folder first."""
+
+
 @dataclass
 class Records:
     """What reading ``results.jsonl`` found: the usable records (first of each cell), and what was skipped."""
@@ -109,7 +113,7 @@ class ResultStore:
 
     # -- one writer ----------------------------------------------------------------------------------------------
     def lock(self) -> None:
-        """Become the folder's only writer, or raise ``InvalidInput`` naming the pid of the run holding it."""
+        """Become the folder's only writer, or raise :class:`StoreBusy` (an ``InvalidInput``) naming the holder's pid."""
         import fcntl
 
         if self._lock_fd is not None:
@@ -121,7 +125,7 @@ class ResultStore:
         except BlockingIOError:
             holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
-            raise InvalidInput(
+            raise StoreBusy(
                 f"{self.dir} is being written by another kvslim run (pid {holder}): wait for it to finish, or use "
                 "another --out"
             ) from None

@@ -1,0 +1,76 @@
+"""``--prefill-chunk``: the full recipe fed in chunks gives the one-call records, and is refused for other recipes."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvslim.errors import InvalidInput
+from kvslim.eval.engine import chunked_prefill, prefill, prefill_chunks
+from kvslim.eval.runner import Grid, run_grid
+from kvslim.eval.store import ResultStore
+from kvslim.eval.tiny import tiny_pair
+
+
+def records(out):
+    return {(r["length"], r["depth"], r["seed"]): r for r in ResultStore(out).records()}
+
+
+def test_prefill_chunks_cover_the_range_once():
+    assert prefill_chunks(0, 10) == [(0, 10)]  # unset: one call
+    with chunked_prefill(4):
+        assert prefill_chunks(0, 10) == [(0, 4), (4, 8), (8, 10)]
+        assert prefill_chunks(3, 7) == [(3, 7)]
+        assert prefill_chunks(5, 5 + 12) == [(5, 9), (9, 13), (13, 17)]
+    assert prefill_chunks(0, 10) == [(0, 10)]  # reset after the block
+
+
+def test_prefill_calls_the_model_per_chunk():
+    model, _ = tiny_pair("tiny-gemma3")
+    from transformers import DynamicCache
+
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        ids = list(range(5, 105))
+        one = prefill(model, ids, DynamicCache(config=model.config))
+        assert calls == [100]
+        calls.clear()
+        with chunked_prefill(32):
+            many = prefill(model, ids, DynamicCache(config=model.config), split=70)
+        assert calls == [32, 32, 6, 30]  # the context in chunks, then the question: no chunk crosses the split
+        assert many.n_tokens == one.n_tokens == 100
+        assert (many.last_logits - one.last_logits).abs().max() < 1e-4
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("name,task,batch,options", [
+    ("tiny-gemma3", "niah_multivalue", 1, {}),  # sliding-window layers: the case the option is for
+    ("tiny-gemma3", "niah_single_1", 3, {}),  # batched prefill is chunked too
+    ("tiny-llama", "passkey", 1, {"agnostic": True}),  # context chunked before the question
+])
+def test_chunked_records_equal_one_call(tmp_path, name, task, batch, options):
+    pair = tiny_pair(name)
+    g = Grid(task=task, model=name, recipes=["full"], lengths=[700], depths=[0, 0.5, 1], seeds=[0],
+             options={"max_new_tokens": 6, **options})
+    run_grid(g, tmp_path / "one", pair=pair, progress=False)
+    run_grid(g, tmp_path / "chunked", pair=pair, progress=False, prefill_chunk=128, batch=batch)
+    one, chunked = records(tmp_path / "one"), records(tmp_path / "chunked")
+    assert len(one) == len(chunked) == 3
+    for key, a in one.items():
+        b = chunked[key]
+        assert "prefill_chunk" not in a and b["prefill_chunk"] == 128
+        for field in ("answer", "success", "retrieved", "kv_bytes", "prompt_hash"):
+            assert a[field] == b[field], (key, field)
+        assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-3)
+
+
+@pytest.mark.parametrize("chunk,recipes,match", [
+    (-1, ["full"], "--prefill-chunk"),
+    (64, ["full", "window:w=64"], "only for the uncompressed full recipe, not 'window:w=64'"),
+])
+def test_bad_prefill_chunk_refused_before_anything_is_written(tmp_path, chunk, recipes, match):
+    g = Grid(task="passkey", model="tiny-llama", recipes=recipes, lengths=[300])
+    with pytest.raises(InvalidInput, match=match):
+        run_grid(g, tmp_path / "out", pair=tiny_pair("tiny-llama"), progress=False, prefill_chunk=chunk)
+    assert not (tmp_path / "out").exists()

@@ -74,3 +74,13 @@ def test_bad_prefill_chunk_refused_before_anything_is_written(tmp_path, chunk, r
     with pytest.raises(InvalidInput, match=match):
         run_grid(g, tmp_path / "out", pair=tiny_pair("tiny-llama"), progress=False, prefill_chunk=chunk)
     assert not (tmp_path / "out").exists()
+
+
+def test_ruler_docs_say_how_cells_were_prefilled():
+    from kvslim.eval.ruler_docs import prefill_lines
+
+    one = {"length": 8000}
+    chunked = {"length": 8000, "prefill_chunk": 512}
+    assert prefill_lines({"a": [one, one]}, [8000]) == []  # every cell in one call: nothing to say
+    line = prefill_lines({"a": [one, chunked], "b": [chunked, {"length": 1000}]}, [1000, 8000])[0]
+    assert "1000 tokens: 1 in one call; 8000 tokens: 1 in one call, 2 in 512-token chunks." in line

@@ -24,17 +24,39 @@ def throughput_markdown(path: Path) -> list[str]:
     if not path.is_file():
         return []
     d = json.loads(path.read_text())
-    lines = ["## Harness throughput: one by one vs batched", "",
+    chunked = any(r.get("prefill_chunk") for r in d["results"])
+    lines = [f"## Harness throughput on {d['model']}: one by one vs {'chunked prefill' if chunked else 'batched'}", "",
              f"`python bench/harness_throughput.py` (written to `results/{path.name}`): {d['cells']} cells of "
              f"`{d['task']}` at {d['length']} tokens on {d['model']} (recipes `{d['recipes']}`), each configuration "
              f"run {d['rounds']} time(s), alternating, on the shared machine; median cells per minute, ratio to the "
              "first row, and whether every record (answer, success, retrieved, KV bytes) equals the first row's.", "",
-             "| batch | threads | cells/min | speed-up | records equal | max abs logprob diff |",
-             "|---|---|---|---|---|---|"]
+             "| batch | threads | prefill chunk | cells/min | speed-up | records equal | max abs logprob diff |",
+             "|---|---|---|---|---|---|---|"]
     for r in d["results"]:
-        lines.append(f"| {r['batch']} | {r['threads']} | {r['cells_per_min']:.2f} | {r['speedup']:.2f}x | "
+        chunk = r.get("prefill_chunk") or "one call"
+        lines.append(f"| {r['batch']} | {r['threads']} | {chunk} | {r['cells_per_min']:.2f} | {r['speedup']:.2f}x | "
                      f"{'yes' if r['records_equal'] else 'NO'} | {r['max_logprob_diff']:.1e} |")
     return [*lines, ""]
+
+
+def prefill_lines(by_task: dict[str, list[dict[str, Any]]], lengths: list[int]) -> list[str]:
+    """How the cells' prompts were prefilled, per length: one call, or ``--prefill-chunk`` chunks (the records'
+    ``prefill_chunk``); nothing when every cell ran in one call."""
+    counts: dict[int, dict[int, int]] = {}
+    for recs in by_task.values():
+        for r in recs:
+            per = counts.setdefault(int(r["length"]), {})
+            chunk = int(r.get("prefill_chunk") or 0)
+            per[chunk] = per.get(chunk, 0) + 1
+    if not any(c for per in counts.values() for c in per):
+        return []
+    parts = []
+    for n in lengths:
+        if n in counts:
+            kinds = [f"{k} in one call" if c == 0 else f"{k} in {c}-token chunks" for c, k in sorted(counts[n].items())]
+            parts.append(f"{n} tokens: {', '.join(kinds)}")
+    return ["Prefill (cells; `--prefill-chunk` changes nothing but float rounding for `full`, see "
+            "`bench/harness_throughput.py` below): " + "; ".join(parts) + ".", ""]
 
 
 def verdict(cell: dict[str, Any]) -> str:
@@ -98,7 +120,9 @@ def baseline_markdown(store: Path, *, models: list[str], grid: dict[str, list[in
                 if task != "average":
                     lines.append("| " + " | ".join([task, *[verdict(row[n]) if n in row else "-" for n in cols]]) + " |")
             md += [f"### Which tasks are informative for compression on {model}", "", *lines, ""]
-    md += throughput_markdown(store.parent / "harness_throughput.json")
+        md += prefill_lines(by_task, grid[model])
+    for path in sorted(store.parent.glob("harness_throughput*.json")):
+        md += throughput_markdown(path)
     md += ["## Missing", ""]
     md += [f"- {m}" for m in summary["missing"]] if summary["missing"] else ["Nothing: every planned cell ran."]
     md += ["", f"Time spent in cells (sum of the per-cell `seconds`): {seconds / 60:.1f} min.", ""]

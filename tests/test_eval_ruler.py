@@ -105,6 +105,21 @@ def test_common_words_counts(seed, length):
     assert not any(a in w or w in a for a in p.answers for w in others)  # string match cannot confuse them
 
 
+def test_common_words_long_prompts_repeat_uncommon_words_instead_of_running_out():
+    import random
+
+    task = get_task("cwe")
+    common = [f"c{i}" for i in range(10)]
+    others = [f"w{i}" for i in range(300)]
+    short = Counter(task._entries(random.Random(0), common, others, 300 + 750))  # fits: RULER's 30 / 3
+    assert {short[c] for c in common} == {30} and max(v for w, v in short.items() if w not in common) == 3
+    long = Counter(task._entries(random.Random(0), common, others, 300 + 3000))  # 3000 uncommon entries, 300 words
+    worst = max(v for w, v in long.items() if w not in common)
+    assert {long[c] for c in common} == {30} and worst == 11 and len(long) - 10 <= 300
+    with pytest.raises(InvalidInput, match="more than half of the common"):
+        task._entries(random.Random(0), common, others, 300 + 300 * 16)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_frequent_words_counts(seed):
     p = get_task("fwe").build(TOK, 2000, 0.0, seed)

@@ -4,8 +4,10 @@ A numbered list of dictionary words (``" 1. lambda 2. format ..."``) in which ``
 ``freq_common`` times each and every other word ``freq_uncommon`` times, shuffled; the question asks for the
 ``n_common`` most common words. RULER uses 30 / 3 / 10; a short prompt cannot hold 300 entries, so the common
 frequency is lowered to what fits (a tenth of the entries each, at most) and the uncommon one to at most half of it
-(lengths too short for 2 and 1 are refused). The answers are
-recounted on the entries that made it into the prompt: every answer word occurs more often than any other word.
+(lengths too short for 2 and 1 are refused). A long prompt can need more distinct uncommon words than the
+dictionary holds (Gemma 3 at 16k tokens: about 2,500 of 2,101); the uncommon frequency then rises to the least that
+fits (4 there), while the common words still appear at least twice as often; every shorter prompt is unchanged. The
+answers are recounted on the entries that made it into the prompt: every answer word occurs more often than any other word.
 The common words never contain one another or any other list word (so a string match cannot confuse them). With
 ``example`` a small solved example opens the prompt, as in RULER's template. No depth axis.
 """
@@ -61,9 +63,15 @@ class CommonWords(RecallTask):
         if f_u < 1:
             raise InvalidInput(f"cwe: this length holds about {n} list entries, too few for {self.n_common} common "
                                "words at 2+ occurrences: use a longer length")
-        u = max(1, (n - f_c * self.n_common) // f_u + 1)
-        if u > len(others):
-            raise InvalidInput(f"cwe: {u} distinct uncommon words needed, the dictionary has {len(others)}")
+        rest = n - f_c * self.n_common
+        u = max(1, rest // f_u + 1)
+        if u > len(others):  # long prompts: repeat each uncommon word more often rather than run out of words
+            f_u = -(-rest // max(1, len(others) - 1))
+            u = max(1, rest // f_u + 1)
+            if 2 * f_u > f_c or u > len(others):
+                raise InvalidInput(f"cwe: this length holds about {n} list entries; the dictionary's {len(others)} "
+                                   f"uncommon words would each need {f_u} occurrences, more than half of the common "
+                                   f"words' {f_c}: use a shorter length or a larger freq_common")
         words = common * f_c + rng.sample(others, u) * f_u
         rng.shuffle(words)
         return words

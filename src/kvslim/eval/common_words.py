@@ -4,9 +4,11 @@ A numbered list of dictionary words (``" 1. lambda 2. format ..."``) in which ``
 ``freq_common`` times each and every other word ``freq_uncommon`` times, shuffled; the question asks for the
 ``n_common`` most common words. RULER uses 30 / 3 / 10; a short prompt cannot hold 300 entries, so the common
 frequency is lowered to what fits (a tenth of the entries each, at most) and the uncommon one to at most half of it
-(lengths too short for 2 and 1 are refused). A long prompt can need more distinct uncommon words than the
-dictionary holds (Gemma 3 at 16k tokens: about 2,500 of 2,101); the uncommon frequency then rises to the least that
-fits (4 there), while the common words still appear at least twice as often; every shorter prompt is unchanged. The
+(lengths too short for 2 and 1 are refused). A list can need more distinct uncommon words than the
+dictionary holds (at 16k tokens the half-budget sample :func:`fit_pieces` draws to measure tokens per entry asked
+Gemma 3's tokenizer for about 2,500 of 2,101); the uncommon frequency of that list then rises to the least that
+fits, and the common words still appear at least twice as often. Lists that fit are unchanged (the Gemma 16k
+prompts themselves keep RULER's 30 / 3). The
 answers are recounted on the entries that made it into the prompt: every answer word occurs more often than any other word.
 The common words never contain one another or any other list word (so a string match cannot confuse them). With
 ``example`` a small solved example opens the prompt, as in RULER's template. No depth axis.

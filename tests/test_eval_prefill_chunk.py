@@ -1,4 +1,4 @@
-"""``--prefill-chunk``: the full recipe fed in chunks gives the one-call records, and is refused for other recipes."""
+"""``--prefill-chunk``: chunk-invariant recipes fed in chunks give the one-call records; the others are refused."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from kvslim.eval.tiny import tiny_pair
 
 
 def records(out):
-    return {(r["length"], r["depth"], r["seed"]): r for r in ResultStore(out).records()}
+    return {(r["recipe"], r["length"], r["depth"], r["seed"]): r for r in ResultStore(out).records()}
 
 
 def test_prefill_chunks_cover_the_range_once():
@@ -44,30 +44,32 @@ def test_prefill_calls_the_model_per_chunk():
         hook.remove()
 
 
-@pytest.mark.parametrize("name,task,batch,options", [
-    ("tiny-gemma3", "niah_multivalue", 1, {}),  # sliding-window layers: the case the option is for
-    ("tiny-gemma3", "niah_single_1", 3, {}),  # batched prefill is chunked too
-    ("tiny-llama", "passkey", 1, {"agnostic": True}),  # context chunked before the question
+@pytest.mark.parametrize("name,task,batch,options,recipes", [
+    ("tiny-gemma3", "niah_multivalue", 1, {}, ["full"]),  # sliding-window layers: the case the option is for
+    ("tiny-gemma3", "niah_single_1", 3, {}, ["full"]),  # batched prefill is chunked too
+    ("tiny-llama", "passkey", 1, {"agnostic": True}, ["full"]),  # context chunked before the question
+    ("tiny-gemma3", "passkey", 1, {}, ["recall:m=4,k=2,w=16,sinks=2+fp8", "window:w=64"]),  # chunk-invariant caches
 ])
-def test_chunked_records_equal_one_call(tmp_path, name, task, batch, options):
+def test_chunked_records_equal_one_call(tmp_path, name, task, batch, options, recipes):
     pair = tiny_pair(name)
-    g = Grid(task=task, model=name, recipes=["full"], lengths=[700], depths=[0, 0.5, 1], seeds=[0],
+    g = Grid(task=task, model=name, recipes=recipes, lengths=[700], depths=[0, 0.5, 1], seeds=[0],
              options={"max_new_tokens": 6, **options})
     run_grid(g, tmp_path / "one", pair=pair, progress=False)
     run_grid(g, tmp_path / "chunked", pair=pair, progress=False, prefill_chunk=128, batch=batch)
     one, chunked = records(tmp_path / "one"), records(tmp_path / "chunked")
-    assert len(one) == len(chunked) == 3
+    assert len(one) == len(chunked) == 3 * len(set(["full", *recipes]))
     for key, a in one.items():
         b = chunked[key]
         assert "prefill_chunk" not in a and b["prefill_chunk"] == 128
-        for field in ("answer", "success", "retrieved", "kv_bytes", "prompt_hash"):
-            assert a[field] == b[field], (key, field)
+        for field in ("answer", "success", "retrieved", "kv_bytes", "prompt_hash", "cold_bytes", "fetched_bytes"):
+            assert a.get(field) == b.get(field), (key, field)
         assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-3)
 
 
 @pytest.mark.parametrize("chunk,recipes,match", [
     (-1, ["full"], "--prefill-chunk"),
-    (64, ["full", "window:w=64"], "only for the uncompressed full recipe, not 'window:w=64'"),
+    (64, ["full", "window:w=64", "snapkv:keep=0.5"], "'snapkv:keep=0.5' does not"),  # evicts per call
+    (64, ["full", "full-kivi2"], "kivi2' does not"),  # KIVI groups tokens
 ])
 def test_bad_prefill_chunk_refused_before_anything_is_written(tmp_path, chunk, recipes, match):
     g = Grid(task="passkey", model="tiny-llama", recipes=recipes, lengths=[300])

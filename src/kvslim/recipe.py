@@ -196,6 +196,16 @@ def parse_recipe(text: str | Recipe) -> Recipe:
     return Recipe(name, tuple(params.items()), codec, full_first, text=raw)
 
 
+def chunk_invariant(text: str | Recipe) -> bool:
+    """Whether a cache of this recipe gives the same results whether a prompt comes in one call or in chunks (to
+    float rounding): its method's ``chunk_invariant`` (checked for every method by the contract test) and its
+    storage format's (``kvslim.formats``: KIVI groups tokens, so it is not)."""
+    r = parse_recipe(text)
+    if not r.method.chunk_invariant:
+        return False
+    return r.codec == "none" or REGISTRY[r.codec].chunk_invariant
+
+
 def canonical(text: str | Recipe) -> str:
     """The canonical string of a recipe: parameters at their defaults omitted, the rest sorted; a preset is its
     expansion. Results stores and reports key recipes by it (``v4-tq3`` and ``v4+tq3`` are one row)."""

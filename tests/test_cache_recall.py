@@ -40,6 +40,7 @@ def _ids(n=45, b=1, seed=1):
         f"{SMALL},k=100,prefill=select",
         f"{SMALL},k=100,summary=mean,gqa=sum",
         f"{SMALL},k=100,summary=reps,r=3,nbr=1",
+        f"{SMALL},k=100,gqa=union,prefill=select",
     ],
 )
 def test_lossless_when_every_block_is_fetched(models, arch, opts):
@@ -213,7 +214,59 @@ def test_pinned_blocks_are_fetched_and_chunking_keeps_them(models):
         assert all(torch.equal(a.pinned, b.pinned) for a, b in zip(c2.layers, c3.layers, strict=True))
 
 
+def test_span_fetches_each_pinned_block_and_the_next(models):
+    """span=2: a decode step fetches every pinned block and the block after it (where that is out of the window),
+    then fills the rest of k by score."""
+    model = models["llama"]
+    ids = _ids(60)
+    with compressed(model, f"recall:{SMALL},k=5,pin=2,span=2") as c:
+        _logits(model, c, ids[:, :50], [50])
+        layer = c.layers[0]
+        rows = []
+        fetch = layer.cold_k.fetch
+        layer.cold_k.fetch = lambda idx: rows.append(idx.clone()) or fetch(idx)
+        _logits(model, c, ids[:, 50:51], [1])
+        nt = layer.n_out(layer.seen - 1)
+        for h in range(2):
+            got = set((rows[0][0, h] // 4).tolist())
+            want = {j + o for j in layer.pinned[0, h].tolist() for o in (0, 1) if j + o < nt}
+            assert want <= got and len(got) == 5, (h, want, got)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_rest_mean_with_one_token_blocks_is_exact(models, arch):
+    """rest=mean: a block not fetched enters as its mean key/value with log(count) on the logit. With m=1 a block's
+    mean is its token, so k=1 attends to every token exactly: logits equal the uncompressed cache's."""
+    model = models[arch]
+    ids = _ids(40)
+    with torch.inference_mode():
+        ref = model(ids[:, :39], cache=DynamicCache(config=model.config), use_cache=True)
+        ref = model(ids[:, 39:], cache=ref.past_key_values, use_cache=True).logits
+    recipe = "recall:m=1,k=1,w=8,sinks=2,rest=mean"
+    with compressed(model, recipe) as c:
+        got = _logits(model, c, ids, [39, 1])[:, 39:]
+        assert [x.nbytes(include_codec_state=False) for x in c.layers] == predict_nbytes(ModelShape.from_model(model), recipe, 40)
+    with compressed(model, "recall:m=1,k=1,w=8,sinks=2") as c:
+        without = _logits(model, c, ids, [39, 1])[:, 39:]
+    assert torch.allclose(got, ref, atol=1e-4)
+    assert not torch.allclose(without, ref, atol=1e-3)  # leaving the other blocks out does change the step
+
+
+def test_rest_mean_changes_nothing_when_every_block_is_fetched(models):
+    model = models["llama"]
+    ids = _ids(45)
+    ref = _greedy(model, ids, DynamicCache(config=model.config))
+    with compressed(model, f"recall:{SMALL},k=100,rest=mean+fp8") as c:
+        assert torch.equal(_greedy(model, ids, c), _greedy(model, ids, make_cache(model, f"recall:{SMALL},k=100+fp8")))
+    with compressed(model, f"recall:{SMALL},k=100,rest=mean") as c:
+        assert torch.equal(_greedy(model, ids, c), ref)
+    with pytest.raises(InvalidInput, match="rest=mean needs prefill=dense"):
+        make_cache(model, "recall:rest=mean,prefill=select")
+
+
 def test_pin_needs_dense_prefill_and_at_most_k(models):
-    for bad in ("recall:k=2,pin=3", "recall:pin=2,prefill=select"):
+    for bad in ("recall:k=2,pin=3", "recall:pin=2,prefill=select", "recall:k=4,pin=3,span=2"):
         with pytest.raises(InvalidInput, match="pin="):
             make_cache(models["llama"], bad)
+    with pytest.raises(InvalidInput, match="span=2 extends pinned blocks"):
+        make_cache(models["llama"], "recall:span=2")

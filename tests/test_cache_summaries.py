@@ -75,3 +75,25 @@ def test_topk_with_neighbours():
     assert idx[ok].tolist() == [4]
     with pytest.raises(InvalidInput):
         select_blocks(scores, vis, k=0)
+
+
+def test_union_takes_each_heads_top_blocks_in_turn():
+    """Head 0 scores on a scale 100x head 1's: max lets head 0 fill the top 2; union gives each head its best."""
+    per = torch.tensor([[500.0, 400.0, 300.0, 0.0, 0.0], [0.0, 0.0, 1.0, 2.0, 5.0]])  # [g=2, n=5] -> one KV head
+    keys = torch.eye(5)[None, None, :, None, :]  # [b, h, n, m=1, d=5]: block j's key is e_j
+    q = per[None, :, None, :]  # [b, h*g, s, d]: q . k_j = per[g, j]
+    summ = summarize("mean", keys)
+    vis = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    top_max = select_blocks(score_blocks("mean", q, summ, "max"), vis, k=2)[0]
+    top_union = select_blocks(score_blocks("mean", q, summ, "union"), vis, k=2)[0]
+    assert top_max.flatten().tolist() == [0, 1]
+    assert top_union.flatten().tolist() == [0, 4]  # ascending: head 0's best (0) and head 1's best (4)
+    third = select_blocks(score_blocks("mean", q, summ, "union"), vis, k=3)[0]
+    assert third.flatten().tolist() == [0, 1, 4]  # then the second ranks: block 1 (head 0) beats 3 by the max score
+
+
+def test_union_with_one_head_per_group_is_max():
+    g = torch.Generator().manual_seed(2)
+    summ = summarize("bbox", torch.randn(1, 2, 6, 4, 8, generator=g))
+    q = torch.randn(1, 2, 3, 8, generator=g)
+    assert torch.equal(score_blocks("bbox", q, summ, "union"), score_blocks("bbox", q, summ, "max"))

@@ -45,8 +45,12 @@ def test_round_trip(kind, codec, full_first, data):
                 continue
             lo = 1 if key in ("m", "hm", "r", "calib", "w") else (meta[key].get("lo") or 0)
             params[key] = data.draw(st.integers(lo, 200))
-    if kind == "recall" and params.get("pin", 0) > (params.get("k", 8) or 10**9):
-        params["pin"] = params.get("k", 8)  # recall's cross-field rule: pin <= k (refused otherwise, tested there)
+    if kind == "recall":  # recall's cross-field rules (refused otherwise, tested there): span needs pin; pin x span <= k
+        k, span = params.get("k", 8) or 10**9, params.get("span", 1)
+        if span > 1 and not params.get("pin"):
+            params["pin"] = 1
+        if params.get("pin", 0) * span > k:
+            params["pin"], params["span"] = min(params["pin"], k), 1
     text = kind + (":" + ",".join(f"{k}={v}" for k, v in params.items()) if params else "")
     if full_first:
         text += ("," if ":" in text else ":") + f"full_first={full_first}"

@@ -76,9 +76,9 @@ PRESETS: dict[str, tuple[str, str]] = {
     "v4-tq3": ("v4+tq3", "V4 interleave with 3-bit TurboQuant entries"),
     "latent32": ("latent:r=32", "rank-32 latent keys and values (half of SmolLM2's head dim, 1/8 of Gemma 3's)"),
     "full-kivi2": ("full+kivi2", "every token kept, KIVI 2-bit"),
-    "recall-fp8": ("recall:k=16,pin=4+fp8", "tiered: FP8 bbox summaries per 32 tokens + 128 exact recent tokens hot, "
-                   "every token exact in a cold tier; 16 blocks fetched per query and KV head: 4 pinned by the prompt's "
-                   "last token, 12 by summary"),
+    "recall-fp8": ("recall:k=12,pin=4,span=2+fp8", "tiered: FP8 bbox summaries per 32 tokens + 128 exact recent "
+                   "tokens hot, every token exact in a cold tier; 12 blocks fetched per query and KV head: the 4 the "
+                   "prompt's last token attends most, each with the block after it, and 4 by summary"),
     "full-kivi4": ("full+kivi4", "every token kept, KIVI 4-bit"),
     "full-tq4": ("full+tq4", "every token kept, 4-bit TurboQuant"),
     "full-tq3": ("full+tq3", "every token kept, 3-bit TurboQuant"),

@@ -16,9 +16,10 @@ __all__ = ["attend_segment", "block_lse", "merge"]
 
 def attend_segment(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float,
-    softcap: float | None = None,
+    softcap: float | None = None, bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q [b, h*g, s, d]``, ``k/v [b, h, n, d]``, ``mask [b|1, h|1, s, n]`` (True = attend) ->
+    """``q [b, h*g, s, d]``, ``k/v [b, h, n, d]``, ``mask [b|1, h|1, s, n]`` (True = attend), ``bias [b|1, 1, 1, n]``
+    added to the (capped) logits ->
     (``out [b, h*g, s, d]`` float32, ``lse [b, h*g, s]``; ``-inf`` where a query sees nothing here)."""
     b, hq, s, d = q.shape
     h = k.shape[1]
@@ -26,6 +27,8 @@ def attend_segment(
     logits = torch.matmul(q.float().reshape(b, h, g * s, d), k.float().transpose(-1, -2)) * scaling
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
+    if bias is not None:
+        logits = logits + bias.float().reshape(bias.shape[0], 1, 1, -1)
     if mask is not None:
         m = mask.expand(b, h, s, k.shape[2])[:, :, None].expand(b, h, g, s, k.shape[2])
         logits = logits.masked_fill(~m.reshape(b, h, g * s, -1), float("-inf"))

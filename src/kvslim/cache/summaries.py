@@ -9,7 +9,9 @@ A block is ``m`` consecutive (post-RoPE) keys of one KV head. Its summary is ``v
   largest norm; score ``max_r q . k_r`` (exact when ``r >= m``).
 
 GQA: each query head scores every block; the ``g`` heads of a KV group are combined by ``max`` (the best head's
-score) or ``sum`` (for ``bbox`` an upper bound on the group's summed logits). Selection takes, per KV head and
+score), ``sum`` (for ``bbox`` an upper bound on the group's summed logits) or ``union`` (rank by rank: every head's
+best block first, then every head's second best, ..., ties by the ``max`` score; so a head whose scores run on a
+smaller scale still gets its own top blocks into the group's top ``k``, which ``max`` does not promise). Selection takes, per KV head and
 query, the ``k`` visible blocks of highest score, optionally with ``nbr`` neighbours on each side (still visible
 ones only), and returns them as a fixed-width index with an ``ok`` flag (entries past the visible count are
 filler). Index letters: b batch, h KV head, g query heads per KV head, s queries, n blocks, m block tokens,
@@ -25,7 +27,7 @@ from ..errors import InvalidInput
 __all__ = ["GQA_MODES", "SUMMARIES", "score_blocks", "select_blocks", "summarize", "vectors_per_block"]
 
 SUMMARIES = ("mean", "bbox", "reps")
-GQA_MODES = ("max", "sum")
+GQA_MODES = ("max", "sum", "union")
 
 
 def vectors_per_block(kind: str, r: int = 2) -> int:
@@ -88,7 +90,28 @@ def score_blocks(kind: str, q: torch.Tensor, summ: torch.Tensor, gqa: str = "max
         per = torch.einsum("bhgsd,bhnd->bhgsn", pos, hi) + torch.einsum("bhgsd,bhnd->bhgsn", neg, lo)
     else:
         per = torch.einsum("bhgsd,bhnvd->bhgsnv", qg, sf).amax(-1)  # mean: v = 1
-    return per.amax(2) if gqa == "max" else per.sum(2)
+    if gqa == "sum":
+        return per.sum(2)
+    best = per.amax(2)
+    if gqa == "max" or per.shape[2] == 1:
+        return best
+    return _union_scores(per, best)
+
+
+def _rank(x: torch.Tensor) -> torch.Tensor:
+    """Rank of every entry along the last dim, 0 = largest (ties by index)."""
+    order = x.argsort(dim=-1, descending=True, stable=True)
+    return torch.empty_like(order).scatter_(-1, order, torch.arange(x.shape[-1], device=x.device).expand_as(order))
+
+
+def _union_scores(per: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """``union`` scores ``[b, h, s, n]`` from per-head scores ``per [b, h, g, s, n]``: a block's best rank over the
+    group's heads first, its rank under ``best`` (the max) second, so the top ``k`` of the result take each head's
+    top blocks in turn. Non-positive, larger is better; ``-inf`` where ``best`` is (a block no head can see)."""
+    n = per.shape[-1]
+    first = _rank(per).amin(2)  # [b, h, s, n]
+    key = -(first * n + _rank(best)).to(torch.float32)
+    return key.masked_fill(torch.isneginf(best), float("-inf"))
 
 
 def select_blocks(

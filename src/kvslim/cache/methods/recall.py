@@ -12,11 +12,15 @@ and blocks of ``m`` tokens (the column rule of :mod:`kvslim.cache.base` with uni
 
 A decode query at column ``t`` scores the ``n(t)`` blocks out of its window per KV head (the group's query heads
 combined by ``gqa``), fetches the exact tokens of the top ``k`` (+ ``nbr`` neighbours each side) and attends
-exactly over sinks + fetched tokens + window; the bytes fetched are counted (``tier_nbytes()["fetched"]``).
+exactly over sinks + fetched tokens + window; the bytes fetched are counted (``tier_nbytes()["fetched"]``). With
+``rest=mean`` every block not fetched still enters that attention as one entry, its mean key and mean value (held
+hot, through the codec) with the log of its token count added to the logit (the count of tokens it stands for), so
+a layer whose attention spreads over many blocks keeps that mass approximately instead of losing it.
 Prefill: ``dense`` (default) attends exactly to every earlier token, the cold tier read chunk by chunk and merged
 by log-sum-exp (:mod:`kvslim.cache.segments`), and with ``pin=P`` the ``P`` blocks per KV head the call's last query
 attended most (exact log-sum-exp over each block's tokens, the query heads of a group combined by max) are pinned:
-every later decode step fetches them in place of ``P`` of its top-``k`` blocks, so what the prompt's last token found
+every later decode step fetches them (with ``span=2`` each with the block after it, where the value of a key that
+ends a block goes on) in place of ``P x span`` of its top-``k`` blocks, so what the prompt's last token found
 stays in view while the answer is decoded (a later multi-token call re-pins); ``select`` applies the decode rule to every prefill query, so
 what a query sees depends only on its column: one-shot == chunked == token-by-token. ``dense`` agrees over chunks
 of two or more tokens; a one-token forward is a decode step (it selects). ``k=0`` (all blocks) is lossless.
@@ -57,7 +61,12 @@ class RecallParams(Params):
     r: int = param(2, "reps: representative keys per block", lo=1)
     nbr: int = param(0, "neighbour blocks fetched on each side of a selected block", lo=0)
     pin: int = param(0, "blocks per KV head pinned by the last prefill query's exact attention (of the k fetched)", lo=0)
-    gqa: str = param("max", "combine a KV group's query heads: max | sum", choices=GQA_MODES)
+    span: int = param(1, "blocks pinned from each pinned block on (2: it and the next, where a key's value may lie)",
+                      lo=1)  # fmt: skip
+    rest: str = param("none", "blocks not fetched: none (left out) | mean (one entry each: mean key and value, "
+                      "weighted by its token count)", choices=("none", "mean"))  # fmt: skip
+    gqa: str = param("max", "combine a KV group's query heads: max | sum | union (each head's top blocks in turn)",
+                     choices=GQA_MODES)  # fmt: skip
     store: str = param("ram", "cold tier: ram | disk (memory-mapped files)", choices=COLD_STORES)
     cold: str = param("none", "codec of the cold tier: none (exact), fp16, bf16, fp8, fp4, tq1..tq4, tqprod2..4")
     dir: str = param("", "disk: folder of the cold files (default: a temporary folder removed with the cache)")
@@ -71,8 +80,13 @@ class RecallParams(Params):
             raise InvalidInput(f"recall: cold must be one of {', '.join(cold_codecs())}, got {self.cold!r}")
         if self.dir and self.store != "disk":
             raise InvalidInput("recall: dir= names the folder of the disk store; add store=disk")
-        if self.pin and (self.prefill != "dense" or (self.k and self.pin > self.k)):
-            raise InvalidInput(f"recall: pin={self.pin} needs prefill=dense and pin <= k (k={self.k})")
+        if self.pin and (self.prefill != "dense" or (self.k and self.pin * self.span > self.k)):
+            raise InvalidInput(f"recall: pin={self.pin} needs prefill=dense and pin x span <= k "
+                               f"(span={self.span}, k={self.k})")  # fmt: skip
+        if self.rest != "none" and self.prefill != "dense":
+            raise InvalidInput(f"recall: rest={self.rest} needs prefill=dense (a selecting prefill leaves blocks out)")
+        if self.span > 1 and not self.pin:
+            raise InvalidInput(f"recall: span={self.span} extends pinned blocks; add pin=P")
 
 
 @dataclass(frozen=True)
@@ -130,6 +144,8 @@ class RecallLayer(BaseLayer):
         p = self.spec.p
         self.v = vectors_per_block(p.summary, p.r)
         self.summ = Store(self.ck, self.dtype)  # [b, h, blocks * v, d] through the recipe's codec
+        if p.rest == "mean":  # [b, h, blocks, d]: mean key and mean value of every block out of the window
+            self.rest_k, self.rest_v = Store(self.ck, self.dtype), Store(self.cv, self.dtype)
         cc = check_cold_codec(p.cold, self.dim)
         tier: ColdTier = self.ctx.extras["tier"]
         self.cold_k = tier.stream(f"layer{self.ctx.index}.k", cc, self.dtype, self.device)
@@ -144,7 +160,7 @@ class RecallLayer(BaseLayer):
 
     # ---- what is held ----------------------------------------------------------------------------------------
     def stores(self) -> list[Store]:
-        return [*super().stores(), self.summ]
+        return [*super().stores(), self.summ, *([self.rest_k, self.rest_v] if self.spec.p.rest == "mean" else [])]
 
     def side_tensors(self) -> list[str]:
         return [*super().side_tensors(), "blk_valid", "cold_valid", *(["pinned", "pin_ok"] if self.spec.p.pin else [])]
@@ -177,6 +193,8 @@ class RecallLayer(BaseLayer):
         hot = stream_nbytes(shape, "none", d, c["sinks"], batch) + stream_nbytes(shape, spec.tail_codec(), d, c["tail"], batch)
         fmt = shape.dtype if spec.codec == "none" else spec.codec
         summ = batch * shape.kv_heads * vectors_nbytes(fmt, d, c["units"] * vectors_per_block(p.summary, p.r), "key")
+        if p.rest == "mean":
+            summ += batch * shape.kv_heads * (vectors_nbytes(fmt, d, c["units"], "key") + vectors_nbytes(fmt, d, c["units"], "value"))
         cold_fmt = shape.dtype if p.cold == "none" else p.cold
         cold = stream_nbytes(shape, cold_fmt, d, c["units"] * p.m, batch)
         fetched_tokens = min(c["units"], (p.k or c["units"]) * (2 * p.nbr + 1)) * p.m
@@ -207,6 +225,11 @@ class RecallLayer(BaseLayer):
         n = nb * self.m
         summ = self._block_summaries(tail_k, upto)
         self.summ.append(summ.reshape(self.batch, self.heads, nb * self.v, self.dim).to(self.dtype))
+        if self.spec.p.rest == "mean":
+            valid = self.tail_valid[:, :n].reshape(self.batch, nb, self.m)
+            for store, x in ((self.rest_k, tail_k), (self.rest_v, tail_v)):
+                blocks = x[:, :, :n].reshape(self.batch, self.heads, nb, self.m, self.dim)
+                store.append(summarize("mean", blocks, valid)[:, :, :, 0].to(self.dtype))
         self.cold_k.append(tail_k[:, :, :n])
         self.cold_v.append(tail_v[:, :, :n])
         valid = self.tail_valid[:, :n]
@@ -264,7 +287,8 @@ class RecallLayer(BaseLayer):
             scores = score_blocks(p.summary, query, self._summaries(nt, None), p.gqa)
             if p.pin:  # pinned blocks first: above every summary score
                 pins = torch.zeros(b, h, nt + 1, dtype=torch.bool, device=query.device)
-                pins.scatter_(2, torch.where(self.pin_ok, self.pinned, nt), True)
+                for o in range(p.span):  # each pinned block and the span - 1 after it (those out of the window)
+                    pins.scatter_(2, torch.where(self.pin_ok, (self.pinned + o).clamp_max(nt), nt), True)
                 top = scores.abs().amax(-1, keepdim=True) + 1.0
                 scores = torch.where(pins[:, :, None, :nt], 2 * top + scores.abs(), scores)
             idx, ok = select_blocks(scores, self.blk_valid[:, None, None, :nt], p.k or nt, p.nbr)  # [b, h, 1, K]
@@ -278,17 +302,32 @@ class RecallLayer(BaseLayer):
             if self.cold_valid is not None:
                 tok_ok = tok_ok & self.cold_valid.gather(1, rows.reshape(b, -1)).reshape(b, h, 1, -1)
             ms.append(tok_ok)
+            if p.rest == "mean":
+                rest_ok = self.blk_valid[:, None, :nt] & ~torch.zeros(b, h, nt, dtype=torch.bool, device=query.device
+                                                                      ).scatter_(2, idx[:, :, 0], ok[:, :, 0])
+                ks.append(self.rest_k.decode()[:, :, :nt])
+                vs.append(self.rest_v.decode()[:, :, :nt])
+                ms.append(rest_ok[:, :, None])
+                counts = torch.full((b, nt), float(m)) if self.cold_valid is None else \
+                    self.cold_valid[:, : nt * m].reshape(b, nt, m).sum(-1).float()
+                rest_at = sum(x.shape[-1] for x in ms[:-1])
         if tail[0] is not None:
             ks.append(tail[0])
             vs.append(tail[1])
             ms.append(self.tail_valid[:, None, None, :].expand(b, h, 1, -1))
         K, V, M = torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(ms, 3)
+        extra = None  # rest=mean: log(token count) on the entries of the blocks not fetched
+        if p.rest == "mean" and nt > 0:
+            extra = torch.zeros(b, 1, 1, K.shape[2], dtype=torch.float32, device=query.device)
+            extra[..., rest_at : rest_at + nt] = counts.clamp_min(1).log().to(query.device)[:, None, None]
         if softcap is not None:
-            return attend_segment(query, K, V, M, scaling, softcap)[0].to(query.dtype)
+            return attend_segment(query, K, V, M, scaling, softcap, extra)[0].to(query.dtype)
         bias = None
-        if not bool(M.all()):
+        if not bool(M.all()) or extra is not None:
             M = M | ~M.any(-1, keepdim=True)  # an all-padding row: attend anywhere, the output is unused
             bias = torch.zeros(M.shape, dtype=query.dtype, device=query.device).masked_fill_(~M, float("-inf"))
+            if extra is not None:
+                bias = bias + extra.to(query.dtype)
             bias = bias[:, :, None].expand(b, h, hq // h, 1, K.shape[2]).reshape(b, hq, 1, -1)
         return F.scaled_dot_product_attention(query, K, V, attn_mask=bias, scale=scaling, enable_gqa=True)
 

@@ -3,7 +3,7 @@
 Builds the prompt of one cell (task, length, depth, seed, as ``kvslim niah`` does), prefills it into a cache of
 RECIPE (in 512-token chunks, like the Gemma grid), greedily decodes the answer and prints it, once per override
 ``LAYER:key=value,...`` (e.g. ``5:k=0,pin=0,span=1``: every block in layer 5, the other layers as RECIPE; ``-`` runs
-RECIPE unchanged). With each run it prints, per tiered layer, the blocks pinned after the prefill and the blocks
+RECIPE unchanged). With each run it prints the asked needle's tokens with the block each lies in and, per tiered layer, the blocks pinned after the prefill and the blocks
 holding the asked needle's tokens. A diagnostic, not a recipe: the override is applied to the layer objects of one
 cache. Used for the "span=2" section of docs/recall.md:
 
@@ -73,6 +73,13 @@ def main() -> None:
             pre = prefill(model, p.ids, cache)
         out = greedy(model, pre, p.max_new_tokens, eos_ids(tok, model))
         print(f"{text}: {tok.decode(out, skip_special_tokens=True)[:24]!r}")
+        asked = [(pos, ids) for pos, ids in zip(p.needle_positions, p.needle_ids, strict=True)
+                 if any(a in tok.decode(ids) for a in p.answers)]
+        if tiered:
+            x = tiered[0]
+            for pos, ids in asked:  # the asked needle's tokens with the block each lies in
+                print("   asked needle: " + " ".join(f"{tok.decode([i])!r}@{(pos + j - x.spec.sinks) // x.m}"
+                                                      for j, i in enumerate(ids)))
         for x in tiered:
             needle = sorted({(t - x.spec.sinks) // x.m for t in p.needle_positions})
             pins = x.pinned[0].tolist() if x.spec.p.pin and hasattr(x, "pinned") else "-"

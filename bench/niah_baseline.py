@@ -9,7 +9,9 @@ stores under ``results/niah-baseline/<model>/<task>/`` (rerunning skips finished
 before the question is seen (question-agnostic, as a server caching a shared document must; ``--aware`` runs the
 question-aware variant into ``<task>-aware/``). Work goes cheapest first (by length), and ``--budget-min`` stops
 starting new cells after that many minutes, so a slow machine yields a complete small grid and a list of what is
-missing rather than nothing. Then writes ``docs/baseline.md`` (tables + frontier plots in ``docs/img/``),
+missing rather than nothing. A prompt's eviction recipes share one context prefill (the first one's forward pass,
+recorded and fed to the others with every layer's output checked equal bit for bit, :mod:`kvslim.eval.share`; the
+records say ``shared_prefill``; ``--no-share-prefill`` runs each through the model). Then writes ``docs/baseline.md`` (tables + frontier plots in ``docs/img/``),
 ``results/niah_baseline.json``, prints the tables and one final JSON line.
 
     python bench/niah_baseline.py                      # the grid: SmolLM2 1k/2k/4k, Gemma 3 1k/4k/8k
@@ -88,7 +90,8 @@ def run(args: argparse.Namespace) -> None:
         out = folder(model, task, args.aware)
         print(f"== {model} {task} {length} tokens -> {out}", flush=True)
         try:
-            res = run_grid(grid, out, pair=pairs[model], threads=args.threads, progress=not args.quiet, on_record=check_time)
+            res = run_grid(grid, out, pair=pairs[model], threads=args.threads, progress=not args.quiet, on_record=check_time,
+                           share_prefill=not args.no_share_prefill)
             print(f"   {res['ran']} run, {res['skipped']} done before", flush=True)
         except OutOfTime:
             print(f"   budget of {args.budget_min} min spent: stopping", flush=True)
@@ -225,6 +228,9 @@ def main() -> None:
     ap.add_argument("--aware", action="store_true", help="question-aware: prefill the whole prompt at once (into <task>-aware/)")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared 2-core box)")
+    ap.add_argument("--no-share-prefill", action="store_true",
+                    help="run every eviction recipe's context prefill through the model (default: one forward per prompt "
+                         "fed to all of them, every layer's output checked equal; kvslim.eval.share)")
     ap.add_argument("--budget-min", type=float, default=0, help="stop starting cells after this many minutes")
     ap.add_argument("--report-only", action="store_true", help="only rebuild docs/baseline.md from the stores")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -206,6 +206,13 @@ def chunk_invariant(text: str | Recipe) -> bool:
     return r.codec == "none" or REGISTRY[r.codec].chunk_invariant
 
 
+def full_prefill(text: str | Recipe) -> bool:
+    """Whether a cache of this recipe attends over the whole first call at model precision and compresses only
+    after it (its method's ``full_prefill``: the eviction baselines), so that its prefill computes what any other
+    such recipe's computes (:mod:`kvslim.eval.share`)."""
+    return bool(parse_recipe(text).method.full_prefill)
+
+
 def canonical(text: str | Recipe) -> str:
     """The canonical string of a recipe: parameters at their defaults omitted, the rest sorted; a preset is its
     expansion. Results stores and reports key recipes by it (``v4-tq3`` and ``v4+tq3`` are one row)."""

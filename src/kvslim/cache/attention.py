@@ -24,6 +24,7 @@ import torch
 
 from ..errors import InvalidInput
 from .registry import layer_for
+from .tap import TAP
 
 __all__ = ["ATTN_NAME", "EAGER_NAME", "KvslimMask", "ensure_registered", "kvslim_attention", "kvslim_mask",
            "select_kvslim_attention"]  # fmt: skip
@@ -95,7 +96,11 @@ def kvslim_attention(
         scaling = query.shape[-1] ** -0.5
     if softcap is None:
         softcap = getattr(module, "attn_logit_softcapping", None)
-    out = layer.attend(query, kwargs.get("position_ids"), valid_new, scaling, softcap)
+    positions = kwargs.get("position_ids")
+    out = layer.attend(query, positions, valid_new, scaling, softcap)
+    tap = TAP.get()
+    if tap is not None:
+        tap.on_attend(layer, query, positions, valid_new, scaling, softcap, out)
     return out, None
 
 

@@ -29,6 +29,7 @@ from .guard import check_update, owner_of
 from .method import ModelShape
 from .rope import inv_freq_for_layer
 from .storage import make_storage_codec
+from .tap import TAP
 
 __all__ = ["KvslimCache", "check_recipe", "compressed", "make_cache", "predict_nbytes"]
 
@@ -44,6 +45,9 @@ class KvslimCache(Cache):
 
     def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
         check_update(self, key_states, layer_idx)  # another model or batch: one clear error, not a torch one
+        tap = TAP.get()
+        if tap is not None:
+            tap.on_update(self, layer_idx, key_states, value_states, args, kwargs)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def nbytes(self) -> int:

@@ -144,6 +144,7 @@ class EvictMethod(Method):
 
     lossless = ({"keep": 1.0},)
     chunk_invariant = False
+    full_prefill = True  # the first call attends in full, then compresses (EvictLayer.attend)
 
     def policy(self) -> Policy:
         raise NotImplementedError
@@ -214,6 +215,25 @@ class EvictLayer(BaseLayer):
                softcap: float | None) -> torch.Tensor:
         """Attend ``query [b, h*g, s, d]`` over the held tokens and the new ones, then store / evict.
         Returns ``[b, s, h*g, d]``."""
+        return self._call(query, positions, valid_new, scaling, softcap, None)
+
+    def plain_first_call(self, valid_new: torch.Tensor | None, softcap: float | None) -> bool:
+        """Whether the coming call is a first call without padding or softcap: its output is then
+        ``scaled_dot_product_attention(query, k_new, v_new, is_causal)`` of the call's own inputs, whatever the
+        policy and codec (nothing is held, nothing encoded before the output)."""
+        fresh = self.calls == 0 and (not self.is_initialized or (self.tail_k.n == 0 and self.valid is None))
+        return fresh and softcap is None and (valid_new is None or bool(valid_new.all()))
+
+    def absorb(self, query: torch.Tensor, positions: Any, valid_new: torch.Tensor | None, scaling: float,
+               softcap: float | None, out: torch.Tensor) -> None:
+        """Store a plain first call (:meth:`plain_first_call`) whose output ``out`` another eviction layer computed
+        from the same inputs (:mod:`kvslim.eval.share`): what :meth:`attend` does, less recomputing that output."""
+        if self.pending is None or not self.plain_first_call(valid_new, softcap):
+            raise ValueError("absorb takes a plain first call only (no tokens held, no padding, no softcap)")
+        self._call(query, positions, valid_new, scaling, softcap, out)
+
+    def _call(self, query: torch.Tensor, positions: Any, valid_new: torch.Tensor | None, scaling: float,
+              softcap: float | None, known: torch.Tensor | None) -> torch.Tensor:
         k_new, v_new = self.pending
         self.pending = None
         b, hq, s, d = query.shape
@@ -229,7 +249,9 @@ class EvictLayer(BaseLayer):
         if self.valid is not None:
             new = valid_new if valid_new is not None else torch.ones(b, s, dtype=torch.bool, device=self.device)
             valid = torch.cat([self.valid, new[:, None].expand(b, h, s)], 2)  # [b, h, n]
-        if held == 0 and valid is None and softcap is None:
+        if known is not None:  # absorb: a plain first call's output, computed by another layer
+            out = known
+        elif held == 0 and valid is None and softcap is None:
             out = torch.nn.functional.scaled_dot_product_attention(
                 query, k_all, v_all, is_causal=s > 1, scale=scaling, enable_gqa=True
             ).transpose(1, 2)

@@ -123,7 +123,9 @@ class Method:
     sets under which the method is lossless below ``LOSSLESS_CONTEXT`` tokens), ``examples`` (small lossy settings
     for the tiny test models), ``chunk_invariant`` (one-shot == chunked == token-by-token prefill), ``exactness``
     (``"tokens"``: the lossless set is token-identical to ``DynamicCache``; ``"float"``: equal up to float rounding);
-    ``needs_rope`` (pools or projects pre-RoPE keys).
+    ``needs_rope`` (pools or projects pre-RoPE keys); ``full_prefill`` (a first forward call attends over every
+    new token at model precision whatever the parameters, and compresses only after it: two such recipes compute
+    the same prefill, which :mod:`kvslim.eval.share` uses, checking every layer's output).
     """
 
     name: ClassVar[str] = ""
@@ -134,6 +136,7 @@ class Method:
     chunk_invariant: ClassVar[bool] = True
     exactness: ClassVar[str] = "tokens"
     needs_rope: ClassVar[bool] = False
+    full_prefill: ClassVar[bool] = False
 
     def __init__(self, params: Params | None = None, codec: str = "none") -> None:
         self.params = params if params is not None else self.Params()

@@ -111,6 +111,8 @@ def run_retrieval(
     certainty); ``retrieved`` the fraction of ``prompt.answers`` found in the greedy answer. ``agnostic``: the
     context (``prompt.ids[:prompt.question_start]``) is prefilled alone before the question, so a compressing cache
     compresses it without knowing the question; otherwise the whole prompt is one prefill (question-aware).
+    ``shared_prefill`` (True, only when it happened): the context came from another recipe's recorded prefill
+    (:mod:`kvslim.eval.share`).
     """
     pre = prefill(model, prompt.ids, make_cache(), split=prompt.question_start if agnostic else 0)
     logprob = teacher_logprob(model, pre, prompt.answer_ids)
@@ -125,6 +127,7 @@ def run_retrieval(
         "answer": answer,
         "kv_bytes": pre.kv_bytes,
         **pre.tier_fields(),
+        **({"shared_prefill": True} if pre.shared else {}),
     }
 
 

@@ -51,7 +51,8 @@ class Prefilled:
 
     ``kv_bytes`` is the hot tier (``nbytes()``). A tiered cache (one with ``tier_nbytes()``) also gives
     ``cold_bytes`` (held in its cold tier after the prefill) and, once :func:`greedy` ran, ``fetched_bytes``: the
-    most cold-tier bytes one decode step of the answer fetched (None: no tiers, or no decode step ran).
+    most cold-tier bytes one decode step of the answer fetched (None: no tiers, or no decode step ran). ``shared``:
+    the context came from another cache's recorded prefill (:mod:`kvslim.eval.share`), not from a forward pass.
     """
 
     def __init__(self, cache: Any, last_logits: Any, kv_bytes: int, n_tokens: int, cold_bytes: int | None = None) -> None:
@@ -61,6 +62,7 @@ class Prefilled:
         self.n_tokens = n_tokens
         self.cold_bytes = cold_bytes
         self.fetched_bytes: int | None = None
+        self.shared = False  # the context was fed from another cache's recorded prefill (kvslim.eval.share)
 
     def tier_fields(self) -> dict[str, int]:
         """The record fields of the cold tier: ``cold_bytes`` and ``fetched_bytes``, where the cache has them."""
@@ -87,14 +89,22 @@ def prefill(model: Any, ids: list[int], cache: Any, split: int = 0) -> Prefilled
     import torch
 
     from ..memory import cache_nbytes, cache_tiers
+    from .share import SHARED
 
     if not 0 <= split < len(ids):
         raise ValueError(f"split {split} outside [0, {len(ids)})")
+    context = prefill_chunks(0, split) if split else []
+    shared, replayed = SHARED.get(), False
     with torch.inference_mode():
-        for a, b in (prefill_chunks(0, split) if split else []) + prefill_chunks(split, len(ids)):
+        if shared is not None and len(context) == 1:  # the context alone, in one call: shareable (kvslim.eval.share)
+            cache, replayed = shared.prefill_context(model, ids[:split], cache, lambda c: _forward(model, ids[:split], c))
+            context = []
+        for a, b in context + prefill_chunks(split, len(ids)):
             logits = _forward(model, ids[a:b], cache, keep=1)[-1]
     tiers = cache_tiers(cache)
-    return Prefilled(cache, logits, cache_nbytes(cache), len(ids), None if tiers is None else tiers["cold"])
+    pre = Prefilled(cache, logits, cache_nbytes(cache), len(ids), None if tiers is None else tiers["cold"])
+    pre.shared = replayed
+    return pre
 
 
 def teacher_logprob(model: Any, pre: Prefilled, target: list[int]) -> float:

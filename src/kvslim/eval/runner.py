@@ -27,6 +27,7 @@ from .caches import FULL, CacheFactories, check_recipes
 from .executors import MAX_THREADS, Job, check_ray, make_executor
 from .loading import check_model_name, load_pair
 from .prompt import Prompt
+from .share import shared_prefill
 from .store import FORMAT, ResultStore, cell_key
 
 __all__ = ["Grid", "Cell", "run_grid", "load_pair", "check_model_name", "check_options", "recipe_key"]
@@ -190,6 +191,7 @@ def run_grid(
     warn: Callable[[str], None] | None = None,
     batch: int = 1,
     prefill_chunk: int = 0,
+    share_prefill: bool = False,
 ) -> dict[str, Any]:
     """Run every unfinished cell of ``grid`` and append its record to ``<out>/results.jsonl``.
 
@@ -210,6 +212,10 @@ def run_grid(
             nothing but float rounding; an eviction method would compress after every chunk. Much faster on long
             prompts for models with sliding-window layers; each record notes it as ``prefill_chunk``. See
             :func:`kvslim.eval.engine.chunked_prefill`.
+        share_prefill: with the local executor, a question-agnostic prompt's context is run through the model once
+            for all its eviction recipes and fed to each from the recording, every layer's output checked equal bit
+            for bit (:mod:`kvslim.eval.share`); the records are the same, those fed so say ``shared_prefill`` (and
+            their ``seconds`` are the replay's, not a prefill's).
 
     Raises ``InvalidInput`` before anything is written for a bad grid, option, output folder or Ray address, and
     when another run holds the folder.
@@ -245,7 +251,8 @@ def run_grid(
         cells = list(plan_cells(grid))
         todo = [(c, prompts[(c.length, c.depth, c.seed)]) for c in cells if c.key not in done]
         executor = make_executor(ray, workers=workers, pair=(model, tokenizer), batch=batch)
-        with _progress(progress, len(cells), len(cells) - len(todo), grid) as advance:
+        with _progress(progress, len(cells), len(cells) - len(todo), grid) as advance, \
+                shared_prefill(share_prefill and ray is None and batch == 1):
             for record in executor.run(job, todo):
                 store.append(record)
                 if on_record:

@@ -86,3 +86,23 @@ def test_ruler_docs_say_how_cells_were_prefilled():
     assert prefill_lines({"a": [one, one]}, [8000]) == []  # every cell in one call: nothing to say
     line = prefill_lines({"a": [one, chunked], "b": [chunked, {"length": 1000}]}, [1000, 8000])[0]
     assert "1000 tokens: 1 in one call; 8000 tokens: 1 in one call, 2 in 512-token chunks." in line
+
+
+def test_chunk_where_invariant_chunks_only_those_recipes(tmp_path):
+    pair = tiny_pair("tiny-gemma3")
+    recipes = ["window:w=64", "snapkv:keep=0.5", "full-kivi2"]
+    g = Grid(task="passkey", model="tiny-gemma3", recipes=recipes, lengths=[600], depths=[0.5], seeds=[0],
+             options={"max_new_tokens": 6, "agnostic": True})
+    run_grid(g, tmp_path / "one", pair=pair, progress=False)
+    run_grid(g, tmp_path / "mixed", pair=pair, progress=False, prefill_chunk=128, chunk_where_invariant=True)
+    one, mixed = records(tmp_path / "one"), records(tmp_path / "mixed")
+    chunked = {k[0] for k, r in mixed.items() if r.get("prefill_chunk") == 128}
+    assert chunked == {"full", "window:w=64"}
+    for key, a in one.items():
+        b = mixed[key]
+        if key[0] in chunked:
+            assert a["answer"] == b["answer"] and a["kv_bytes"] == b["kv_bytes"]
+        else:  # one call, as without chunking: the very same record
+            a, b = dict(a), dict(b)
+            a.pop("seconds"), b.pop("seconds")
+            assert a == b, key

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import InvalidInput
 
-__all__ = ["FULL", "check_recipes", "cache_factory"]
+__all__ = ["FULL", "check_recipes", "cache_factory", "chunks_invariantly"]
 
 FULL = "full"
 CacheFactories = Mapping[str, Callable[[Any], Any]]
@@ -54,3 +54,13 @@ def cache_factory(recipe: str, extra: CacheFactories | None = None) -> Callable[
         return make_cache(model, recipe)
 
     return compressed
+
+
+def chunks_invariantly(recipe: str, extra: CacheFactories | None = None) -> bool:
+    """Whether ``recipe``'s cache gives the same results in one call or in chunks (``full``, and
+    :func:`kvslim.recipe.chunk_invariant`; a test factory's invariance is unknown: False)."""
+    from ..recipe import chunk_invariant
+
+    if recipe == FULL:
+        return True
+    return not (extra and recipe in extra) and chunk_invariant(recipe)

@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import InvalidInput
 from ..hf_config import full16_nbytes
 from .base import get_task
-from .caches import cache_factory
+from .caches import cache_factory, chunks_invariantly
 from .engine import chunked_prefill
 from .prompt import Prompt
 
@@ -38,10 +38,17 @@ class Job:
     model: str
     factories: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
     threads: int = 0  # torch threads in each worker (0: the worker's default)
-    prefill_chunk: int = 0  # tokens per prefill call (0: one call); only for full (see engine.chunked_prefill)
+    prefill_chunk: int = 0  # tokens per prefill call (0: one call); chunk-invariant recipes only (engine.chunked_prefill)
+    chunk_where_invariant: bool = False  # other recipes then prefill in one call (else the grid was refused)
 
     def factory(self, recipe: str) -> Callable[[Any], Any]:
         return cache_factory(recipe, self.factories)
+
+    def chunk_for(self, recipe: str) -> int:
+        """Tokens per prefill call for ``recipe``'s cells (0: one call)."""
+        if self.chunk_where_invariant and not chunks_invariantly(recipe, self.factories):
+            return 0
+        return self.prefill_chunk
 
 
 def run_cell(job: Job, task: Any, model: Any, tokenizer: Any, cell: Any, prompt: Prompt) -> dict[str, Any]:
@@ -51,10 +58,11 @@ def run_cell(job: Job, task: Any, model: Any, tokenizer: Any, cell: Any, prompt:
     def fresh() -> Any:
         return make(model)
 
+    chunk = job.chunk_for(cell.recipe)
     t0 = time.perf_counter()
-    with chunked_prefill(job.prefill_chunk):
+    with chunked_prefill(chunk):
         res = task.run(model, tokenizer, prompt, fresh, cell.recipe)
-    return make_record(cell, prompt, res, time.perf_counter() - t0, model, job.prefill_chunk)
+    return make_record(cell, prompt, res, time.perf_counter() - t0, model, chunk)
 
 
 def make_record(cell: Any, prompt: Prompt, res: dict[str, Any], seconds: float, model: Any,
@@ -110,11 +118,12 @@ def run_cells_batched(job: Job, task: Any, model: Any, tokenizer: Any, group: li
     def fresh() -> Any:
         return make(model)
 
+    chunk = job.chunk_for(group[0][0].recipe)
     t0 = time.perf_counter()
-    with chunked_prefill(job.prefill_chunk):
+    with chunked_prefill(chunk):
         results = task.run_batch(model, tokenizer, [p for _, p in group], fresh, group[0][0].recipe)
     seconds = (time.perf_counter() - t0) / len(group)
-    return [make_record(c, p, r, seconds, model, job.prefill_chunk) for (c, p), r in zip(group, results, strict=True)]
+    return [make_record(c, p, r, seconds, model, chunk) for (c, p), r in zip(group, results, strict=True)]
 
 
 class _Worker:

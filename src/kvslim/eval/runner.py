@@ -23,7 +23,7 @@ from ..errors import ContextTooLong, InvalidInput
 from ..paths import check_output_dir
 from ..units import check_int
 from .base import TASKS, get_task
-from .caches import FULL, CacheFactories, check_recipes
+from .caches import FULL, CacheFactories, check_recipes, chunks_invariantly
 from .executors import MAX_THREADS, Job, check_ray, make_executor
 from .loading import check_model_name, load_pair
 from .prompt import Prompt
@@ -191,6 +191,7 @@ def run_grid(
     warn: Callable[[str], None] | None = None,
     batch: int = 1,
     prefill_chunk: int = 0,
+    chunk_where_invariant: bool = False,
     share_prefill: bool = False,
 ) -> dict[str, Any]:
     """Run every unfinished cell of ``grid`` and append its record to ``<out>/results.jsonl``.
@@ -212,6 +213,8 @@ def run_grid(
             nothing but float rounding; an eviction method would compress after every chunk. Much faster on long
             prompts for models with sliding-window layers; each record notes it as ``prefill_chunk``. See
             :func:`kvslim.eval.engine.chunked_prefill`.
+        chunk_where_invariant: with ``prefill_chunk``, chunk the recipes that are chunk-invariant and prefill the
+            others (eviction methods, KIVI) in one call, instead of refusing the grid.
         share_prefill: with the local executor, a question-agnostic prompt's context is run through the model once
             for all its eviction recipes and fed to each from the recording, every layer's output checked equal bit
             for bit (:mod:`kvslim.eval.share`); the records are the same, those fed so say ``shared_prefill`` (and
@@ -225,7 +228,7 @@ def run_grid(
     """
     grid = grid.validate(factories)
     check_int(threads, "--threads", minimum=0, maximum=MAX_THREADS)
-    check_prefill_chunk(prefill_chunk, grid.recipes, factories)
+    check_prefill_chunk(prefill_chunk, grid.recipes, factories, chunk_where_invariant)
     if ray is not None:
         check_ray(ray, workers)  # ray installed, --workers in range, the address reachable: before anything loads
     say = warn or _warn
@@ -237,7 +240,8 @@ def run_grid(
         torch.set_num_threads(threads)
     model, tokenizer = pair if pair is not None else load_pair(grid.model)
     prompts = build_prompts(grid, tokenizer, _max_context(model))
-    job = Job(grid.task, grid.options, grid.model, dict(factories or {}), threads, prefill_chunk)
+    job = Job(grid.task, grid.options, grid.model, dict(factories or {}), threads, prefill_chunk,
+              chunk_where_invariant)
     for recipe in grid.recipes:  # a recipe the model cannot take fails here, before any cell runs
         job.factory(recipe)(model)
     store.lock()  # one writer per folder (the first thing written): a second run on it is refused here
@@ -263,19 +267,17 @@ def run_grid(
     return {"ran": len(todo), "skipped": len(cells) - len(todo), "total": len(cells), "out": str(store.results)}
 
 
-def check_prefill_chunk(chunk: int, recipes: list[str], extra: CacheFactories | None = None) -> None:
+def check_prefill_chunk(chunk: int, recipes: list[str], extra: CacheFactories | None = None,
+                        where_invariant: bool = False) -> None:  # fmt: skip
     """Refuse a bad ``--prefill-chunk``: not a whole number >= 0, or > 0 with a recipe whose cache is not
     chunk-invariant (:func:`kvslim.recipe.chunk_invariant`: an eviction method compresses after every call, KIVI
-    groups tokens), or with a test factory, whose invariance is unknown."""
-    from ..recipe import chunk_invariant
-
+    groups tokens), or with a test factory, whose invariance is unknown (``where_invariant``: those run in one
+    call instead)."""
     check_int(chunk, "--prefill-chunk", minimum=0)
-    if not chunk:
+    if not chunk or where_invariant:
         return
     for r in recipes:
-        if r == FULL:
-            continue
-        if (extra and r in extra) or not chunk_invariant(r):
+        if not chunks_invariantly(r, extra):
             raise InvalidInput(
                 f"--prefill-chunk {chunk} needs recipes whose cache gives the same results in one call or in chunks; "
                 f"{r!r} does not (it compresses or groups tokens per call, so chunks would be a different "

@@ -176,10 +176,14 @@ def write_docs(args: argparse.Namespace) -> dict:
     out_json: dict = {"grid": {m: GRID[m] for m in args.models}, "depths": args.depths, "seeds": args.seeds, "runs": []}
     missing: list[str] = []
     seconds = 0.0
+    n_cells = n_shared = n_chunked = 0
     for model in args.models:
         for task, aware in [(t, a) for t in TASKS for a in (False, True)]:
             recs = records(model, task, aware)
             seconds += sum(r.get("seconds", 0) for r in recs)
+            n_cells += len(recs)
+            n_shared += sum(bool(r.get("shared_prefill")) for r in recs)
+            n_chunked += sum(bool(r.get("prefill_chunk")) for r in recs)
             if aware and not recs:
                 continue  # the question-aware variant is optional (--aware)
             mode = "question-aware" if aware else "question-agnostic"
@@ -213,7 +217,11 @@ def write_docs(args: argparse.Namespace) -> dict:
     if missing:
         md += ["", "Rerun the same command to fill the gaps (finished cells are skipped)."]
     md += ["", f"Time spent in cells (sum of the per-cell `seconds`, one torch thread on a shared 2-core machine): "
-           f"{seconds / 60:.1f} min.", ""]
+           f"{seconds / 60:.1f} min, over {n_cells} cells. Of those, {n_shared} eviction cells were fed their "
+           "context from another eviction recipe's recorded prefill of the same prompt (`shared_prefill`, "
+           "`kvslim.eval.share`: the same cache as a forward pass, checked), and "
+           f"{n_chunked} cells of chunk-invariant recipes prefilled in chunks (`prefill_chunk`: the same results to "
+           "float rounding); the others ran one forward call per side of the question.", ""]
     (ROOT / "docs" / "baseline.md").write_text("\n".join(md))
     out_json["missing"] = missing
     (ROOT / "results").mkdir(exist_ok=True)

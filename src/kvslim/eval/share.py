@@ -22,7 +22,9 @@ Equal outputs at every layer mean the model, run on this cache, would have compu
 (layer 0's come from the embeddings; each later layer's from the earlier outputs, all equal), so the cache ends in
 the state a forward pass leaves. At the first output that differs (a codec that changes what a local layer
 attends over, say) the replay is abandoned and the context runs through the model as usual, on a copy of the cache
-taken before the replay touched it; that recipe is not tried again with this model. A replayed prefill is reported
+taken before the replay touched it; that forward pass is recorded in turn and feeds the recipes after it (Gemma 3's
+eviction + codec compositions, whose local layers all hold 16 bits, share among themselves), and the pair (recipe,
+recipe recorded) is not tried again. A replayed prefill is reported
 (:attr:`Prefilled.shared`), and the records of the harness say ``shared_prefill``; nothing else about them changes.
 
 One recording (the last context) is held at a time: on SmolLM2 at 4k tokens about 0.8 GB, on Gemma 3 at 8k 1.5 GB.
@@ -120,9 +122,9 @@ class Shared:
                 return cache, True
             self.failed.add(name)
             cache = spare
-            forward(cache)
-            return cache, False
-        self.key, self.recording = None, None  # a new context: free the old recording first
+        # a new context, or one the recording cannot feed to this recipe: run the model, recorded (the newest
+        # recording feeds the recipes after it); free the old recording first
+        self.key, self.recording = None, None
         rec = Recording(cache)
         token = TAP.set(rec)
         try:

@@ -32,7 +32,7 @@ install: $(STAMP)
 # the main compressed presets on identical prompts. Prints the table, writes heatmaps + summary.md into DEMO_OUT
 # (rerunning skips finished cells). One torch thread: fastest on a small shared machine; raise it on a big one.
 DEMO_OUT ?= runs/niah-demo
-DEMO_RECIPES ?= full,stream,v4-fp8,v4-tq3,full-kivi2,recall-fp8
+DEMO_RECIPES ?= full,stream,v4-fp8,v4-tq3,full-kivi2,full-tq4,recall-fp8
 DEMO_THREADS ?= 1
 
 demo: install

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -53,6 +55,7 @@ def presets() -> list[str]:
     return [*named, *QUANT_ONLY, *(f"{m}:keep={r}" for r in KEEP for m in EVICTION), *COMPOSED]
 
 
+@functools.cache
 def row_name(recipe: str) -> str:
     """The one name a recipe's row goes under: its preset's name where it is a preset, else its canonical form."""
     from kvslim.recipe import PRESETS, canonical
@@ -197,6 +200,7 @@ def write_docs(args: argparse.Namespace) -> dict:
     missing: list[str] = []
     seconds = 0.0
     n_cells = n_shared = n_chunked = 0
+    fed: dict[tuple[str, int], tuple[list[float], list[float]]] = {}  # (model, length) -> (fed, own forward) seconds
     wanted = {row_name(r) for r in recipes}
     others: dict[str, int] = {}  # cells of recipes the stores hold but this report leaves out
     for model in args.models:
@@ -210,6 +214,9 @@ def write_docs(args: argparse.Namespace) -> dict:
             n_cells += len(recs)
             n_shared += sum(bool(r.get("shared_prefill")) for r in recs)
             n_chunked += sum(bool(r.get("prefill_chunk")) for r in recs)
+            for r in recs:
+                if family(r["recipe"]) == "baseline" and "+" not in r["recipe"]:
+                    fed.setdefault((model, r["length"]), ([], []))[0 if r.get("shared_prefill") else 1].append(r["seconds"])
             if aware and not recs:
                 continue  # the question-aware variant is optional (--aware)
             mode = "question-aware" if aware else "question-agnostic"
@@ -250,7 +257,14 @@ def write_docs(args: argparse.Namespace) -> dict:
            "context from another eviction recipe's recorded prefill of the same prompt (`shared_prefill`, "
            "`kvslim.eval.share`: the same cache as a forward pass, checked), and "
            f"{n_chunked} cells of chunk-invariant recipes prefilled in chunks (`prefill_chunk`: the same results to "
-           "float rounding); the others ran one forward call per side of the question.", ""]
+           "float rounding); the others ran one forward call per side of the question."]
+    pairs = [(k, v) for k, v in sorted(fed.items()) if v[0] and v[1]]
+    if pairs:
+        md += ["", "Median `seconds` of an eviction cell (no codec), fed from a recorded prefill / with its own "
+               "forward pass, same runs: " + "; ".join(
+                   f"{m} at {n}: {statistics.median(a):.1f} s (n={len(a)}) / {statistics.median(b):.1f} s (n={len(b)})"
+                   for (m, n), (a, b) in pairs) + "."]
+    md += [""]
     (ROOT / "docs" / "baseline.md").write_text("\n".join(md))
     out_json["missing"] = missing
     (ROOT / "results").mkdir(exist_ok=True)

@@ -55,14 +55,15 @@ class Prefilled:
     the context came from another cache's recorded prefill (:mod:`kvslim.eval.share`), not from a forward pass.
     """
 
-    def __init__(self, cache: Any, last_logits: Any, kv_bytes: int, n_tokens: int, cold_bytes: int | None = None) -> None:
+    def __init__(self, cache: Any, last_logits: Any, kv_bytes: int, n_tokens: int, cold_bytes: int | None = None,
+                 shared: bool = False) -> None:  # fmt: skip
         self.cache = cache
         self.last_logits = last_logits  # [V] float32: the distribution of the token after the prompt
         self.kv_bytes = kv_bytes
         self.n_tokens = n_tokens
         self.cold_bytes = cold_bytes
         self.fetched_bytes: int | None = None
-        self.shared = False  # the context was fed from another cache's recorded prefill (kvslim.eval.share)
+        self.shared = shared  # the context was fed from another cache's recorded prefill (kvslim.eval.share)
 
     def tier_fields(self) -> dict[str, int]:
         """The record fields of the cold tier: ``cold_bytes`` and ``fetched_bytes``, where the cache has them."""
@@ -102,9 +103,7 @@ def prefill(model: Any, ids: list[int], cache: Any, split: int = 0) -> Prefilled
         for a, b in context + prefill_chunks(split, len(ids)):
             logits = _forward(model, ids[a:b], cache, keep=1)[-1]
     tiers = cache_tiers(cache)
-    pre = Prefilled(cache, logits, cache_nbytes(cache), len(ids), None if tiers is None else tiers["cold"])
-    pre.shared = replayed
-    return pre
+    return Prefilled(cache, logits, cache_nbytes(cache), len(ids), None if tiers is None else tiers["cold"], replayed)
 
 
 def teacher_logprob(model: Any, pre: Prefilled, target: list[int]) -> float:

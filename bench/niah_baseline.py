@@ -298,6 +298,8 @@ def main() -> None:
     unknown = [m for m in args.models if m not in GRID]
     if unknown:
         ap.error(f"unknown model {unknown[0]!r}: choose from {', '.join(GRID)}")
+    if args.prefill_chunk < 0:
+        ap.error(f"--prefill-chunk must be 0 (one call) or a positive number of tokens, got {args.prefill_chunk}")
     args.recipes = ["full", *[r for r in (args.recipes.split(",") if args.recipes else presets()) if r and r != "full"]]
     args.depths = [float(d) for d in args.depths.split(",")]
     args.tasks = [t for t in args.tasks.split(",") if t]

@@ -76,7 +76,7 @@ def _peak_rss() -> int:
 
 
 def _prompt_ids(tok, n: int) -> torch.Tensor:
-    from kvslim.cache.calibration import _calibration_text
+    from kvslim.cache.methods.latent.calibration import _calibration_text
 
     text = _calibration_text(n * 6)
     ids = tok(text, return_tensors="pt")["input_ids"][:, :n]
@@ -144,7 +144,7 @@ def _kv_read_bytes(model, recipe: str, n: int, held: int) -> int:
     if recipe == "dynamic":
         return held
     from kvslim.cache.method import ModelShape
-    from kvslim.recipe import parse_recipe
+    from kvslim.cache.recipe import parse_recipe
 
     shape = ModelShape.from_model(model)
     specs = parse_recipe(recipe).layer_specs(list(shape.layer_types), shape.sliding_window)
@@ -176,8 +176,8 @@ def main() -> None:
         _CLOCK["fn"] = time.perf_counter
 
     from kvslim.cache import full16_nbytes
+    from kvslim.cache.recipe import parse_recipe
     from kvslim.models import load
-    from kvslim.recipe import parse_recipe
 
     sep = ";" if ";" in args.recipes else ","
     recipes = ["dynamic"] + [r.strip() for r in args.recipes.split(sep) if r.strip()]

@@ -39,8 +39,8 @@ def main() -> None:
 
     import torch
 
-    from kvslim.eval.runner import Grid, load_pair, run_grid
-    from kvslim.eval.store import ResultStore
+    from kvslim.eval.harness.runner import Grid, load_pair, run_grid
+    from kvslim.eval.harness.store import ResultStore
 
     configs = [(*(int(x) for x in c.split(":")), 0)[:3] for c in args.configs.split(",")]
     pair = load_pair(args.model)

@@ -50,7 +50,7 @@ from kvslim.nn.hf_reference import (  # noqa: E402
 )
 from kvslim.nn.storage import Fp4, Fp8DsV4  # noqa: E402
 from kvslim.plan import expected_cache_bytes  # noqa: E402
-from kvslim.spec_hf import spec_from_config  # noqa: E402
+from kvslim.plan.spec_hf import spec_from_config  # noqa: E402
 
 KINDS = {"swa": "sliding_attention", "csa": "compressed_sparse_attention", "hca": "heavily_compressed_attention"}
 

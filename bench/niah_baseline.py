@@ -2,7 +2,7 @@
 methods and kvslim's quantization-only points, on the real models.
 
 Runs, for each model, length and task (passkey, natural-text needle), a grid over ``full``, every preset of
-``kvslim.recipe.PRESETS``, the quantization-only points (``full+tq4``, ``full+tq3``, ``full+kivi4``,
+``kvslim.cache.recipe.PRESETS``, the quantization-only points (``full+tq4``, ``full+tq3``, ``full+kivi4``,
 ``full+fp8``), the eviction baselines (StreamingLLM, SnapKV, TOVA, H2O, key-norm, Expected Attention at keep
 ratios 1/2, 1/4, 1/8) and a few eviction + codec compositions, at the given depths and seeds, into resumable
 stores under ``results/niah-baseline/<model>/<task>/`` (rerunning skips finished cells). The context is compressed
@@ -10,7 +10,7 @@ before the question is seen (question-agnostic, as a server caching a shared doc
 question-aware variant into ``<task>-aware/``). Work goes cheapest first (by length), and ``--budget-min`` stops
 starting new cells after that many minutes, so a slow machine yields a complete small grid and a list of what is
 missing rather than nothing. A prompt's eviction recipes share one context prefill (the first one's forward pass,
-recorded and fed to the others with every layer's output checked equal bit for bit, :mod:`kvslim.eval.share`; the
+recorded and fed to the others with every layer's output checked equal bit for bit, :mod:`kvslim.eval.harness.share`; the
 records say ``shared_prefill``; ``--no-share-prefill`` runs each through the model). On Gemma 3 the chunk-invariant
 recipes prefill in calls of 512 tokens (``--prefill-chunk``; the records say ``prefill_chunk``). Then writes ``docs/baseline.md`` (tables + frontier plots in ``docs/img/``),
 ``results/niah_baseline.json``, prints the tables and one final JSON line.
@@ -48,7 +48,7 @@ class OutOfTime(Exception):
 
 def presets() -> list[str]:
     """kvslim's presets, the quantization-only points, every baseline at every keep ratio, the compositions."""
-    from kvslim.recipe import PRESETS, canonical
+    from kvslim.cache.recipe import PRESETS, canonical
 
     quant = {canonical(q) for q in QUANT_ONLY}
     named = [p for p in PRESETS if canonical(p) not in quant]  # full-tq4 is full+tq4: one row
@@ -58,7 +58,7 @@ def presets() -> list[str]:
 @functools.cache
 def row_name(recipe: str) -> str:
     """The one name a recipe's row goes under: its preset's name where it is a preset, else its canonical form."""
-    from kvslim.recipe import PRESETS, canonical
+    from kvslim.cache.recipe import PRESETS, canonical
 
     quant = {canonical(q) for q in QUANT_ONLY}  # full+tq4 keeps that spelling, not the preset full-tq4
     names = {canonical(p): p for p in PRESETS if canonical(p) not in quant}
@@ -68,7 +68,7 @@ def row_name(recipe: str) -> str:
 def records(model: str, task: str, aware: bool) -> list[dict]:
     """The store's records, each recipe under one name: a preset's name where the recipe is a preset (stores written
     before records held canonical names say ``stream``, later ones ``window``: one row either way)."""
-    from kvslim.eval.store import ResultStore
+    from kvslim.eval.harness.store import ResultStore
 
     recs = ResultStore(folder(model, task, aware)).records()
     for r in recs:
@@ -81,7 +81,7 @@ def folder(model: str, task: str, aware: bool) -> Path:
 
 
 def run(args: argparse.Namespace) -> None:
-    from kvslim.eval.runner import Grid, load_pair, run_grid
+    from kvslim.eval.harness.runner import Grid, load_pair, run_grid
 
     deadline = time.monotonic() + args.budget_min * 60 if args.budget_min else None
 
@@ -169,7 +169,7 @@ def frontier_lines(recs: list[dict]) -> list[str]:
 
 
 def write_docs(args: argparse.Namespace) -> dict:
-    from kvslim.eval.report import _frontier, markdown_table, summarize
+    from kvslim.eval.reports.report import _frontier, markdown_table, summarize
 
     img = ROOT / "docs" / "img"
     img.mkdir(parents=True, exist_ok=True)
@@ -255,7 +255,7 @@ def write_docs(args: argparse.Namespace) -> dict:
     md += ["", f"Time spent in cells (sum of the per-cell `seconds`, one torch thread on a shared 2-core machine): "
            f"{seconds / 60:.1f} min, over {n_cells} cells. Of those, {n_shared} eviction cells were fed their "
            "context from another eviction recipe's recorded prefill of the same prompt (`shared_prefill`, "
-           "`kvslim.eval.share`: the same cache as a forward pass, checked), and "
+           "`kvslim.eval.harness.share`: the same cache as a forward pass, checked), and "
            f"{n_chunked} cells of chunk-invariant recipes prefilled in chunks (`prefill_chunk`: the same results to "
            "float rounding); the others ran one forward call per side of the question."]
     pairs = [(k, v) for k, v in sorted(fed.items()) if v[0] and v[1]]
@@ -288,7 +288,7 @@ def main() -> None:
                          "KIVI recipes always prefill each side of the question in one call (0: every recipe)")
     ap.add_argument("--no-share-prefill", action="store_true",
                     help="run every eviction recipe's context prefill through the model (default: one forward per prompt "
-                         "fed to all of them, every layer's output checked equal; kvslim.eval.share)")
+                         "fed to all of them, every layer's output checked equal; kvslim.eval.harness.share)")
     ap.add_argument("--budget-min", type=float, default=0, help="stop starting cells after this many minutes")
     ap.add_argument("--report-only", action="store_true", help="only rebuild docs/baseline.md from the stores")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from kvslim.cache.calibration import _calibration_text
+    from kvslim.cache.methods.latent.calibration import _calibration_text
     from kvslim.models import load
 
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]

@@ -32,11 +32,11 @@ def main() -> None:
     import torch
 
     from kvslim.cache import make_cache
-    from kvslim.cache.methods.recall import RecallLayer, RecallParams
+    from kvslim.cache.methods.recall.recall import RecallLayer, RecallParams
     from kvslim.errors import InvalidInput
-    from kvslim.eval.base import get_task
-    from kvslim.eval.engine import chunked_prefill, eos_ids, greedy, prefill
-    from kvslim.eval.loading import load_pair
+    from kvslim.eval.harness.engine import chunked_prefill, eos_ids, greedy, prefill
+    from kvslim.eval.harness.loading import load_pair
+    from kvslim.eval.tasks.base import get_task
 
     def parse(text: str) -> tuple[int | None, dict]:
         if text == "-":

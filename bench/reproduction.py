@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvslim.plan import GiB, decode_flops, kv_breakdown, kv_bytes
-from kvslim.presets import get_preset
+from kvslim.plan.presets import get_preset
 
 __all__ = ["CONTEXT", "MODELS", "markdown", "numbers"]
 

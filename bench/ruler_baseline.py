@@ -1,6 +1,6 @@
 """What the embedded models can do on the RULER-style suite: the uncompressed (``full``) score of every task.
 
-Runs the ``ruler`` suite (:mod:`kvslim.eval.suite`) with ``--recipes`` (default ``full`` only) on SmolLM2 at
+Runs the ``ruler`` suite (:mod:`kvslim.eval.harness.suite`) with ``--recipes`` (default ``full`` only) on SmolLM2 at
 1k/2k/4k and Gemma 3 270M at 1k/4k/8k/16k tokens, into resumable stores under
 ``results/ruler-baseline/<model>/<task>/`` (rerunning skips finished cells). Work goes model by model (SmolLM2
 first), cheapest length first, every task at a length before the next length; ``--budget-min`` stops starting
@@ -34,9 +34,9 @@ class OutOfTime(Exception):
 
 
 def run(args: argparse.Namespace) -> None:
-    from kvslim.eval.runner import load_pair, run_grid
-    from kvslim.eval.store import StoreBusy
-    from kvslim.eval.suite import suite_grids
+    from kvslim.eval.harness.runner import load_pair, run_grid
+    from kvslim.eval.harness.store import StoreBusy
+    from kvslim.eval.harness.suite import suite_grids
 
     deadline = time.monotonic() + args.budget_min * 60 if args.budget_min else None
 
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def write_docs(args: argparse.Namespace) -> dict:
-    from kvslim.eval.ruler_docs import baseline_markdown
+    from kvslim.eval.reports.ruler_docs import baseline_markdown
 
     md, summary = baseline_markdown(STORE, models=args.models, grid=GRID, depths=args.depths, seeds=args.seeds,
                                     recipes=args.recipes)

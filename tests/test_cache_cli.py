@@ -6,8 +6,8 @@ import json
 
 from typer.testing import CliRunner
 
+from kvslim.cache.recipe import CODECS, KINDS, PRESETS
 from kvslim.cli import app
-from kvslim.recipe import CODECS, KINDS, PRESETS
 
 runner = CliRunner()
 

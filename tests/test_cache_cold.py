@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from kvslim.cache.cold import ColdTier, check_cold_codec
+from kvslim.cache.methods.recall.cold import ColdTier, check_cold_codec
 from kvslim.errors import ColdTierError, InvalidInput
 
 
@@ -136,7 +136,7 @@ def test_a_real_file_size_limit_is_reported(tmp_path):
     """A child process with RLIMIT_FSIZE of 64 KiB: the reservation fails for real (EFBIG), not by a patch."""
     code = textwrap.dedent(f"""
         import resource, signal, torch
-        from kvslim.cache.cold import ColdTier, check_cold_codec
+        from kvslim.cache.methods.recall.cold import ColdTier, check_cold_codec
         from kvslim.errors import ColdTierError
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))

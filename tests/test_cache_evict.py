@@ -10,12 +10,12 @@ from transformers import DynamicCache
 
 from kvslim import make_cache
 from kvslim.cache.build import predict_nbytes
-from kvslim.cache.evict import EvictLayer, kept_tokens
 from kvslim.cache.method import ModelShape
+from kvslim.cache.methods.evict.layer import EvictLayer, kept_tokens
+from kvslim.cache.recipe import parse_recipe
 from kvslim.errors import InvalidInput
-from kvslim.eval.tiny import tiny_pair
+from kvslim.eval.harness.tiny import tiny_pair
 from kvslim.formats import vectors_nbytes
-from kvslim.recipe import parse_recipe
 
 BASELINES = ("streaming", "snapkv", "tova", "h2o", "knorm")
 

@@ -12,13 +12,13 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvslim import make_cache
 from kvslim.cache.build import predict_nbytes
-from kvslim.cache.evict import EvictLayer
 from kvslim.cache.method import ModelShape
-from kvslim.cache.methods.expattn import average_rotation, expected_scores
+from kvslim.cache.methods.evict.expattn import average_rotation, expected_scores
+from kvslim.cache.methods.evict.layer import EvictLayer
+from kvslim.cache.methods.evict.scores import select_keep
+from kvslim.cache.recipe import parse_recipe
 from kvslim.cache.rope import rotate
-from kvslim.cache.scores import select_keep
 from kvslim.errors import InvalidInput
-from kvslim.recipe import parse_recipe
 from kvslim.testing import tiny_gemma3, tiny_llama
 
 

@@ -173,7 +173,7 @@ def test_deep_copy_continues_like_the_original(models, store):
 
 
 def test_block_lse_is_the_exact_per_block_attention():
-    from kvslim.cache.segments import block_lse
+    from kvslim.cache.methods.recall.segments import block_lse
 
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 6, 1, 8, generator=g), torch.randn(2, 3, 12, 8, generator=g)  # 3 KV heads x 2 query heads

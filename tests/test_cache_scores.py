@@ -1,4 +1,4 @@
-"""The eviction baselines' scoring and selection (kvslim.cache.scores) on small hand-checkable tensors."""
+"""The eviction baselines' scoring and selection (kvslim.cache.methods.evict.scores) on small hand-checkable tensors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kvslim.cache.scores import (
+from kvslim.cache.methods.evict.scores import (
     causal_probs,
     check_ratio,
     gather_tokens,

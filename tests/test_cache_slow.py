@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from kvslim.cache import compressed
-from kvslim.cache.calibration import _calibration_text
+from kvslim.cache.methods.latent.calibration import _calibration_text
 
 pytestmark = pytest.mark.slow
 

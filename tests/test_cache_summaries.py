@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvslim.cache.summaries import score_blocks, select_blocks, summarize
+from kvslim.cache.methods.recall.summaries import score_blocks, select_blocks, summarize
 from kvslim.errors import InvalidInput
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvslim.eval.base import get_task
-from kvslim.eval.engine import prefill
-from kvslim.eval.tiny import tiny_pair, tiny_tokenizer
+from kvslim.eval.harness.engine import prefill
+from kvslim.eval.harness.tiny import tiny_pair, tiny_tokenizer
+from kvslim.eval.tasks.base import get_task
 from kvslim.generation import encode_split, generate
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from _eval_helpers import window_double
-from kvslim.eval.batch import batches
-from kvslim.eval.runner import Grid, run_grid
-from kvslim.eval.store import ResultStore
-from kvslim.eval.tiny import tiny_pair
+from kvslim.eval.harness.batch import batches
+from kvslim.eval.harness.runner import Grid, run_grid
+from kvslim.eval.harness.store import ResultStore
+from kvslim.eval.harness.tiny import tiny_pair
 
 FACTORIES = {"win": window_double(48)}
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from kvslim.errors import InvalidInput
-from kvslim.eval.engine import chunked_prefill, prefill, prefill_chunks
-from kvslim.eval.runner import Grid, run_grid
-from kvslim.eval.store import ResultStore
-from kvslim.eval.tiny import tiny_pair
+from kvslim.eval.harness.engine import chunked_prefill, prefill, prefill_chunks
+from kvslim.eval.harness.runner import Grid, run_grid
+from kvslim.eval.harness.store import ResultStore
+from kvslim.eval.harness.tiny import tiny_pair
 
 
 def records(out):
@@ -79,7 +79,7 @@ def test_bad_prefill_chunk_refused_before_anything_is_written(tmp_path, chunk, r
 
 
 def test_ruler_docs_say_how_cells_were_prefilled():
-    from kvslim.eval.ruler_docs import prefill_lines
+    from kvslim.eval.reports.ruler_docs import prefill_lines
 
     one = {"length": 8000}
     chunked = {"length": 8000, "prefill_chunk": 512}

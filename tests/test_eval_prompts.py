@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 from _eval_helpers import real_tokenizer
 from kvslim.errors import InvalidInput
-from kvslim.eval.base import get_task
-from kvslim.eval.haystack import encode, filler_sentences, pydoc_sentences
-from kvslim.eval.tiny import tiny_tokenizer
+from kvslim.eval.harness.tiny import tiny_tokenizer
+from kvslim.eval.tasks.base import get_task
+from kvslim.eval.tasks.haystack import encode, filler_sentences, pydoc_sentences
 
 TOK = tiny_tokenizer(chat=True)
 BASE_TOK = tiny_tokenizer(chat=False)

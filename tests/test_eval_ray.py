@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kvslim.eval.runner import Grid, run_grid
+from kvslim.eval.harness.runner import Grid, run_grid
 
 pytest.importorskip("ray")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from kvslim.errors import InvalidInput
-from kvslim.eval.report import build_report, markdown_table, summarize, table_rows
-from kvslim.eval.store import ResultStore
+from kvslim.eval.harness.store import ResultStore
+from kvslim.eval.reports.report import build_report, markdown_table, summarize, table_rows
 
 FIXTURE = Path(__file__).parent / "data" / "niah_results.jsonl"
 # The fixture: recipes full (float32: 2x a 16-bit cache) and small (0.25x); lengths 1000/2000, depths 0/1, seeds 0/1.

@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 
 from _eval_helpers import real_tokenizer
 from kvslim.errors import InvalidInput
-from kvslim.eval.base import get_task, score_answer
-from kvslim.eval.needles import count_in, haystack_text, needle_depths
-from kvslim.eval.suite import SUITES
-from kvslim.eval.tiny import tiny_pair, tiny_tokenizer
-from kvslim.eval.values import draw
+from kvslim.eval.harness.suite import SUITES
+from kvslim.eval.harness.tiny import tiny_pair, tiny_tokenizer
+from kvslim.eval.tasks.base import get_task, score_answer
+from kvslim.eval.tasks.needles import count_in, haystack_text, needle_depths
+from kvslim.eval.tasks.values import draw
 
 TOK = tiny_tokenizer(chat=True)
 BASE_TOK = tiny_tokenizer(chat=False)
@@ -143,9 +143,9 @@ def test_values_are_distinct_and_never_inside_one_another():
 
 _CHILD = """
 import json, sys
-from kvslim.eval.base import get_task
-from kvslim.eval.suite import SUITES
-from kvslim.eval.tiny import tiny_tokenizer
+from kvslim.eval.tasks.base import get_task
+from kvslim.eval.harness.suite import SUITES
+from kvslim.eval.harness.tiny import tiny_tokenizer
 tok = tiny_tokenizer(chat=True)
 print(json.dumps({t: get_task(t).build(tok, 1500, 0.3, 5).ids for t in [*SUITES["ruler"], "distractor"]}))
 """
@@ -174,7 +174,7 @@ def test_recall_scoring(answer, expected, result):
 
 @pytest.mark.parametrize("task", ["niah_multivalue", "vt", "cwe"])
 def test_a_cell_scores_recall_beside_success_and_logprob(task):
-    from kvslim.eval.caches import cache_factory
+    from kvslim.eval.harness.caches import cache_factory
 
     model, tok = tiny_pair("tiny-llama")
     t = get_task(task)

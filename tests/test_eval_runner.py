@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 from _eval_helpers import window_double
 from kvslim.errors import ContextTooLong, InvalidInput
-from kvslim.eval.runner import Grid, run_grid
-from kvslim.eval.store import ResultStore
-from kvslim.eval.tiny import tiny_pair
+from kvslim.eval.harness.runner import Grid, run_grid
+from kvslim.eval.harness.store import ResultStore
+from kvslim.eval.harness.tiny import tiny_pair
 
 DOUBLE = {"win": window_double(48)}
 REQUIRED = {"task", "model", "recipe", "length", "depth", "seed", "success", "score", "kv_bytes", "seconds",
@@ -174,7 +174,7 @@ def test_cli_niah_and_report(tmp_path):
 
 
 def test_recipes_are_checked_by_the_grammar():
-    from kvslim.eval.caches import check_recipes
+    from kvslim.eval.harness.caches import check_recipes
 
     assert check_recipes(["full"]) == ["full"]
     assert check_recipes(["v4-tq3", "full"]) == ["full", "v4-tq3"]

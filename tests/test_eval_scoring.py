@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from _eval_helpers import window_double
-from kvslim.eval.base import get_task, score_answer
-from kvslim.eval.caches import cache_factory
-from kvslim.eval.engine import eos_ids, greedy, prefill, teacher_logprob
-from kvslim.eval.tiny import tiny_pair
+from kvslim.eval.harness.caches import cache_factory
+from kvslim.eval.harness.engine import eos_ids, greedy, prefill, teacher_logprob
+from kvslim.eval.harness.tiny import tiny_pair
+from kvslim.eval.tasks.base import get_task, score_answer
 from kvslim.hf_config import full16_nbytes
 from kvslim.memory import cache_nbytes
 

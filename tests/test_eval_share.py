@@ -1,4 +1,4 @@
-"""One context prefill shared by a prompt's eviction recipes (kvslim.eval.share): the replay leaves each cache as a
+"""One context prefill shared by a prompt's eviction recipes (kvslim.eval.harness.share): the replay leaves each cache as a
 forward pass would, bit for bit, and a replay whose layer outputs differ falls back to the forward pass."""
 
 from __future__ import annotations
@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from kvslim import make_cache
-from kvslim.cache.evict import EvictLayer
+from kvslim.cache.methods.evict.layer import EvictLayer
+from kvslim.cache.recipe import full_prefill
 from kvslim.cache.tap import TAP
-from kvslim.eval.base import get_task
-from kvslim.eval.engine import greedy, prefill, teacher_logprob
-from kvslim.eval.runner import Grid, run_grid
-from kvslim.eval.share import shared_prefill
-from kvslim.eval.store import ResultStore
-from kvslim.eval.tiny import tiny_pair
-from kvslim.recipe import full_prefill
+from kvslim.eval.harness.engine import greedy, prefill, teacher_logprob
+from kvslim.eval.harness.runner import Grid, run_grid
+from kvslim.eval.harness.share import shared_prefill
+from kvslim.eval.harness.store import ResultStore
+from kvslim.eval.harness.tiny import tiny_pair
+from kvslim.eval.tasks.base import get_task
 
 EVICT = [
     "snapkv:keep=0.5",

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from kvslim.eval.runner import Grid, run_grid
-from kvslim.recipe import canonical
+from kvslim.cache.recipe import canonical
+from kvslim.eval.harness.runner import Grid, run_grid
 
 
 @pytest.mark.slow

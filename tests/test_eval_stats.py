@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvslim.eval.stats import fmt_ci, paired, sign_test, wilson
+from kvslim.eval.reports.stats import fmt_ci, paired, sign_test, wilson
 
 
 @pytest.mark.parametrize("k,n,lo,hi", [  # Newcombe (1998), method 3, and the closed form by hand

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from kvslim.eval.store import ResultStore
-from kvslim.eval.suite import suite_grids
-from kvslim.eval.suite_report import compare, suite_records, suite_tables
+from kvslim.eval.harness.store import ResultStore
+from kvslim.eval.harness.suite import suite_grids
+from kvslim.eval.reports.suite_report import compare, suite_records, suite_tables
 
 FIXTURE = Path(__file__).parent / "data" / "niah_results.jsonl"
 

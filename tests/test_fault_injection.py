@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import kvslim
-from kvslim.eval.store import ResultStore
+from kvslim.eval.harness.store import ResultStore
 
 SRC = str(Path(kvslim.__file__).resolve().parents[1])  # the kvslim under test, for subprocesses
 GRID = ["-m", "tiny-llama", "-l", "500,700", "-d", "0,0.25,0.5,0.75,1", "-r", "full,window:w=64", "--threads", "1"]

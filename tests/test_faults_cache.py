@@ -8,7 +8,7 @@ import torch
 
 from kvslim import generate, make_cache
 from kvslim.errors import InvalidInput
-from kvslim.eval.tiny import tiny_pair
+from kvslim.eval.harness.tiny import tiny_pair
 
 
 def test_a_cache_used_by_another_model_is_refused(tiny_llama, tiny_gemma3):

@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 from _eval_helpers import window_double
 from kvslim.cli import app
 from kvslim.errors import InvalidInput
-from kvslim.eval.report import build_report
-from kvslim.eval.runner import Grid, run_grid
-from kvslim.eval.store import ResultStore
-from kvslim.eval.tiny import tiny_pair
+from kvslim.eval.harness.runner import Grid, run_grid
+from kvslim.eval.harness.store import ResultStore
+from kvslim.eval.harness.tiny import tiny_pair
+from kvslim.eval.reports.report import build_report
 
 DOUBLE = {"win": window_double(48)}
 

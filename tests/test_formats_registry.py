@@ -9,10 +9,10 @@ import torch
 from kvslim import formats
 from kvslim.cache import make_cache, predict_nbytes
 from kvslim.cache.method import ModelShape
+from kvslim.cache.recipe import CODECS
 from kvslim.errors import InvalidInput
 from kvslim.quant import CODEC_NAMES, make_codec
 from kvslim.quant.base import Codec, Packed
-from kvslim.recipe import CODECS
 
 
 class Int8Codec(Codec):

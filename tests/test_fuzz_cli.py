@@ -54,7 +54,7 @@ def test_plan_numbers_and_formats(context, memory, fmt, fit):
 
 @pytest.fixture
 def no_model(monkeypatch):
-    import kvslim.eval.runner as runner
+    import kvslim.eval.harness.runner as runner
 
     def sentinel(name):
         raise InvalidInput("__validated__")

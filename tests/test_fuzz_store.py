@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from kvslim.cli import app
 from kvslim.errors import InvalidInput
-from kvslim.eval.report import build_report
-from kvslim.eval.store import ResultStore
+from kvslim.eval.harness.store import ResultStore
+from kvslim.eval.reports.report import build_report
 
 RECORD = {"task": "passkey", "model": "m", "recipe": "full", "length": 400, "depth": 0.5, "seed": 0, "success": True,
           "score": -0.5, "kv_bytes": 1000, "kv_bytes_full16": 500, "prompt_tokens": 400, "answer": "12345"}
@@ -61,7 +61,7 @@ def test_damaged_planner_configs_are_one_line(tmp_path, content, text):
 
 
 def test_store_files_that_are_folders_are_refused_before_loading(tmp_path):
-    from kvslim.eval.runner import Grid, run_grid
+    from kvslim.eval.harness.runner import Grid, run_grid
 
     (tmp_path / "results.jsonl").mkdir()
     with pytest.raises(InvalidInput, match="is not a file"):

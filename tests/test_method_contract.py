@@ -20,8 +20,8 @@ from transformers import DynamicCache
 import kvslim
 from kvslim.cache import make_cache, predict_nbytes
 from kvslim.cache.method import INT64_MAX, LOSSLESS_CONTEXT, ModelShape, methods
+from kvslim.cache.recipe import parse_recipe
 from kvslim.errors import InvalidInput
-from kvslim.recipe import parse_recipe
 
 
 def _load_plugins() -> None:

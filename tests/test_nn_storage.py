@@ -101,7 +101,7 @@ def test_v4_state_bytes_equal_the_planner() -> None:
     """V4State.nbytes() == the planner's expected bytes (layout "plan"): fp32 rows, and packed fp8_ds_v4 rows + fp4
     indexer keys (the planner's fp8_ds_v4 needs 64 RoPE dims, so this config has head_dim 128 with 64 RoPE dims)."""
     from kvslim.plan import expected_cache_bytes
-    from kvslim.spec_hf import spec_from_config
+    from kvslim.plan.spec_hf import spec_from_config
 
     for kind in ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"):
         cfg = tiny_v4_config(kind, head_dim=128, partial_rotary_factor=0.5, index_head_dim=64, o_groups=2)

@@ -41,7 +41,7 @@ def test_no_import_circles():
         tree = ast.parse((src / rel).read_text())
         return {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
 
-    assert not {"presets", "spec_hf"} & imports("spec.py")
-    assert "presets" not in imports("spec_hf.py")
-    assert "runner" not in imports("eval/executors.py")
-    assert "models" not in imports("cache/calibration.py") and "..models" not in imports("cache/calibration.py")
+    assert not {"presets", "spec_hf"} & imports("plan/spec.py")
+    assert "presets" not in imports("plan/spec_hf.py")
+    assert "runner" not in imports("eval/harness/executors.py")
+    assert "models" not in imports("cache/methods/latent/calibration.py") and "....models" not in imports("cache/methods/latent/calibration.py")

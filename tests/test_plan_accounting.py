@@ -23,8 +23,8 @@ from kvslim.plan import (
     parse_contexts,
     prefill_flops,
 )
-from kvslim.presets import preset
-from kvslim.spec import ArchSpec, GQALayer, IndexerSpec, MLALayer, MLPSpec, V4Layer
+from kvslim.plan.presets import preset
+from kvslim.plan.spec import ArchSpec, GQALayer, IndexerSpec, MLALayer, MLPSpec, V4Layer
 
 V3 = dict(n_heads=128, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, q_lora_rank=1536)
 

@@ -6,7 +6,7 @@ import pytest
 
 from kvslim.memory import cache_nbytes
 from kvslim.plan import check_cache, expected_cache_bytes
-from kvslim.spec_hf import from_config
+from kvslim.plan.spec_hf import from_config
 
 
 def _prefill_bytes(model, n: int) -> int:
@@ -58,7 +58,7 @@ def test_embedded_models(name: str, n: int) -> None:
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_presets_equal_loaded_configs(name: str) -> None:
     from kvslim.models import embedded_config
-    from kvslim.presets import preset
+    from kvslim.plan.presets import preset
 
     cfg = embedded_config(name)
     if cfg is None:

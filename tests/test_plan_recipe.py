@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from kvslim.cli import app
 from kvslim.errors import InvalidInput
-from kvslim.plan_recipe import price_recipe
-from kvslim.presets import preset
+from kvslim.plan.presets import preset
+from kvslim.plan.pricing import price_recipe
 
 runner = CliRunner()
 

@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvslim.errors import InvalidInput
-from kvslim.presets import PRESETS, get_preset, preset, resolve_spec
-from kvslim.spec import (
+from kvslim.plan.presets import PRESETS, get_preset, preset, resolve_spec
+from kvslim.plan.spec import (
     GQALayer,
     IndexerSpec,
     MLALayer,
@@ -17,7 +17,7 @@ from kvslim.spec import (
     sum_min,
     sum_min_floor,
 )
-from kvslim.spec_hf import from_config
+from kvslim.plan.spec_hf import from_config
 
 V3 = dict(n_heads=128, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, q_lora_rank=1536)
 IX = IndexerSpec(64, 128, 2048)

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from kvslim.cli import app
 from kvslim.errors import InvalidInput
 from kvslim.plan import GiB, fit
-from kvslim.plan_tiers import GPUS, fit_tiers, get_gpu, step_time, tier_price
-from kvslim.presets import get_preset
+from kvslim.plan.presets import get_preset
+from kvslim.plan.tiers import GPUS, fit_tiers, get_gpu, step_time, tier_price
 
 RECALL = "recall:m=32,k=8,w=128,sinks=4+fp8"
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kvslim.cache.recipe import CODECS, KINDS, PRESETS, list_recipes, parse_recipe
 from kvslim.errors import InvalidInput
-from kvslim.recipe import CODECS, KINDS, PRESETS, list_recipes, parse_recipe
 
 
 def test_defaults_and_params():

@@ -23,16 +23,16 @@ _EXPORTS: dict[str, str] = {
     "generate": "kvslim.generation",
     "make_cache": "kvslim.cache",
     "compressed": "kvslim.cache",
-    "parse_recipe": "kvslim.recipe",
-    "list_recipes": "kvslim.recipe",
+    "parse_recipe": "kvslim.cache.recipe",
+    "list_recipes": "kvslim.cache.recipe",
     "MLA": "kvslim.nn.mla",
     "DSA": "kvslim.nn.dsa",
     "V4Attention": "kvslim.nn.v4_attention",
     "V4Config": "kvslim.nn.v4_config",
     "from_transformers": "kvslim.nn.loading",
-    "ArchSpec": "kvslim.spec",
-    "preset": "kvslim.presets",
-    "from_config": "kvslim.spec_hf",
+    "ArchSpec": "kvslim.plan.spec",
+    "preset": "kvslim.plan.presets",
+    "from_config": "kvslim.plan.spec_hf",
     "bytes_per_vector": "kvslim.formats",
     "vectors_nbytes": "kvslim.formats",
     "kv_bytes": "kvslim.plan",
@@ -54,6 +54,6 @@ __all__ = ["__version__", *sorted(_EXPORTS)]
 
 # subpackages and modules reachable as attributes after a plain ``import kvslim`` (imported on first access)
 SUBMODULES = ("cache", "cli", "errors", "eval", "formats", "generation", "hf_config", "memory", "models", "nn", "plan",
-              "presets", "quant", "recipe", "spec", "spec_hf", "spec_layers", "testing")  # fmt: skip
+              "quant", "testing")  # fmt: skip
 
 __getattr__, __dir__ = lazy_exports("kvslim", _EXPORTS, globals(), SUBMODULES)

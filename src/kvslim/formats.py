@@ -2,7 +2,7 @@
 
 A *vector* is one token's key, or value, or MLA latent, or V4 entry, or indexer key, for one KV head, of dimension
 ``d``. Each :class:`Format` declares its bytes-per-vector formula (the contract every codec's packed storage meets),
-its flags and its codec factory; the recipes (``kvslim.recipe.CODECS``), the codecs (``kvslim.quant.CODEC_NAMES``,
+its flags and its codec factory; the recipes (``kvslim.cache.recipe.CODECS``), the codecs (``kvslim.quant.CODEC_NAMES``,
 ``make_codec``), the planner, the compressed caches and ``kvslim.nn``'s packed V4 storage all read :data:`REGISTRY`.
 Per-codec constants shared by all vectors (rotation signs, codebooks, outlier indices) are *not* counted here:
 codecs report them as ``state_nbytes()``, once per cache layer.

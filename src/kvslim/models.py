@@ -431,7 +431,7 @@ def facts_from_spec(arch: Any) -> ModelFacts:
 def embedded_facts(name: str) -> ModelFacts:
     """Facts of an embedded model without loading it: its cached config when it has been loaded before, else its
     planner preset (tests check that each preset equals the loaded model's config)."""
-    from .presets import preset
+    from .plan.presets import preset
 
     spec = resolve_model_name(name)
     if not _missing_packages(spec) and not spec.split:

@@ -1,4 +1,4 @@
-"""Compressed KV caches for stock transformers models (see :mod:`kvslim.recipe` for the recipe grammar).
+"""Compressed KV caches for stock transformers models (see :mod:`kvslim.cache.recipe` for the recipe grammar).
 
 ``make_cache(model, recipe)`` returns a transformers ``Cache`` to pass as ``cache=`` to ``forward``/``generate``.
 Methods live one per file in :mod:`kvslim.cache.methods` on the shared layer of :mod:`kvslim.cache.base`; the

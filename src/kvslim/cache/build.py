@@ -22,11 +22,11 @@ from transformers.cache_utils import Cache
 
 from ..errors import InvalidInput
 from ..formats import REGISTRY
-from ..recipe import LayerSpec, Recipe, parse_recipe
 from .attention import kvslim_name_for, select_kvslim_attention
 from .base import BaseLayer, LayerContext
 from .guard import check_update, owner_of
 from .method import ModelShape
+from .recipe import LayerSpec, Recipe, parse_recipe
 from .rope import inv_freq_for_layer
 from .storage import make_storage_codec
 from .tap import TAP

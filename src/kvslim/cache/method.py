@@ -104,7 +104,7 @@ class ModelShape:
     @classmethod
     def from_arch(cls, arch: Any, dtype: str = "bf16") -> ModelShape:
         """From a planner ``ArchSpec`` made of GQA layers (stock models: full and sliding layers)."""
-        from ..spec_layers import GQALayer
+        from ..plan.spec_layers import GQALayer
 
         if not arch.layers or not all(isinstance(layer, GQALayer) for layer in arch.layers):
             raise InvalidInput(f"recipes apply to stock models with GQA/MHA/MQA layers; {arch.name} has "
@@ -125,7 +125,7 @@ class Method:
     (``"tokens"``: the lossless set is token-identical to ``DynamicCache``; ``"float"``: equal up to float rounding);
     ``needs_rope`` (pools or projects pre-RoPE keys); ``full_prefill`` (a first forward call attends over every
     new token at model precision whatever the parameters, and compresses only after it: two such recipes compute
-    the same prefill, which :mod:`kvslim.eval.share` uses, checking every layer's output).
+    the same prefill, which :mod:`kvslim.eval.harness.share` uses, checking every layer's output).
     """
 
     name: ClassVar[str] = ""

@@ -1,6 +1,6 @@
 """A tap on a kvslim cache's forward calls: what each layer was given and what it returned.
 
-:class:`kvslim.eval.share.Recording` listens here to record one cache's context prefill and feed it to other caches
+:class:`kvslim.eval.harness.share.Recording` listens here to record one cache's context prefill and feed it to other caches
 (see that module). While :data:`TAP` is unset (always, outside that recorder) each hook is one ``ContextVar.get``.
 """
 

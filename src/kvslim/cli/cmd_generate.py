@@ -27,11 +27,11 @@ def register(app: typer.Typer) -> None:
         exactly from the model config and the token count. --recipe picks a compressed cache (see `kvslim recipes`);
         a tiered recipe (recall) also reports its cold bytes and the cold bytes fetched per decode step."""
         from ..cache import make_cache
+        from ..cache.recipe import parse_recipe
         from ..errors import InvalidInput
         from ..generation import generate
         from ..models import load
         from ..paths import check_text
-        from ..recipe import parse_recipe
         from ..units import check_int
 
         parsed = parse_recipe(recipe) if recipe is not None else None  # refuse a malformed recipe before loading

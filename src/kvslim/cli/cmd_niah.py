@@ -134,7 +134,7 @@ def register(app: typer.Typer) -> None:
         the table and writes heatmaps. Every option is checked before anything is written to OUT (names and numbers
         before the model loads; lengths against its context after).
         """
-        from ..eval.runner import Grid, run_grid
+        from ..eval.harness.runner import Grid, run_grid
         from ..units import check_int
 
         for flag, value in (("--needles", needles), ("--eval-tokens", eval_tokens), ("--max-new-tokens", max_new_tokens)):
@@ -154,7 +154,7 @@ def register(app: typer.Typer) -> None:
             options["chat"] = chat
         options.update(parse_opts(opts or []))
         if suite is not None:
-            from ..eval.suite import run_suite, suite_grids
+            from ..eval.harness.suite import run_suite, suite_grids
 
             grids = suite_grids(suite, model=model, recipes=names, lengths=parse_list(lengths, int, "lengths"),
                                 depths=parse_list(depths, float, "depths"), seeds=parse_list(seeds, int, "seeds"),

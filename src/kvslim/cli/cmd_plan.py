@@ -24,7 +24,7 @@ def _ctx_label(n: int) -> str:
 
 
 def _row(spec: Any, n: int, fmt: Any, base: dict[str, Any] | None) -> dict[str, Any]:
-    from ..plan import decode_flops, decode_read_bytes, kv_breakdown
+    from ..plan.accounting import decode_flops, decode_read_bytes, kv_breakdown
 
     parts = kv_breakdown(spec, n, fmt)
     kv = sum(parts.values())
@@ -51,7 +51,7 @@ def _plot(path: Path, specs: list[Any], contexts: list[int], fmt: Any) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..plan import GiB, kv_bytes
+    from ..plan.accounting import GiB, kv_bytes
 
     lo, hi = min(1024, min(contexts)), max(contexts)
     grid = sorted({int(lo * (hi / lo) ** (i / 60)) for i in range(61)} | set(contexts))
@@ -74,9 +74,9 @@ def _plot(path: Path, specs: list[Any], contexts: list[int], fmt: Any) -> None:
 def _recipes(spec: Any, recipes: list[str], context: str | None, dtype: str, allow: bool, as_json: bool,
              tiers: dict[str, Any]) -> None:  # fmt: skip
     """The recipe table; ``tiers``: ``gpu`` (a GPU for the decode-step time), ``memory`` / ``host`` (for --fit)."""
-    from ..plan import GiB, check_context, parse_contexts
-    from ..plan_tiers import fit_tiers, step_time, tier_price
-    from ..recipe import canonical
+    from ..cache.recipe import canonical
+    from ..plan.accounting import GiB, check_context, parse_contexts
+    from ..plan.tiers import fit_tiers, step_time, tier_price
 
     names = ["full"] + [r for r in dict.fromkeys(canonical(r) for r in recipes) if r != "full"]
     contexts = parse_contexts(context) if context else [n for n in DEFAULT_LADDER if n < spec.max_context] + [spec.max_context]
@@ -134,8 +134,8 @@ def _recipes(spec: Any, recipes: list[str], context: str | None, dtype: str, all
 def _tier_options(gpu: str | None, do_fit: bool, memory: str | None, host: str | None, wf: str) -> dict[str, Any]:
     from ..errors import InvalidInput
     from ..formats import weight_bytes_per_param
-    from ..plan import parse_bytes
-    from ..plan_tiers import get_gpu
+    from ..plan.accounting import parse_bytes
+    from ..plan.tiers import get_gpu
 
     g = get_gpu(gpu) if gpu is not None else None
     weight_bytes_per_param(wf)  # validates the name
@@ -204,8 +204,8 @@ def register(app: typer.Typer) -> None:
         from ..errors import InvalidInput
         from ..formats import parse_kv_format, weight_bytes_per_param
         from ..paths import check_output_file
-        from ..plan import GiB, check_context, fit, parse_bytes, parse_contexts
-        from ..presets import resolve_spec
+        from ..plan.accounting import GiB, check_context, fit, parse_bytes, parse_contexts
+        from ..plan.presets import resolve_spec
 
         if plot is not None:  # before any work: a plot path that cannot be written is refused first
             check_output_file(plot, "--plot", plot_suffixes())

@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
         """List methods (from the registry), named presets and codecs; combine as METHOD[:key=value,...][+CODEC]."""
         from rich.table import Table
 
-        from ..recipe import list_recipes, parse_recipe
+        from ..cache.recipe import list_recipes, parse_recipe
 
         if check is not None:
             r = parse_recipe(check)

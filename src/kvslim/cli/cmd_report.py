@@ -43,10 +43,10 @@ def register(app: typer.Typer) -> None:
         wins); each is named in a warning and in summary.md."""
         import dataclasses
 
-        from ..eval.report import build_report, summary_json, table_rows
-        from ..eval.suite import read_suite
-        from ..eval.suite_report import build_suite_report, suite_records, tables_markdown
-        from ..eval.suite_report import compare as compare_recipes
+        from ..eval.harness.suite import read_suite
+        from ..eval.reports.report import build_report, summary_json, table_rows
+        from ..eval.reports.suite_report import build_suite_report, suite_records, tables_markdown
+        from ..eval.reports.suite_report import compare as compare_recipes
 
         suite = read_suite(out) is not None
         res = build_suite_report(out, images=images) if suite else build_report(out, images=images)

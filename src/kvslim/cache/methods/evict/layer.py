@@ -1,0 +1,306 @@
+"""The cache layer of the eviction baselines: exactly ``budget`` tokens per KV head, the rest deleted (not masked).
+
+A policy (:class:`Policy` subclass: StreamingLLM, SnapKV, TOVA, H2O, key-norm, Expected Attention) gives a score
+per held token (:meth:`Policy.call_scores` also hands it the values, RoPE positions and frequencies); the
+layer keeps the best ``budget`` per KV head with :func:`kvslim.cache.scores.select_keep` (sinks and a recent window
+always kept where the policy has them) and deletes the rest from its stores: kept keys (post-RoPE, so positions stay
+right) and values are gathered per head, other tokens are gone.
+
+When it compresses. The first forward call (the prefill) is attended in full, then compressed to
+``budget = keep_budget(n, ratio, budget)``. After that, a *one-shot* policy (SnapKV, key-norm: the papers compress the
+prompt once) appends every later token; a *continuous* policy (StreamingLLM, TOVA, H2O: the papers evict at every
+step) evicts at the end of every call back to ``ceil(ratio * seen)`` tokens (or the fixed ``budget``). Prefilling a
+document alone and the question in a second call therefore compresses question-agnostically (see
+:mod:`kvslim.generation`). Until the first compression nothing is stored; kept tokens are then encoded through the
+storage codec (``none`` keeps the model dtype, which makes ``ratio = 1`` token-identical to ``DynamicCache``).
+
+Method files (``kvslim/cache/methods/{streaming,snapkv,tova,h2o,knorm,expattn}.py``) each hold a policy, its
+parameters (:class:`EvictParams`) and an :class:`EvictMethod`; this module is what they share: the layer (on
+:class:`~kvslim.cache.base.BaseLayer`, whose exact tail store holds the kept tokens), its spec and its byte
+prediction.
+
+Index letters: b batch, h KV head, g query heads per KV head, s queries of the call, n tokens, d dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ....errors import InvalidInput
+from ...base import BaseLayer, LayerSpec, grouped_attention, stream_nbytes
+from ...method import Method, Params, param
+from .scores import causal_probs, check_ratio, keep_budget, select_keep
+
+__all__ = ["EvictLayer", "EvictMethod", "EvictParams", "EvictSpec", "Policy", "keep_param", "kept_tokens"]
+
+_CHUNK = 256  # queries per probability chunk (accumulating policies)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a method decides: scores per token, protected sinks / recent tokens, one-shot or continuous.
+
+    ``ratio`` in (0, 1] or ``budget`` > 0 tokens (which wins when given). Subclasses set ``continuous`` and
+    override :meth:`scores` (and :meth:`protect`, :meth:`check_prompt` where the paper has sinks or a window).
+    """
+
+    ratio: float = 1.0
+    budget: int = 0
+    continuous = False
+    accumulates = False  # keeps a running score per held token (H2O)
+
+    def __post_init__(self) -> None:
+        check_ratio(self.ratio)
+        if self.budget < 0:
+            raise InvalidInput(f"token budget must be positive (0: use the keep ratio), got {self.budget}")
+
+    def check_prompt(self, n: int) -> None:
+        """Refuse a first call of ``n`` tokens the method cannot compress (budget above it, window longer)."""
+        keep_budget(n, self.ratio, self.budget)
+
+    def target(self, seen: int) -> int:
+        """Tokens to hold after a call, ``seen`` tokens in (continuous policies and the first compression)."""
+        if self.budget:
+            return min(self.budget, seen)
+        return max(1, min(seen, math.ceil(self.ratio * seen - 1e-9)))
+
+    def protect(self, budget: int) -> tuple[int, int]:
+        """``(sinks, recent)`` kept whatever their score."""
+        return 0, 0
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor, held: int, scaling: float, softcap: float | None,
+               acc: torch.Tensor | None) -> torch.Tensor:
+        """Scores ``[b, h, n]`` of the ``n = held + s`` tokens (``k [b, h, n, d]``; queries ``q [b, h*g, s, d]`` at
+        columns ``held..n-1``); ``acc [b, h, n]``: the running scores (accumulating policies)."""
+        raise NotImplementedError
+
+    def call_scores(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, held: int, scaling: float,
+                    softcap: float | None, acc: torch.Tensor | None, pos: torch.Tensor, valid_q: torch.Tensor | None,
+                    inv_freq: torch.Tensor | None) -> torch.Tensor:
+        """Scores ``[b, h, n]`` with everything the layer has: also the values ``v [b, h, n, d]``, the RoPE positions
+        ``pos [b, s]`` of the call's queries, their validity ``valid_q [b, s]`` (None: no padding) and the layer's
+        RoPE inverse frequencies (None without RoPE). Default: :meth:`scores` (policies that read attention only)."""
+        return self.scores(q, k, held, scaling, softcap, acc)
+
+
+def kept_tokens(policy: Policy, calls: list[int]) -> int:
+    """Tokens a layer holds (per KV head) after forward calls of ``calls`` tokens each (what the planner prices)."""
+    held = seen = 0
+    for i, n in enumerate(calls):
+        seen += n
+        held += n
+        if i == 0 or policy.continuous:
+            held = min(held, policy.target(seen))
+    return held
+
+
+def _gather(packed: Any, idx: torch.Tensor) -> Any:
+    """Per-head gather of tokens ``idx [b, h, k]`` from a packed value (plain tensor, tuple, or ``Packed``)."""
+    b, h, k = idx.shape
+    if isinstance(packed, torch.Tensor):
+        return packed.gather(2, idx[..., None].expand(b, h, k, packed.shape[-1]))
+    if isinstance(packed, tuple):
+        return tuple(_gather(p, idx) for p in packed)
+    from dataclasses import replace
+
+    fields = {n: f.gather(2, idx[..., None].expand(b, h, k, f.shape[-1])) for n, f in packed.fields.items()}
+    return replace(packed, fields=fields, shape=(b, h, k, packed.shape[-1]))
+
+
+def keep_param() -> float:
+    return param(1.0, "fraction of the tokens kept per layer and KV head, in (0, 1] (1: every token, lossless)")
+
+
+def budget_param() -> int:
+    return param(0, "fixed tokens kept per layer and KV head instead of keep (0: use keep)", lo=0)
+
+
+@dataclass(frozen=True)
+class EvictParams(Params):
+    """Base of the eviction methods' parameters: ``keep`` in (0, 1] and ``budget`` >= 0 (subclasses declare them)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ratio(self.keep, f"{self.method}: keep")
+
+
+@dataclass(frozen=True)
+class EvictSpec(LayerSpec):
+    """A global layer of an eviction method: its :class:`Policy` (storage codec in ``codec``)."""
+
+    policy: Any = None
+
+    def layer_class(self) -> type[EvictLayer]:
+        return EvictLayer
+
+
+class EvictMethod(Method):
+    """Shared by the eviction methods: lossless at ``keep=1``, not chunk-invariant (scores depend on the calls),
+    continuous policies refused with append-only formats (KIVI keys share scales per 32 tokens)."""
+
+    lossless = ({"keep": 1.0},)
+    chunk_invariant = False
+    full_prefill = True  # the first call attends in full, then compresses (EvictLayer.attend)
+
+    def policy(self) -> Policy:
+        raise NotImplementedError
+
+    def check(self, shape: Any) -> list[str]:
+        from ....formats import REGISTRY
+
+        problems = super().check(shape)
+        fmt = REGISTRY.get(self.codec)
+        if self.policy().continuous and fmt is not None and fmt.append_only:
+            problems.append(f"{self.name} evicts at every step, but {self.codec} stores keys in groups of tokens "
+                            "(append-only): use a per-token codec (tq*, fp8, fp16)")
+        return problems
+
+    def global_spec(self, index: int) -> EvictSpec:
+        return EvictSpec(codec=self.codec, label=self.name, policy=self.policy())
+
+
+class EvictLayer(BaseLayer):
+    """The tokens a :class:`Policy` keeps, per KV head, in the base layer's tail stores (through the spec's codec);
+    ``valid [b, h, n]`` once padding was seen, ``acc [b, h, n]`` the running scores of accumulating policies."""
+
+    def __repr__(self) -> str:
+        return f"EvictLayer({self.spec.label})"
+
+    def reset(self) -> None:
+        super().reset()
+        self.calls = 0
+
+    def init_state(self) -> None:
+        self.policy = self.spec.policy
+        self.valid: torch.Tensor | None = None
+        self.acc = torch.zeros(self.batch, self.heads, 0, device=self.device) if self.policy.accumulates else None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if self.calls == 0 and self.pending is None:
+            self.spec.policy.check_prompt(key_states.shape[2])  # before anything is stored
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def stored_length(self) -> int:
+        return self.tail_k.n if self.is_initialized else 0
+
+    def stores(self) -> list[Any]:
+        return [self.tail_k, self.tail_v]
+
+    def side_tensors(self) -> list[str]:
+        return ["valid", "acc"]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("eviction caches cannot be cropped (evicted tokens are gone)")
+
+    @classmethod
+    def predict(cls, spec: EvictSpec, n: int, shape: Any, batch: int = 1) -> dict[str, int]:
+        """After one unpadded prefill of ``n`` tokens: ``kept_tokens(policy, [n])`` per KV head through the codec,
+        plus the running scores (float32) of accumulating policies; FLOPs of one decode step: attention over the kept
+        tokens, plus the scoring pass of continuous policies."""
+        pol = spec.policy
+        kept = kept_tokens(pol, [n]) if n else 0
+        kv = stream_nbytes(shape, spec.codec, shape.head_dim, kept, batch)
+        side = 4 * batch * shape.kv_heads * kept if pol.accumulates else 0
+        flops = 4 * batch * shape.heads * shape.head_dim * kept
+        if pol.continuous:
+            flops += 2 * batch * shape.heads * shape.head_dim * (kept + 1)
+        return {"stored": kv + side, "read": kv, "flops": flops}
+
+    # ---- attention and eviction ------------------------------------------------------------------------------
+    def attend(self, query: torch.Tensor, positions: Any, valid_new: torch.Tensor | None, scaling: float,
+               softcap: float | None) -> torch.Tensor:
+        """Attend ``query [b, h*g, s, d]`` over the held tokens and the new ones, then store / evict.
+        Returns ``[b, s, h*g, d]``."""
+        return self._call(query, positions, valid_new, scaling, softcap, None)
+
+    def plain_first_call(self, valid_new: torch.Tensor | None, softcap: float | None) -> bool:
+        """Whether the coming call is a first call without padding or softcap: its output is then
+        ``scaled_dot_product_attention(query, k_new, v_new, is_causal)`` of the call's own inputs, whatever the
+        policy and codec (nothing is held, nothing encoded before the output)."""
+        fresh = self.calls == 0 and (not self.is_initialized or (self.tail_k.n == 0 and self.valid is None))
+        return fresh and softcap is None and (valid_new is None or bool(valid_new.all()))
+
+    def absorb(self, query: torch.Tensor, positions: Any, valid_new: torch.Tensor | None, scaling: float,
+               softcap: float | None, out: torch.Tensor) -> None:
+        """Store a plain first call (:meth:`plain_first_call`) whose output ``out`` another eviction layer computed
+        from the same inputs (:mod:`kvslim.eval.share`): what :meth:`attend` does, less recomputing that output."""
+        if self.pending is None or not self.plain_first_call(valid_new, softcap):
+            raise ValueError("absorb takes a plain first call only (no tokens held, no padding, no softcap)")
+        self._call(query, positions, valid_new, scaling, softcap, out)
+
+    def _call(self, query: torch.Tensor, positions: Any, valid_new: torch.Tensor | None, scaling: float,
+              softcap: float | None, known: torch.Tensor | None) -> torch.Tensor:
+        k_new, v_new = self.pending
+        self.pending = None
+        b, hq, s, d = query.shape
+        h = self.heads
+        held = self.tail_k.n
+        k_old, v_old = self.tail_k.decode(), self.tail_v.decode()
+        k_all = k_new if k_old is None else torch.cat([k_old, k_new], 2)
+        v_all = v_new if v_old is None else torch.cat([v_old, v_new], 2)
+        n = held + s
+        if valid_new is not None and not bool(valid_new.all()) and self.valid is None:
+            self.valid = torch.ones(b, h, held, dtype=torch.bool, device=self.device)
+        valid = None
+        if self.valid is not None:
+            new = valid_new if valid_new is not None else torch.ones(b, s, dtype=torch.bool, device=self.device)
+            valid = torch.cat([self.valid, new[:, None].expand(b, h, s)], 2)  # [b, h, n]
+        if known is not None:  # absorb: a plain first call's output, computed by another layer
+            out = known
+        elif held == 0 and valid is None and softcap is None:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, k_all, v_all, is_causal=s > 1, scale=scaling, enable_gqa=True
+            ).transpose(1, 2)
+        else:
+            mask = None
+            if s > 1 or valid is not None:
+                cols = torch.arange(n, device=self.device)
+                mask = (cols[None, :] <= held + torch.arange(s, device=self.device)[:, None])[None, None]  # [1,1,s,n]
+                if valid is not None:
+                    mask = mask & valid[:, :, None, :]
+            out, _ = grouped_attention(query, k_all, v_all, mask, scaling, softcap)
+        pos = positions  # RoPE positions of the call's tokens (default: the columns after what was seen)
+        if pos is None:
+            pos = torch.arange(self.seen - s, self.seen, device=self.device)[None]
+        call = (pos.expand(b, s), valid_new)
+        self._store(query, k_all, v_all, k_new, v_new, valid, scaling, softcap, call)
+        return out
+
+    def _store(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, k_new: torch.Tensor,
+               v_new: torch.Tensor, valid: torch.Tensor | None, scaling: float, softcap: float | None,
+               call: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        pol = self.policy
+        first = self.calls == 0
+        self.calls += 1
+        held, s = self.tail_k.n, k_new.shape[2]
+        acc = None
+        if pol.accumulates:
+            acc = torch.cat([self.acc, self.acc.new_zeros(*self.acc.shape[:2], s)], 2)
+            for a in range(0, s, _CHUNK):
+                e = min(s, a + _CHUNK)
+                acc = acc + causal_probs(q[:, :, a:e], k_all, scaling, softcap, valid, first=held + a).sum((2, 3))
+        target = pol.target(self.seen) if (first or pol.continuous) else held + s
+        if target >= held + s:  # nothing to evict: append the new tokens as they are
+            self.tail_k.append(k_all if first else k_new)
+            self.tail_v.append(v_all if first else v_new)
+            self.acc, self.valid = acc, valid if self.valid is not None else None
+            return
+        sc = pol.call_scores(q, k_all, v_all, held, scaling, softcap, acc, *call, self.inv_freq)
+        idx = select_keep(sc, target, *pol.protect(target), valid=valid)  # [b, h, target]
+        if first:  # nothing stored yet: encode the kept tokens only
+            self.tail_k.append(_gather(k_all, idx))
+            self.tail_v.append(_gather(v_all, idx))
+        else:
+            self.tail_k.append(k_new)
+            self.tail_v.append(v_new)
+            for st in (self.tail_k, self.tail_v):
+                st.packed = _gather(st.packed, idx)
+                st.n = target
+        if acc is not None:
+            self.acc = acc.gather(2, idx)
+        if valid is not None:
+            self.valid = valid.gather(2, idx)

@@ -1,0 +1,234 @@
+"""Compression recipes: the grammar, the lookup of registered methods, and named presets.
+
+A recipe is ``METHOD[:key=value,...][+CODEC]``, for example::
+
+    full                      every token exact (a DynamicCache equivalent)
+    window:w=256,sinks=4      StreamingLLM: the first 4 tokens and the last 256 (older ones are dropped)
+    blocks:m=4,k=32,w=128     CSA-like: tokens leaving the window pooled 4 to 1, top-32 blocks per query
+    v4+tq3                    any method, entries stored in a storage format of kvslim.formats
+
+Methods, their parameters and checks live one per file in :mod:`kvslim.cache.methods` (``kvslim recipes`` lists
+them); codecs are the formats of :mod:`kvslim.formats`. ``full_first=n`` (any method) keeps the first n global
+(full-attention) layers exact. Presets are recipe strings under a short name. ``parse_recipe`` validates everything
+it can without a model; ``kvslim.make_cache`` checks what needs the model before allocating anything.
+``canonical(text)`` is the one string of a recipe (``v4-tq3``, ``v4+tq3`` and ``v4:w=128+tq3`` are all ``v4+tq3``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidInput
+from ..formats import REGISTRY, codec_formats
+from .base import LayerSpec
+from .method import Method, check_value, methods
+
+__all__ = ["CODECS", "KINDS", "PRESETS", "LayerSpec", "Recipe", "canonical", "list_recipes", "parse_recipe"]
+
+
+
+class _Codecs(Mapping):
+    """Storage codecs: name -> description, read live from :mod:`kvslim.formats` (``none``: the model's dtype)."""
+
+    def __getitem__(self, name: str) -> str:
+        if name == "none":
+            return "model dtype, lossless"
+        if name not in codec_formats("gqa"):
+            raise KeyError(name)
+        return REGISTRY[name].description
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("none", *codec_formats("gqa")))
+
+    def __len__(self) -> int:
+        return 1 + len(codec_formats("gqa"))
+
+
+CODECS: Mapping[str, str] = _Codecs()
+
+
+
+class _Kinds(Mapping):
+    """method -> (one-line description, {parameter: (type, default, meaning)}), read live from the registry."""
+
+    def __getitem__(self, name: str) -> tuple[str, dict[str, tuple[type, Any, str]]]:
+        cls = methods()[name]
+        return cls.summary, cls.Params.spec()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(methods())
+
+    def __len__(self) -> int:
+        return len(methods())
+
+
+KINDS: Mapping[str, tuple[str, dict[str, tuple[type, Any, str]]]] = _Kinds()
+_COMMON: dict[str, tuple[type, Any, str]] = {"full_first": (int, 0, "keep the first n global (full-attention) layers exact")}
+
+# named presets: name -> (recipe text, description)
+PRESETS: dict[str, tuple[str, str]] = {
+    "stream": ("window:w=256,sinks=4", "StreamingLLM: 4 sinks + 256 recent tokens"),
+    "csa": ("blocks:m=4,k=32,w=128", "CSA-like 4:1 pooling with top-32 block selection"),
+    "hca": ("heavy:m=64,w=128", "HCA-like 64:1 pooling, dense over entries"),
+    "v4-fp8": ("v4+fp8", "V4 interleave with FP8 entries (DeepSeek's production format)"),
+    "v4-tq3": ("v4+tq3", "V4 interleave with 3-bit TurboQuant entries"),
+    "latent32": ("latent:r=32", "rank-32 latent keys and values (half of SmolLM2's head dim, 1/8 of Gemma 3's)"),
+    "full-kivi2": ("full+kivi2", "every token kept, KIVI 2-bit"),
+    "recall-fp8": ("recall:k=12,pin=4,span=2+fp8", "tiered: FP8 bbox summaries per 32 tokens + 128 exact recent "
+                   "tokens hot, every token exact in a cold tier; 12 blocks fetched per query and KV head: the 4 the "
+                   "prompt's last token attends most, each with the block after it, and 4 by summary"),
+    "full-kivi4": ("full+kivi4", "every token kept, KIVI 4-bit"),
+    "full-tq4": ("full+tq4", "every token kept, 4-bit TurboQuant"),
+    "full-tq3": ("full+tq3", "every token kept, 3-bit TurboQuant"),
+    "full-fp8": ("full+fp8", "every token kept, FP8 e4m3"),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe. ``params`` holds every parameter of ``kind`` (defaults filled in), sorted by name."""
+
+    kind: str
+    params: tuple[tuple[str, Any], ...] = ()
+    codec: str = "none"
+    full_first: int = 0
+    text: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        cls = methods().get(self.kind)
+        if cls is None:
+            raise InvalidInput(f"unknown recipe {self.kind!r}; known: {', '.join([*KINDS, *PRESETS])}")
+        if self.codec not in CODECS:
+            raise InvalidInput(f"unknown storage codec {self.codec!r}; known: {', '.join(CODECS)}")
+        p = dict(self.params)
+        for key in p:
+            if key not in KINDS[self.kind][1]:
+                raise InvalidInput(f"recipe {self.kind!r} has no parameter {key!r}; valid keys: {_valid_keys(self.kind)}")
+        check_value("", "full_first", self.full_first, 0, {"lo": 0})
+        object.__setattr__(self, "_method", cls(cls.Params(**p), self.codec))  # validates every parameter
+        full = {k: getattr(self.method.params, k) for k in KINDS[self.kind][1]}
+        object.__setattr__(self, "params", tuple(sorted(full.items())))
+
+    @property
+    def method(self) -> Method:
+        """The configured method object (what the cache and the planner use)."""
+        return self._method  # type: ignore[attr-defined]
+
+    def get(self, key: str) -> Any:
+        return dict(self.params)[key]
+
+    def __str__(self) -> str:
+        defaults = {k: d for k, (_t, d, _doc) in KINDS[self.kind][1].items()}
+        parts = [f"{k}={v}" for k, v in self.params if defaults.get(k) != v]
+        if self.full_first:
+            parts.append(f"full_first={self.full_first}")
+        text = self.kind + (":" + ",".join(parts) if parts else "")
+        return text + (f"+{self.codec}" if self.codec != "none" else "")
+
+    def layer_specs(self, layer_types: list[str], sliding_window: int | None) -> list[LayerSpec]:
+        """One spec per model layer (see :meth:`kvslim.cache.method.Method.layer_specs`)."""
+        return self.method.layer_specs(layer_types, sliding_window, self.full_first)
+
+
+def _valid_keys(kind: str) -> str:
+    return ", ".join([*KINDS[kind][1], *_COMMON])
+
+
+def _convert(kind: str, key: str, raw: str) -> Any:
+    typ = KINDS[kind][1][key][0] if key in KINDS[kind][1] else _COMMON[key][0]
+    if typ is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise InvalidInput(f"{kind}: {key} must be an integer, got {raw!r}") from None
+    if typ is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise InvalidInput(f"{kind}: {key} must be a number, got {raw!r}") from None
+    return raw
+
+
+def parse_recipe(text: str | Recipe) -> Recipe:
+    """Parse ``METHOD[:key=value,...][+CODEC]`` or a preset name into a validated :class:`Recipe`.
+
+    Raises ``InvalidInput`` naming the bad token and listing what is valid there.
+    """
+    if isinstance(text, Recipe):
+        return text
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidInput("empty recipe: give e.g. 'full', 'window:w=256,sinks=4' or 'v4+tq3' (see `kvslim recipes`)")
+    raw = text.strip()
+    if raw in PRESETS:
+        return parse_recipe(PRESETS[raw][0])
+    structure, plus, codec = raw.partition("+")
+    codec = codec.strip() if plus else "none"
+    if plus and not codec:
+        raise InvalidInput(f"recipe {raw!r} ends with '+': name a codec ({', '.join(CODECS)})")
+    if codec not in CODECS:
+        raise InvalidInput(f"unknown storage codec {codec!r} in {raw!r}; valid codecs: {', '.join(CODECS)}")
+    name, colon, arg_text = structure.partition(":")
+    name = name.strip()
+    if name in PRESETS and not colon:
+        base = parse_recipe(PRESETS[name][0])
+        return Recipe(base.kind, base.params, codec if plus else base.codec, base.full_first, text=raw)
+    if name not in KINDS:
+        raise InvalidInput(f"unknown recipe {name!r} in {raw!r}; valid names: {', '.join([*KINDS, *PRESETS])}")
+    params: dict[str, Any] = {}
+    full_first = 0
+    if colon:
+        if not arg_text.strip():
+            raise InvalidInput(f"recipe {raw!r} has ':' but no parameters; valid keys: {_valid_keys(name)}")
+        for token in arg_text.split(","):
+            key, eq, value = (s.strip() for s in token.partition("="))
+            if not eq or not key or not value:
+                raise InvalidInput(f"bad token {token.strip()!r} in {raw!r}: expected key=value; valid keys: {_valid_keys(name)}")
+            if key not in KINDS[name][1] and key not in _COMMON:
+                raise InvalidInput(f"unknown key {key!r} in {raw!r}; valid keys for {name}: {_valid_keys(name)}")
+            if key in params or (key == "full_first" and full_first):
+                raise InvalidInput(f"key {key!r} given twice in {raw!r}")
+            if key == "full_first":
+                full_first = _convert(name, key, value)
+            else:
+                params[key] = _convert(name, key, value)
+    return Recipe(name, tuple(params.items()), codec, full_first, text=raw)
+
+
+def chunk_invariant(text: str | Recipe) -> bool:
+    """Whether a cache of this recipe gives the same results whether a prompt comes in one call or in chunks (to
+    float rounding): its method's ``chunk_invariant`` (checked for every method by the contract test) and its
+    storage format's (``kvslim.formats``: KIVI groups tokens, so it is not)."""
+    r = parse_recipe(text)
+    if not r.method.chunk_invariant:
+        return False
+    return r.codec == "none" or REGISTRY[r.codec].chunk_invariant
+
+
+def full_prefill(text: str | Recipe) -> bool:
+    """Whether a cache of this recipe attends over the whole first call at model precision and compresses only
+    after it (its method's ``full_prefill``: the eviction baselines), so that its prefill computes what any other
+    such recipe's computes (:mod:`kvslim.eval.share`)."""
+    return bool(parse_recipe(text).method.full_prefill)
+
+
+def canonical(text: str | Recipe) -> str:
+    """The canonical string of a recipe: parameters at their defaults omitted, the rest sorted; a preset is its
+    expansion. Results stores and reports key recipes by it (``v4-tq3`` and ``v4+tq3`` are one row)."""
+    return str(parse_recipe(text))
+
+
+def list_recipes() -> list[dict[str, Any]]:
+    """Every method and preset: ``{"name", "description", "parameters", "recipe"}`` (parameters as
+    ``{key: "default - meaning"}``), then the codecs as ``+name`` entries."""
+    out: list[dict[str, Any]] = []
+    for kind, (desc, spec) in KINDS.items():
+        params = {k: f"{d} - {doc}" for k, (_t, d, doc) in {**spec, **_COMMON}.items()}
+        out.append({"name": kind, "description": desc, "parameters": params, "recipe": kind})
+    for name, (text, desc) in PRESETS.items():
+        out.append({"name": name, "description": desc, "parameters": {}, "recipe": text})
+    for name, desc in CODECS.items():
+        if name != "none":
+            out.append({"name": f"+{name}", "description": f"storage codec: {desc}", "parameters": {}, "recipe": f"full+{name}"})
+    return out

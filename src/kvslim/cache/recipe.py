@@ -209,7 +209,7 @@ def chunk_invariant(text: str | Recipe) -> bool:
 def full_prefill(text: str | Recipe) -> bool:
     """Whether a cache of this recipe attends over the whole first call at model precision and compresses only
     after it (its method's ``full_prefill``: the eviction baselines), so that its prefill computes what any other
-    such recipe's computes (:mod:`kvslim.eval.share`)."""
+    such recipe's computes (:mod:`kvslim.eval.harness.share`)."""
     return bool(parse_recipe(text).method.full_prefill)
 
 

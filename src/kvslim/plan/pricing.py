@@ -3,7 +3,7 @@
 The figures come from the same method objects a cache uses: ``Recipe.layer_specs`` gives each layer's spec, and the
 layer class's ``predict`` gives its bytes (what ``nbytes()`` measures, codec constants aside; a test checks the two
 are equal for every registered method) and the attention-core FLOPs of one decode step. Decode FLOPs add the
-projections (2 x active parameters) of the model's :class:`~kvslim.spec.ArchSpec`, as :func:`kvslim.plan.decode_flops`.
+projections (2 x active parameters) of the model's :class:`~kvslim.plan.spec.ArchSpec`, as :func:`kvslim.plan.decode_flops`.
 ``dtype`` is the model's own storage (what codec ``none`` keeps). Batch 1; codec constants (rotations, codebooks:
 a few KiB per layer) are not counted, as everywhere in the planner.
 """

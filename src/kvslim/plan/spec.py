@@ -12,10 +12,10 @@ every model kvslim plans for:
   plus compressed entries (CSA: one per m = 4 tokens, overlapping, selected top-k by an indexer; HCA: one per
   m' = 128 tokens, all attended; SWA: none).
 
-The layer specs live in :mod:`kvslim.spec_layers`; each answers, for a context of ``n`` tokens (the tokens
+The layer specs live in :mod:`kvslim.plan.spec_layers`; each answers, for a context of ``n`` tokens (the tokens
 visible to the current query, itself included), what it stores, what one decode query reads, and what it costs.
 FLOPs count a multiply-add as 2 (PaLM, Chinchilla). Biases, norms, RoPE, softmax and top-k selection are not counted.
-Presets live in :mod:`kvslim.presets` (``preset(name)``); specs from transformers configs in :mod:`kvslim.spec_hf`
+Presets live in :mod:`kvslim.plan.presets` (``preset(name)``); specs from transformers configs in :mod:`kvslim.plan.spec_hf`
 (``from_config(config)``); both import this module, never the reverse.
 """
 

@@ -5,7 +5,7 @@ Each layer spec answers, for a context of ``n`` tokens (the tokens visible to th
 (entries one decode query reads), ``core_flops(n, absorbed)`` (attention-core FLOPs of one query),
 ``indexer_flops(n)`` (lightning-indexer scoring of one query), ``core_flops_sum(N)`` (the two summed over the
 positions 1..N of a prefill, in closed form) and ``proj_params(hidden)`` (weights multiplied once per token).
-FLOPs count a multiply-add as 2. See :mod:`kvslim.spec` for the whole-model spec.
+FLOPs count a multiply-add as 2. See :mod:`kvslim.plan.spec` for the whole-model spec.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The planner for tiered caches (``recall``): hot / cold / fetched bytes, a GPU decode-step time, and what fits.
 
-The bytes are the recipe's price (:func:`kvslim.plan_recipe.price_recipe`: the layer classes' ``predict``, what
+The bytes are the recipe's price (:func:`kvslim.plan.pricing.price_recipe`: the layer classes' ``predict``, what
 ``nbytes()`` and ``tier_nbytes()`` measure, codec constants aside), so any recipe can be priced; a one-tier recipe
 has no cold tier and fetches nothing. Per sequence at context ``n``:
 
@@ -62,7 +62,7 @@ def get_gpu(name: str) -> GPU:
 
 
 def tier_price(arch: ArchSpec, recipe: str, n: int, dtype: str = "bf16") -> dict[str, Any]:
-    """:func:`~kvslim.plan_recipe.price_recipe` plus ``hot``, ``cold`` and ``fetched`` bytes per sequence (the
+    """:func:`~kvslim.plan.pricing.price_recipe` plus ``hot``, ``cold`` and ``fetched`` bytes per sequence (the
     sums of the layers' predictions; 0 for layers without a cold tier)."""
     from .pricing import price_recipe
 

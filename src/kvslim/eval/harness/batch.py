@@ -37,7 +37,7 @@ def _forward(model: Any, rows: list[list[int]], cache: Any, keep: int) -> Any:
 
 
 def run_retrieval_batch(model: Any, tokenizer: Any, prompts: list[Prompt], make_cache: Callable[[], Any]) -> list[dict[str, Any]]:
-    """:func:`kvslim.eval.base.run_retrieval` for every prompt (all of one length), in batched passes."""
+    """:func:`kvslim.eval.tasks.base.run_retrieval` for every prompt (all of one length), in batched passes."""
     import torch
 
     from ...memory import cache_tiers

@@ -58,7 +58,7 @@ def cache_factory(recipe: str, extra: CacheFactories | None = None) -> Callable[
 
 def chunks_invariantly(recipe: str, extra: CacheFactories | None = None) -> bool:
     """Whether ``recipe``'s cache gives the same results in one call or in chunks (``full``, and
-    :func:`kvslim.recipe.chunk_invariant`; a test factory's invariance is unknown: False)."""
+    :func:`kvslim.cache.recipe.chunk_invariant`; a test factory's invariance is unknown: False)."""
     from ...cache.recipe import chunk_invariant
 
     if recipe == FULL:

@@ -29,7 +29,7 @@ def chunked_prefill(chunk: int) -> Iterator[None]:
     For the plain ``DynamicCache`` this changes nothing but float rounding, and on models with sliding-window layers
     (Gemma 3) it is much cheaper: one call over T tokens scores every local layer's T x T block through a mask,
     chunks of C score C x (window + C). An eviction cache, though, would see C-token calls and compress after each
-    one, so the harness allows it only for chunk-invariant recipes (:func:`kvslim.recipe.chunk_invariant`).
+    one, so the harness allows it only for chunk-invariant recipes (:func:`kvslim.cache.recipe.chunk_invariant`).
     """
     token = PREFILL_CHUNK.set(int(chunk))
     try:
@@ -52,7 +52,7 @@ class Prefilled:
     ``kv_bytes`` is the hot tier (``nbytes()``). A tiered cache (one with ``tier_nbytes()``) also gives
     ``cold_bytes`` (held in its cold tier after the prefill) and, once :func:`greedy` ran, ``fetched_bytes``: the
     most cold-tier bytes one decode step of the answer fetched (None: no tiers, or no decode step ran). ``shared``:
-    the context came from another cache's recorded prefill (:mod:`kvslim.eval.share`), not from a forward pass.
+    the context came from another cache's recorded prefill (:mod:`kvslim.eval.harness.share`), not from a forward pass.
     """
 
     def __init__(self, cache: Any, last_logits: Any, kv_bytes: int, n_tokens: int, cold_bytes: int | None = None,
@@ -63,7 +63,7 @@ class Prefilled:
         self.n_tokens = n_tokens
         self.cold_bytes = cold_bytes
         self.fetched_bytes: int | None = None
-        self.shared = shared  # the context was fed from another cache's recorded prefill (kvslim.eval.share)
+        self.shared = shared  # the context was fed from another cache's recorded prefill (kvslim.eval.harness.share)
 
     def tier_fields(self) -> dict[str, int]:
         """The record fields of the cold tier: ``cold_bytes`` and ``fetched_bytes``, where the cache has them."""
@@ -97,7 +97,7 @@ def prefill(model: Any, ids: list[int], cache: Any, split: int = 0) -> Prefilled
     context = prefill_chunks(0, split) if split else []
     shared, replayed = SHARED.get(), False
     with torch.inference_mode():
-        if shared is not None and len(context) == 1:  # the context alone, in one call: shareable (kvslim.eval.share)
+        if shared is not None and len(context) == 1:  # the context alone, in one call: shareable (kvslim.eval.harness.share)
             cache, replayed = shared.prefill_context(model, ids[:split], cache, lambda c: _forward(model, ids[:split], c))
             context = []
         for a, b in context + prefill_chunks(split, len(ids)):

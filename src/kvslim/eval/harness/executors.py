@@ -52,7 +52,7 @@ class Job:
 
 
 def run_cell(job: Job, task: Any, model: Any, tokenizer: Any, cell: Any, prompt: Prompt) -> dict[str, Any]:
-    """Run one cell and return its record (see :mod:`kvslim.eval.store` for the fields)."""
+    """Run one cell and return its record (see :mod:`kvslim.eval.harness.store` for the fields)."""
     make = job.factory(cell.recipe)
 
     def fresh() -> Any:
@@ -67,7 +67,7 @@ def run_cell(job: Job, task: Any, model: Any, tokenizer: Any, cell: Any, prompt:
 
 def make_record(cell: Any, prompt: Prompt, res: dict[str, Any], seconds: float, model: Any,
                 prefill_chunk: int = 0) -> dict[str, Any]:
-    """A cell's record from the task's result (see :mod:`kvslim.eval.store` for the fields); a chunked prefill
+    """A cell's record from the task's result (see :mod:`kvslim.eval.harness.store` for the fields); a chunked prefill
     is noted as ``prefill_chunk``."""
     full16 = full16_nbytes(model.config, len(prompt))
     rec: dict[str, Any] = {
@@ -87,7 +87,7 @@ def make_record(cell: Any, prompt: Prompt, res: dict[str, Any], seconds: float, 
 
 class LocalExecutor:
     """Runs cells one after another in this process, with an already loaded model; with ``batch`` > 1 the cells of
-    one recipe and length run ``batch`` at a time (:mod:`kvslim.eval.batch`) when the task can."""
+    one recipe and length run ``batch`` at a time (:mod:`kvslim.eval.harness.batch`) when the task can."""
 
     def __init__(self, pair: tuple[Any, Any], batch: int = 1) -> None:
         if batch < 1:

@@ -207,17 +207,17 @@ def run_grid(
             ``KvslimWarning``.
 
         batch: the local executor runs up to this many cells of one recipe and length together (batched passes,
-            the same records; :mod:`kvslim.eval.batch`); the Ray executor runs one cell per call.
+            the same records; :mod:`kvslim.eval.harness.batch`); the Ray executor runs one cell per call.
         prefill_chunk: feed each prompt in calls of at most this many tokens (0: one call); only for recipes whose
-            cache is chunk-invariant (``full``, and :func:`kvslim.recipe.chunk_invariant`), where it changes
+            cache is chunk-invariant (``full``, and :func:`kvslim.cache.recipe.chunk_invariant`), where it changes
             nothing but float rounding; an eviction method would compress after every chunk. Much faster on long
             prompts for models with sliding-window layers; each record notes it as ``prefill_chunk``. See
-            :func:`kvslim.eval.engine.chunked_prefill`.
+            :func:`kvslim.eval.harness.engine.chunked_prefill`.
         chunk_where_invariant: with ``prefill_chunk``, chunk the recipes that are chunk-invariant and prefill the
             others (eviction methods, KIVI) in one call, instead of refusing the grid.
         share_prefill: with the local executor, a question-agnostic prompt's context is run through the model once
             for all its eviction recipes and fed to each from the recording, every layer's output checked equal bit
-            for bit (:mod:`kvslim.eval.share`); the records are the same, those fed so say ``shared_prefill`` (and
+            for bit (:mod:`kvslim.eval.harness.share`); the records are the same, those fed so say ``shared_prefill`` (and
             their ``seconds`` are the replay's, not a prefill's).
 
     Raises ``InvalidInput`` before anything is written for a bad grid, option, output folder or Ray address, and
@@ -270,7 +270,7 @@ def run_grid(
 def check_prefill_chunk(chunk: int, recipes: list[str], extra: CacheFactories | None = None,
                         where_invariant: bool = False) -> None:  # fmt: skip
     """Refuse a bad ``--prefill-chunk``: not a whole number >= 0, or > 0 with a recipe whose cache is not
-    chunk-invariant (:func:`kvslim.recipe.chunk_invariant`: an eviction method compresses after every call, KIVI
+    chunk-invariant (:func:`kvslim.cache.recipe.chunk_invariant`: an eviction method compresses after every call, KIVI
     groups tokens), or with a test factory, whose invariance is unknown (``where_invariant``: those run in one
     call instead)."""
     check_int(chunk, "--prefill-chunk", minimum=0)

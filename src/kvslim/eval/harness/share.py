@@ -1,9 +1,9 @@
 """One context prefill for every eviction recipe of a prompt: record one cache's prefill, feed it to the others.
 
 In a question-agnostic grid every recipe first prefills the same context. An eviction cache (a recipe with
-:func:`kvslim.recipe.full_prefill`: StreamingLLM, SnapKV, TOVA, H2O, key-norm, Expected Attention) attends over
+:func:`kvslim.cache.recipe.full_prefill`: StreamingLLM, SnapKV, TOVA, H2O, key-norm, Expected Attention) attends over
 that whole first call at model precision and compresses only afterwards, so all of them run the same model
-computation and differ only in what they keep. Inside :func:`shared_prefill`, :func:`kvslim.eval.engine.prefill`
+computation and differ only in what they keep. Inside :func:`shared_prefill`, :func:`kvslim.eval.harness.engine.prefill`
 therefore:
 
 * records, from the first such cache that prefills a context alone in one call, what each of its layers was given
@@ -13,9 +13,9 @@ therefore:
   layer's attention, in the order the model made them) instead of running the model, and makes sure every layer's
   output equals the recorded one bit for bit. An eviction layer's first call without padding or softcap outputs
   ``scaled_dot_product_attention`` of the call's own inputs, whatever the policy or codec
-  (:meth:`~kvslim.cache.evict.EvictLayer.plain_first_call`); both caches being fresh, the recorded layer took that
+  (:meth:`~kvslim.cache.methods.evict.layer.EvictLayer.plain_first_call`); both caches being fresh, the recorded layer took that
   same path on the same inputs, so the output is equal by construction and the layer only scores, selects and
-  stores (:meth:`~kvslim.cache.evict.EvictLayer.absorb`). Every other layer (Gemma 3's local windows) attends
+  stores (:meth:`~kvslim.cache.methods.evict.layer.EvictLayer.absorb`). Every other layer (Gemma 3's local windows) attends
   again and its output is compared with the recorded one (``torch.equal``).
 
 Equal outputs at every layer mean the model, run on this cache, would have computed exactly the recorded inputs

@@ -4,7 +4,7 @@
 question-answering ones, which need external data sets) as an ordinary grid into ``OUT/<task>/`` (its own
 ``config.json`` and ``results.jsonl``, so resume, ``--force``, the Ray executor and ``kvslim report OUT/<task>``
 work as for one task) and records the suite in ``OUT/suite.json``; ``kvslim report OUT`` then prints every task's
-table and the suite table (:mod:`kvslim.eval.suite_report`).
+table and the suite table (:mod:`kvslim.eval.reports.suite_report`).
 
 Tasks without a depth axis (cwe, fwe) would get one cell per seed and length; to give every task the same number
 of cells they run ``len(depths)`` seeds per given seed (seed ``s`` becomes ``s * 1000 + i``, ``i < len(depths)``).
@@ -60,7 +60,7 @@ def read_suite(folder: str | Path) -> dict[str, Any] | None:
 
 
 def run_suite(grids: list[Grid], out: str | Path, *, suite: str = "ruler", **run_kwargs: Any) -> dict[str, Any]:
-    """Run each grid into ``out/<task>/`` (see :func:`kvslim.eval.runner.run_grid` for ``run_kwargs``).
+    """Run each grid into ``out/<task>/`` (see :func:`kvslim.eval.harness.runner.run_grid` for ``run_kwargs``).
 
     Every grid is validated before the first one runs. Returns ``{"ran", "skipped", "total", "out", "tasks"}``.
     """

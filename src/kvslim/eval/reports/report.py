@@ -1,6 +1,6 @@
 """Turn a results folder into a table, a heatmap per recipe, a frontier plot and a Markdown summary.
 
-Aggregates ``results.jsonl`` (see :mod:`kvslim.eval.store`) per recipe and length: accuracy (mean success over depths
+Aggregates ``results.jsonl`` (see :mod:`kvslim.eval.harness.store`) per recipe and length: accuracy (mean success over depths
 and seeds; for fidelity, which has no success, the mean KL), the mean graded score, the KV bytes held after prefill and
 their ratio to a 16-bit full ``DynamicCache`` of the same prompt (``kv_bytes_full16``); for a tiered cache
 (``recall``) ``kv_bytes`` is the hot tier and the table adds the cold tier (``cold_bytes``) and the bytes one decode

@@ -126,7 +126,7 @@ def compare(by_task: dict[str, list[dict[str, Any]]], a: str, b: str) -> list[tu
 
 
 def build_suite_report(folder: str | Path, images: bool = True) -> dict[str, Any]:
-    """Every task's report (:func:`kvslim.eval.report.build_report` in ``folder/<task>``) plus the suite tables in
+    """Every task's report (:func:`kvslim.eval.reports.report.build_report` in ``folder/<task>``) plus the suite tables in
     ``folder/summary.md`` and ``folder/summary.json``. Returns ``{"summaries", "tables", "files", "warnings"}``."""
     import json
 

@@ -1,6 +1,6 @@
 """The task contract and the task registry.
 
-A task turns ``(tokenizer, length, depth, seed)`` into a :class:`~kvslim.eval.prompt.Prompt` (deterministic: the
+A task turns ``(tokenizer, length, depth, seed)`` into a :class:`~kvslim.eval.tasks.prompt.Prompt` (deterministic: the
 same arguments give the same token ids in any process) and scores one model + cache on it. Prompts never depend on
 the recipe, so every recipe sees identical prompts. Tasks are dataclasses whose fields are their options; the options
 are part of a run's configuration.
@@ -26,7 +26,7 @@ TASKS: dict[str, str] = {
     "needle": "kvslim.eval.tasks.needle:Needle",
     "multi-needle": "kvslim.eval.tasks.multi_needle:MultiNeedle",
     "fidelity": "kvslim.eval.tasks.fidelity:Fidelity",
-    # the RULER-style suite (kvslim.eval.suite): retrieval, multi-hop tracing, aggregation
+    # the RULER-style suite (kvslim.eval.harness.suite): retrieval, multi-hop tracing, aggregation
     "niah_single_1": "kvslim.eval.tasks.niah_single:NiahSingle1",
     "niah_single_2": "kvslim.eval.tasks.niah_single:NiahSingle2",
     "niah_single_3": "kvslim.eval.tasks.niah_single:NiahSingle3",
@@ -59,7 +59,7 @@ class Task:
         """Score one cell; returns at least ``success``, ``score``, ``answer``, ``kv_bytes``."""
         raise NotImplementedError
 
-    batchable: bool = False  # True: run_batch gives what run would, for prompts of one length (kvslim.eval.batch)
+    batchable: bool = False  # True: run_batch gives what run would, for prompts of one length (kvslim.eval.harness.batch)
 
     def run_batch(self, model: Any, tokenizer: Any, prompts: list[Prompt], make_cache: Callable[[], Any],
                   recipe: str) -> list[dict[str, Any]]:
@@ -105,14 +105,14 @@ def run_retrieval(
     model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callable[[], Any], agnostic: bool = False
 ) -> dict[str, Any]:
     """Prefill, graded score (log-prob of ``prompt.answer_ids``), greedy answer; success = every answer string found.
-    A tiered cache adds ``cold_bytes`` and ``fetched_bytes`` (:class:`~kvslim.eval.engine.Prefilled`).
+    A tiered cache adds ``cold_bytes`` and ``fetched_bytes`` (:class:`~kvslim.eval.harness.engine.Prefilled`).
 
     ``score`` is the teacher-forced log-probability in nats of the expected answer tokens (higher is better, 0 is
     certainty); ``retrieved`` the fraction of ``prompt.answers`` found in the greedy answer. ``agnostic``: the
     context (``prompt.ids[:prompt.question_start]``) is prefilled alone before the question, so a compressing cache
     compresses it without knowing the question; otherwise the whole prompt is one prefill (question-aware).
     ``shared_prefill`` (True, only when it happened): the context came from another recipe's recorded prefill
-    (:mod:`kvslim.eval.share`).
+    (:mod:`kvslim.eval.harness.share`).
     """
     pre = prefill(model, prompt.ids, make_cache(), split=prompt.question_start if agnostic else 0)
     logprob = teacher_logprob(model, pre, prompt.answer_ids)

@@ -1,7 +1,7 @@
 """Needle in natural text: one random synthetic fact hidden at depth d in Python's reference documentation.
 
 The haystack is prose from ``pydoc_data.topics`` (always installed with Python); the needle is a fact about an
-invented person or object (:mod:`kvslim.eval.facts`), so only the context can supply the answer. Success: the answer
+invented person or object (:mod:`kvslim.eval.tasks.facts`), so only the context can supply the answer. Success: the answer
 appears in the greedy answer; graded score: its teacher-forced log-probability (nats).
 """
 
@@ -50,7 +50,7 @@ class Needle(Task):
         return Prompt(ids, pos, nids, start, hay, answers=[fact.answer], answer_ids=encode(tokenizer, " " + fact.answer),
                       max_new_tokens=self.max_new_tokens, meta={"needle": fact.needle.strip()})
 
-    batchable = True  # run_batch: kvslim.eval.batch, the same records
+    batchable = True  # run_batch: kvslim.eval.harness.batch, the same records
 
     def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Any, recipe: str) -> dict[str, Any]:
         return run_retrieval(model, tokenizer, prompt, make_cache, agnostic=self.agnostic)

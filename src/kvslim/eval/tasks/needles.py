@@ -9,7 +9,7 @@
 * :class:`KeyedNeedles` is the one task behind every retrieval variant (single, multi-key, multi-value, multi-query):
   ``n_keys`` keys each with ``n_values`` values, ``n_queries`` of the keys asked for; the haystack is the repeated
   passkey filler (``noise``), Python's documentation (``essay``), or needles with other keys (``needles``). The
-  task files (:mod:`~kvslim.eval.niah_single`, ...) only choose defaults.
+  task files (:mod:`~kvslim.eval.tasks.niah_single`, ...) only choose defaults.
 
 Scoring (RULER's ``string_match_all``): ``retrieved`` = the fraction of the expected values found in the greedy
 answer (case-insensitive), also the cell's ``score``; ``success`` = all found; ``logprob`` = the teacher-forced

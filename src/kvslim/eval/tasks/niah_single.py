@@ -1,6 +1,6 @@
 """RULER's single-needle retrieval (S-NIAH, Hsieh et al. 2024, section 3.1): one key, one value, at depth d.
 
-Three registered variants, as RULER configures them (every option of :class:`~kvslim.eval.needles.KeyedNeedles`
+Three registered variants, as RULER configures them (every option of :class:`~kvslim.eval.tasks.needles.KeyedNeedles`
 can still be changed, e.g. ``values="words"`` or ``haystack="needles"``):
 
 * ``niah_single_1``: the repeated passkey filler ("The grass is green. ..."), a word key, a 7-digit number;

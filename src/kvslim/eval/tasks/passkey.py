@@ -52,7 +52,7 @@ class Passkey(Task):
         return Prompt(ids, pos, nids, start, hay, answers=[key], answer_ids=encode(tokenizer, " " + key),
                       max_new_tokens=self.max_new_tokens, meta={"key": key})
 
-    batchable = True  # run_batch: kvslim.eval.batch, the same records
+    batchable = True  # run_batch: kvslim.eval.harness.batch, the same records
 
     def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Any, recipe: str) -> dict[str, Any]:
         return run_retrieval(model, tokenizer, prompt, make_cache, agnostic=self.agnostic)

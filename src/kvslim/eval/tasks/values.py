@@ -8,7 +8,7 @@ answers a string match would confuse. Kinds (after RULER, Hsieh et al. 2024, sec
 * ``words``: two dictionary words joined by a hyphen, such as ``lambda-quietly`` (the dictionary is the lowercase
   words of Python's reference documentation, :func:`vocabulary`, so nothing is downloaded);
 * ``uuids``: 32 random hex digits in the 8-4-4-4-12 layout of a UUID;
-* ``cities``: names from :data:`kvslim.eval.facts.CITIES` (20 of them, so at most 20 distinct keys);
+* ``cities``: names from :data:`kvslim.eval.tasks.facts.CITIES` (20 of them, so at most 20 distinct keys);
 * ``word`` (one dictionary word) and ``coded`` (3-6 random lowercase letters, RULER's "coded words"), for the
   aggregation tasks.
 """

@@ -25,7 +25,7 @@ Here the queries the statistics need are the layer's post-RoPE queries un-rotate
 frequencies (so models with q-norm, Gemma 3, work unchanged), and the average rotation is computed in closed form
 (a Dirichlet kernel per frequency, so ``future`` costs nothing). Logit soft-capping is not modelled. Not
 implemented: the paper's head-adaptive budgets and its compression during decoding. Layer:
-:class:`~kvslim.cache.evict.EvictLayer`. Index letters: b batch, h KV head, g query heads per KV head, s queries,
+:class:`~kvslim.cache.methods.evict.layer.EvictLayer`. Index letters: b batch, h KV head, g query heads per KV head, s queries,
 n tokens, d head dim, r rotated dims.
 """
 

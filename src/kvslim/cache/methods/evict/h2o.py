@@ -3,7 +3,7 @@
 Every token's attention is accumulated over every query so far (summed over each KV head's query group); after
 every forward call each KV head keeps the ``recent`` share of its budget as the most recent tokens and the rest as
 the heaviest hitters, back to ``ceil(keep * seen)`` tokens (or a fixed ``budget``). The running scores (float32,
-one per kept token and KV head) are held and counted in ``nbytes()``. Layer: :class:`~kvslim.cache.evict.EvictLayer`.
+one per kept token and KV head) are held and counted in ``nbytes()``. Layer: :class:`~kvslim.cache.methods.evict.layer.EvictLayer`.
 """
 
 from __future__ import annotations

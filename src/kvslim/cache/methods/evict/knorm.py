@@ -3,7 +3,7 @@
 Low-norm keys draw high attention, so at the end of the prefill each KV head keeps the ``ceil(keep * n)`` tokens
 whose keys have the smallest norm (or a fixed ``budget``); later tokens are appended. No attention scores are
 needed. RoPE is a rotation, so post-RoPE keys have the norms of the pre-RoPE ones. The paper leaves the first two
-layers uncompressed: ``knorm:keep=0.5,full_first=2``. Layer: :class:`~kvslim.cache.evict.EvictLayer`.
+layers uncompressed: ``knorm:keep=0.5,full_first=2``. Layer: :class:`~kvslim.cache.methods.evict.layer.EvictLayer`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A policy (:class:`Policy` subclass: StreamingLLM, SnapKV, TOVA, H2O, key-norm, Expected Attention) gives a score
 per held token (:meth:`Policy.call_scores` also hands it the values, RoPE positions and frequencies); the
-layer keeps the best ``budget`` per KV head with :func:`kvslim.cache.scores.select_keep` (sinks and a recent window
+layer keeps the best ``budget`` per KV head with :func:`kvslim.cache.methods.evict.scores.select_keep` (sinks and a recent window
 always kept where the policy has them) and deletes the rest from its stores: kept keys (post-RoPE, so positions stay
 right) and values are gathered per head, other tokens are gone.
 
@@ -227,7 +227,7 @@ class EvictLayer(BaseLayer):
     def absorb(self, query: torch.Tensor, positions: Any, valid_new: torch.Tensor | None, scaling: float,
                softcap: float | None, out: torch.Tensor) -> None:
         """Store a plain first call (:meth:`plain_first_call`) whose output ``out`` another eviction layer computed
-        from the same inputs (:mod:`kvslim.eval.share`): what :meth:`attend` does, less recomputing that output."""
+        from the same inputs (:mod:`kvslim.eval.harness.share`): what :meth:`attend` does, less recomputing that output."""
         if self.pending is None or not self.plain_first_call(valid_new, softcap):
             raise ValueError("absorb takes a plain first call only (no tokens held, no padding, no softcap)")
         self._call(query, positions, valid_new, scaling, softcap, out)

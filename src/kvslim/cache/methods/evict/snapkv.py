@@ -5,7 +5,7 @@ At the end of the prefill, the last ``window`` prompt queries' attention over th
 kept token brings its neighbours, and each KV head keeps the window plus the best-voted tokens, ``ceil(keep * n)``
 in all (or a fixed ``budget``). Later tokens are appended (the paper compresses the prompt once). Prefilled in one
 call the window holds the question (question-aware, as in the paper); with the context prefilled alone it holds the
-end of the context (question-agnostic). Layer: :class:`~kvslim.cache.evict.EvictLayer`.
+end of the context (question-agnostic). Layer: :class:`~kvslim.cache.methods.evict.layer.EvictLayer`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ The prompt is attended in full, then cut to ``ceil(keep * n)`` tokens: the ``sin
 recent rest; at every later call the oldest non-sink tokens are evicted back to ``ceil(keep * seen)`` (or a fixed
 ``budget``). The ``window`` recipe is the same policy with a fixed window applied during the prefill too (each
 prompt query already sees only sinks + window, as in the paper's streaming setting); this one matches the field's
-"compress after prefill" harnesses and takes a keep ratio. Layer: :class:`~kvslim.cache.evict.EvictLayer`.
+"compress after prefill" harnesses and takes a keep ratio. Layer: :class:`~kvslim.cache.methods.evict.layer.EvictLayer`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ After every forward call the layer evicts, per KV head, the tokens the current (
 to ``ceil(keep * seen)`` tokens (or a fixed ``budget``): the cache is a bounded multi-state RNN. As in the paper the
 scores are averaged over all heads of the layer (one token set for every head); ``per_head=1`` averages within each
 KV head's query group instead. No sinks and no recent window: the paper has none. Layer:
-:class:`~kvslim.cache.evict.EvictLayer`.
+:class:`~kvslim.cache.methods.evict.layer.EvictLayer`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each global layer stores, per token and KV head, ``r`` numbers for the key (projected *pre-RoPE* on a basis ``Uk``)
 and ``r`` for the value (on ``Uv``); attention expands them back as ``rope(Uk c, pos)`` and ``Uv c``. The bases are
-calibrated on ``pydoc_data.topics`` text (:mod:`kvslim.cache.calibration`); with ``r`` = head dim the layer is
+calibrated on ``pydoc_data.topics`` text (:mod:`kvslim.cache.methods.latent.calibration`); with ``r`` = head dim the layer is
 lossless up to float rounding.
 """
 

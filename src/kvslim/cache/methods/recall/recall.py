@@ -5,9 +5,9 @@ ShadowKV / ArkVale (exact tokens off the GPU, only the selected blocks fetched).
 and blocks of ``m`` tokens (the column rule of :mod:`kvslim.cache.base` with unit ``m``), a global layer keeps
 
 * **hot** (``nbytes()``): sinks (model dtype), the exact window (16-bit with a codec, ``wq=1``: through it) and one
-  summary per block that left the window (``mean`` | ``bbox`` | ``reps``, :mod:`kvslim.cache.summaries`), stored
+  summary per block that left the window (``mean`` | ``bbox`` | ``reps``, :mod:`kvslim.cache.methods.recall.summaries`), stored
   through the recipe's codec;
-* **cold** (:mod:`kvslim.cache.cold`): the K/V of every token that left the window, in ``ram`` or on ``disk``,
+* **cold** (:mod:`kvslim.cache.methods.recall.cold`): the K/V of every token that left the window, in ``ram`` or on ``disk``,
   through the ``cold`` codec (``none`` = exact).
 
 A decode query at column ``t`` scores the ``n(t)`` blocks out of its window per KV head (the group's query heads
@@ -17,7 +17,7 @@ exactly over sinks + fetched tokens + window; the bytes fetched are counted (``t
 hot, through the codec) with the log of its token count added to the logit (the count of tokens it stands for), so
 a layer whose attention spreads over many blocks keeps that mass approximately instead of losing it.
 Prefill: ``dense`` (default) attends exactly to every earlier token, the cold tier read chunk by chunk and merged
-by log-sum-exp (:mod:`kvslim.cache.segments`), and with ``pin=P`` the ``P`` blocks per KV head the call's last query
+by log-sum-exp (:mod:`kvslim.cache.methods.recall.segments`), and with ``pin=P`` the ``P`` blocks per KV head the call's last query
 attended most (exact log-sum-exp over each block's tokens, the query heads of a group combined by max) are pinned:
 every later decode step fetches them (with ``span=2`` each with the block after it, where the value of a key that
 ends a block goes on) in place of ``P x span`` of its top-``k`` blocks, so what the prompt's last token found

@@ -66,7 +66,7 @@ def test_keep_one_is_token_identical_to_dynamic_cache(pair, name):
         cache2 = make_evict_cache(model, text)
         assert torch.equal(_gen(model, ids2, cache2, mask=mask), ref2)
     finally:
-        cache.restore_attention()
+        cache.close()
 
 
 def test_two_call_prefill_at_keep_one_matches(pair):
@@ -79,7 +79,7 @@ def test_two_call_prefill_at_keep_one_matches(pair):
             model(input_ids=ids[:, :50], cache=cache, use_cache=True)
         assert torch.equal(_gen(model, ids, cache), ref)
     finally:
-        cache.restore_attention()
+        cache.close()
 
 
 def test_key_norm_keeps_exactly_the_lowest_norm_keys(pair):
@@ -102,7 +102,7 @@ def test_key_norm_keeps_exactly_the_lowest_norm_keys(pair):
             assert layer.tail_k.n == layer.tail_v.n == 16  # evicted tokens are gone, not masked
             assert torch.equal(kept, ref_k.gather(2, want[..., None].expand(-1, -1, -1, ref_k.shape[-1])))
     finally:
-        cache.restore_attention()
+        cache.close()
 
 
 @pytest.mark.parametrize("text", ["tova:keep=0.5", "streaming:keep=0.25", "h2o:keep=0.5+fp8", "snapkv:keep=0.5,window=8+tq4",
@@ -129,7 +129,7 @@ def test_bytes_equal_the_prediction_after_prefill_and_decode(pair, text):
                 want += 4 * h * held
             assert layer.nbytes(include_codec_state=False) == want
     finally:
-        cache.restore_attention()
+        cache.close()
 
 
 @pytest.mark.parametrize("text,match", [
@@ -165,7 +165,7 @@ def test_bad_input_for_the_prompt_refused_before_storing(pair, text, match):
             model(input_ids=_ids(40), cache=cache, use_cache=True)
         assert all(not layer.is_initialized or layer.tail_k.n == 0 for layer in _evict_layers(cache))
     finally:
-        cache.restore_attention()
+        cache.close()
 
 
 def test_question_agnostic_snapkv_keeps_other_tokens_than_aware(pair):
@@ -182,7 +182,7 @@ def test_question_agnostic_snapkv_keeps_other_tokens_than_aware(pair):
             layer = _evict_layers(cache)[0]
             kept.append(layer.tail_k.n)
         finally:
-            cache.restore_attention()
+            cache.close()
     assert kept == [20, 15 + 20]  # aware: 1/4 of 80; agnostic: 1/4 of the 60 context tokens + the 20 question tokens
 
 

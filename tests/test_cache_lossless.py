@@ -81,7 +81,7 @@ def test_padding_never_enters_pooled_entries(tiny_models):
     assert torch.equal(outs[0], outs[1])
 
 
-def test_stock_caches_unaffected_and_restore_is_a_no_op():
+def test_stock_caches_unaffected():
     from kvslim.testing import tiny_llama
 
     model = tiny_llama()
@@ -92,7 +92,6 @@ def test_stock_caches_unaffected_and_restore_is_a_no_op():
         assert model.config._attn_implementation == "kvslim"
         # a stock cache on a model holding a kvslim cache runs transformers' own sdpa, bit for bit
         same = model(ids, cache=DynamicCache(config=model.config)).logits
-        cache.restore_attention()  # deprecated, harmless: the kvslim cache keeps working
         model(ids[:, :3], cache=cache)
     assert torch.equal(same, ref) and cache.get_seq_length() == 3
 

@@ -137,7 +137,7 @@ def test_bad_parameters_refused_before_allocation(models, tmp_path):
     for bad in ("recall:summary=box", "recall:r=0", "recall:cold=kivi2", "recall:cold=tq2.5", "recall:store=tape", "recall:dir=/x",
                 "recall:prefill=sparse"):  # fmt: skip
         with pytest.raises(InvalidInput):
-            make_cache(model, bad).restore_attention()
+            make_cache(model, bad)
     with pytest.raises(InvalidInput, match="does not exist"):
         make_cache(model, f"recall:store=disk,dir={tmp_path}/missing")
 

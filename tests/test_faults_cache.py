@@ -17,7 +17,7 @@ def test_a_cache_used_by_another_model_is_refused(tiny_llama, tiny_gemma3):
         with pytest.raises(InvalidInput, match="built for llama"):
             tiny_gemma3(torch.arange(10)[None], cache=cache, use_cache=True)
     finally:
-        cache.restore_attention()
+        cache.close()
 
 
 def test_a_cache_used_with_another_batch_is_refused(tiny_llama):
@@ -28,7 +28,7 @@ def test_a_cache_used_with_another_batch_is_refused(tiny_llama):
             with pytest.raises(InvalidInput, match="holds a batch of 1 sequence"):
                 tiny_llama(torch.arange(2)[None].repeat(2, 1), cache=cache, use_cache=True)
     finally:
-        cache.restore_attention()
+        cache.close()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_generate_refuses_a_cache_of_another_model(pair, tiny_llama):
         with pytest.raises(InvalidInput, match="built for llama"):
             generate(model, tok, "hello", max_new_tokens=2, cache=cache)
     finally:
-        cache.restore_attention()
+        cache.close()
 
 
 @pytest.mark.parametrize("recipe", [None, "window:w=64"])
@@ -69,4 +69,4 @@ def test_generate_refuses_a_used_cache_unless_continued(pair, recipe):
         assert got.prompt_tokens == second.shape[1]
     finally:
         if recipe is not None:
-            cache.restore_attention()
+            cache.close()

@@ -36,6 +36,7 @@ Index letters: b batch, h KV head, g query heads per KV head, s queries, n entri
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import CacheLayerMixin
 
 from .attend import grouped_attention
-from .parts import Chunk, LayerContext, LayerSpec, Segment, View, stream_nbytes
+from .parts import Chunk, LayerContext, Segment, View, stream_nbytes
 from .registry import register_output
 from .rows import decode_attention, entries, is_rows, rows_attention
 from .storage import Store, append_pair, exact_codec, make_storage_codec
@@ -51,6 +52,40 @@ from .storage import Store, append_pair, exact_codec, make_storage_codec
 __all__ = ["BaseLayer", "Chunk", "LayerContext", "LayerSpec", "Segment", "View", "grouped_attention", "stream_nbytes"]
 
 _QUERY_CHUNK = 1024
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one cache layer does; methods subclass it with their own fields. ``window=None``: unbounded.
+
+    ``sliding`` is the model's own local window (Gemma 3 local layers), kept exact as the model expects;
+    ``window_codec`` the storage of the exact window when it differs from ``codec`` ("" = the same).
+    """
+
+    window: int | None = None
+    sinks: int = 0
+    codec: str = "none"
+    window_codec: str = ""
+    sliding: int | None = None
+    label: str = "full"
+
+    def tail_codec(self) -> str:
+        """Codec of the exact tail: the window codec of a bounded layer, except that append-only formats (KIVI)
+        cannot drop their oldest tokens, so a bounded window stays 16-bit."""
+        from ..formats import REGISTRY
+
+        if self.window is None:
+            return self.codec
+        fmt = REGISTRY.get(self.codec)
+        wcodec = "fp16" if fmt is not None and fmt.append_only else self.window_codec
+        return wcodec if wcodec and wcodec != self.codec else self.codec
+
+    def layer_class(self) -> type[BaseLayer]:
+        """The cache-layer class implementing this spec (method specs return their own)."""
+        return BaseLayer
+
+    def build(self, ctx: LayerContext) -> BaseLayer:
+        return self.layer_class()(self, ctx)
 
 
 class BaseLayer(CacheLayerMixin):

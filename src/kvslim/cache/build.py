@@ -83,9 +83,6 @@ class KvslimCache(Cache):
     def layer_labels(self) -> list[str]:
         return [layer.spec.label for layer in self.layers]
 
-    def restore_attention(self) -> None:
-        """Deprecated no-op: building a cache has no effect on other caches, so there is nothing to restore."""
-
     def __repr__(self) -> str:
         return f"KvslimCache(recipe={str(self.recipe)!r}, layers={len(self.layers)})"
 

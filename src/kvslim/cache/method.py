@@ -11,24 +11,28 @@ A method file (``kvslim/cache/methods/<name>.py``) holds
   :class:`~kvslim.cache.base.BaseLayer` subclass), whose ``predict`` gives the bytes and FLOPs the planner prices.
 
 The registry holds classes, not instances: ``get_method(name)(params, codec)`` makes a configured method. This module
-imports nothing heavy; :func:`methods` imports the built-in method package on first use.
+imports nothing heavy; :func:`methods` imports the built-in method package (named in :data:`PACKAGES`) on first use.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..errors import InvalidInput
 from ..hf_config import LOCAL_TYPES
 
-__all__ = ["INT64_MAX", "LOSSLESS_CONTEXT", "Method", "ModelShape", "Params", "get_method", "methods", "param",
-           "register"]  # fmt: skip
+__all__ = ["INT64_MAX", "LOSSLESS_CONTEXT", "PACKAGES", "Method", "ModelShape", "Params", "get_method", "methods",
+           "param", "register"]  # fmt: skip
 
 INT64_MAX = 2**63 - 1
 LOSSLESS_CONTEXT = 256  # a method's ``lossless`` parameter sets are lossless for contexts below this many tokens
 _REGISTRY: dict[str, type[Method]] = {}
+# Packages whose import registers methods (each method file calls :func:`register`), imported by name on first use:
+# the registry sits below the methods and never imports them as code. The built-ins are one package.
+PACKAGES: list[str] = ["kvslim.cache.methods"]
 
 
 def param(default: Any, meaning: str, *, lo: int | None = None, choices: tuple | None = None,
@@ -100,20 +104,6 @@ class ModelShape:
         dtype = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(str(model.dtype), "fp32")
         rope = all(inv_freq_for_layer(model, t) is not None for t in set(f.layer_types))
         return cls(f.layer_types, f.heads, f.kv_heads, f.head_dim, f.sliding_window, dtype, rope, f.model_type)
-
-    @classmethod
-    def from_arch(cls, arch: Any, dtype: str = "bf16") -> ModelShape:
-        """From a planner ``ArchSpec`` made of GQA layers (stock models: full and sliding layers)."""
-        from ..plan.spec_layers import GQALayer
-
-        if not arch.layers or not all(isinstance(layer, GQALayer) for layer in arch.layers):
-            raise InvalidInput(f"recipes apply to stock models with GQA/MHA/MQA layers; {arch.name} has "
-                               f"{arch.kinds_summary()} (plan it with --kv-format instead)")  # fmt: skip
-        first = arch.layers[0]
-        windows = {layer.window for layer in arch.layers if layer.window is not None}
-        types = tuple("full_attention" if layer.window is None else "sliding_attention" for layer in arch.layers)
-        return cls(types, first.n_heads, first.n_kv_heads, first.head_dim, min(windows) if windows else None,
-                   dtype, True, arch.name)  # fmt: skip
 
 
 class Method:
@@ -203,9 +193,9 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def methods() -> dict[str, type[Method]]:
-    """Every registered method by recipe name (the built-in methods are imported on first use)."""
-    from . import methods as _builtin  # noqa: F401  (registers full, window, blocks, heavy, v4, latent, ...)
-
+    """Every registered method by recipe name (the packages of :data:`PACKAGES` are imported on first use)."""
+    for package in PACKAGES:
+        importlib.import_module(package)
     return dict(_REGISTRY)
 
 

@@ -1,6 +1,7 @@
-"""The data types of the cache-layer interface (see :mod:`kvslim.cache.base`, which re-exports them).
+"""The data types of the cache-layer interface (see :mod:`kvslim.cache.base`, which re-exports them and holds
+``LayerSpec``, what one layer does, beside the layer class it builds).
 
-``LayerSpec`` (what one layer does; methods subclass it), ``LayerContext`` (what the builder hands a layer), ``View``
+``LayerContext`` (what the builder hands a layer), ``View``
 (what one forward call's attention reads), ``Chunk`` (a chunk of queries), ``Segment`` (keys, values and a mask a
 chunk attends to) and ``stream_nbytes`` (the predicted bytes of a pair of K/V stores).
 """
@@ -8,14 +9,11 @@ chunk attends to) and ``stream_nbytes`` (the predicted bytes of a pair of K/V st
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from .base import BaseLayer
-
-__all__ = ["Chunk", "LayerContext", "LayerSpec", "Segment", "View", "stream_nbytes"]
+__all__ = ["Chunk", "LayerContext", "Segment", "View", "stream_nbytes"]
 
 
 def stream_nbytes(shape: Any, codec: str, dim: int, count: int, batch: int = 1) -> int:
@@ -26,42 +24,6 @@ def stream_nbytes(shape: Any, codec: str, dim: int, count: int, batch: int = 1) 
     fmt = shape.dtype if codec == "none" else codec
     rows = batch * shape.kv_heads
     return rows * sum(vectors_nbytes(fmt, dim, count, role) for role in ("key", "value"))
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """What one cache layer does; methods subclass it with their own fields. ``window=None``: unbounded.
-
-    ``sliding`` is the model's own local window (Gemma 3 local layers), kept exact as the model expects;
-    ``window_codec`` the storage of the exact window when it differs from ``codec`` ("" = the same).
-    """
-
-    window: int | None = None
-    sinks: int = 0
-    codec: str = "none"
-    window_codec: str = ""
-    sliding: int | None = None
-    label: str = "full"
-
-    def tail_codec(self) -> str:
-        """Codec of the exact tail: the window codec of a bounded layer, except that append-only formats (KIVI)
-        cannot drop their oldest tokens, so a bounded window stays 16-bit."""
-        from ..formats import REGISTRY
-
-        if self.window is None:
-            return self.codec
-        fmt = REGISTRY.get(self.codec)
-        wcodec = "fp16" if fmt is not None and fmt.append_only else self.window_codec
-        return wcodec if wcodec and wcodec != self.codec else self.codec
-
-    def layer_class(self) -> type[BaseLayer]:
-        """The cache-layer class implementing this spec (method specs return their own)."""
-        from .base import BaseLayer
-
-        return BaseLayer
-
-    def build(self, ctx: LayerContext) -> BaseLayer:
-        return self.layer_class()(self, ctx)
 
 
 @dataclass

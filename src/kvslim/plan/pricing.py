@@ -15,20 +15,35 @@ from typing import Any
 from ..errors import InvalidInput
 from .accounting import kv_bytes
 from .spec import ArchSpec
+from .spec_layers import GQALayer
 
-__all__ = ["price_recipe"]
+__all__ = ["model_shape", "price_recipe"]
+
+
+def model_shape(arch: ArchSpec, dtype: str = "bf16") -> Any:
+    """The :class:`~kvslim.cache.method.ModelShape` of a planner ``ArchSpec`` made of GQA layers (stock models:
+    full and sliding layers)."""
+    from ..cache.method import ModelShape
+
+    if not arch.layers or not all(isinstance(layer, GQALayer) for layer in arch.layers):
+        raise InvalidInput(f"recipes apply to stock models with GQA/MHA/MQA layers; {arch.name} has "
+                           f"{arch.kinds_summary()} (plan it with --kv-format instead)")  # fmt: skip
+    first = arch.layers[0]
+    windows = {layer.window for layer in arch.layers if layer.window is not None}
+    types = tuple("full_attention" if layer.window is None else "sliding_attention" for layer in arch.layers)
+    return ModelShape(types, first.n_heads, first.n_kv_heads, first.head_dim, min(windows) if windows else None,
+                      dtype, True, arch.name)  # fmt: skip
 
 
 def price_recipe(arch: ArchSpec, recipe: str, n: int, dtype: str = "bf16") -> dict[str, Any]:
     """``{"recipe", "kv_bytes", "read_bytes", "decode_flops", "attention_flops", "layers", "kv_ratio"}`` at context
     ``n`` for ``recipe`` applied to ``arch`` (GQA layers only); ``kv_ratio`` is against the full cache in ``dtype``."""
-    from ..cache.method import ModelShape
     from ..cache.recipe import canonical, parse_recipe
 
     if dtype not in ("fp32", "fp16", "bf16"):
         raise InvalidInput(f"with --recipe, --kv-format names the model's dtype (bf16, fp16 or fp32), got {dtype!r}; "
                            "the recipe's +CODEC sets the storage")  # fmt: skip
-    shape = ModelShape.from_arch(arch, dtype)
+    shape = model_shape(arch, dtype)
     r = parse_recipe(recipe)
     if r.full_first > len(shape.layer_types):
         raise InvalidInput(f"full_first={r.full_first} exceeds {arch.name}'s {len(shape.layer_types)} layers")

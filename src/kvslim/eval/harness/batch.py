@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..tasks.base import score_answer
-from ..tasks.prompt import Prompt
-from .engine import eos_ids, prefill_chunks
+from .engine import eos_ids, prefill_chunks, score_answer
+
+if TYPE_CHECKING:
+    from ..tasks.prompt import Prompt
 
 __all__ = ["run_retrieval_batch", "batches", "row_nbytes"]
 

@@ -1,4 +1,5 @@
-"""The model calls every task shares: prefill into a cache, teacher-forced log-probabilities, greedy decoding.
+"""The model calls every task shares: prefill into a cache, teacher-forced log-probabilities, greedy decoding,
+and the scoring of an answer against the expected strings.
 
 All calls go through the model's own ``forward`` with an explicit ``cache=`` object, exactly the path
 ``model.generate(..., cache=c)`` takes, so any transformers ``Cache`` (a kvslim compressed cache included) is used
@@ -15,7 +16,8 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["Prefilled", "prefill", "prefill_chunks", "chunked_prefill", "teacher_logprob", "greedy", "eos_ids"]
+__all__ = ["Prefilled", "prefill", "prefill_chunks", "chunked_prefill", "teacher_logprob", "greedy", "eos_ids",
+           "score_answer"]
 
 #: tokens per prefill call (0: the whole prompt, or each side of the question split, in one call); set for a run by
 #: :func:`chunked_prefill` (the harness's ``--prefill-chunk``)
@@ -159,3 +161,11 @@ def greedy(model: Any, pre: Prefilled, max_new_tokens: int, stop: set[int]) -> l
             if tiers is not None:
                 pre.fetched_bytes = max(pre.fetched_bytes or 0, tiers["fetched"])
     return out
+
+
+def score_answer(answer: str, expected: list[str]) -> tuple[bool, float]:
+    """``(all found, fraction found)``: each expected string searched case-insensitively in the answer."""
+    if not expected:
+        raise ValueError("nothing to look for")
+    found = [e.lower() in answer.lower() for e in expected]
+    return all(found), sum(found) / len(found)

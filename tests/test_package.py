@@ -45,3 +45,15 @@ def test_no_import_circles():
     assert "presets" not in imports("plan/spec_hf.py")
     assert "runner" not in imports("eval/harness/executors.py")
     assert "models" not in imports("cache/methods/latent/calibration.py") and "....models" not in imports("cache/methods/latent/calibration.py")
+
+
+def test_architecture_page_lists_every_method():
+    """docs/architecture.md's method table names every registered built-in, in registry order."""
+    import re
+    from pathlib import Path
+
+    from kvslim.cache.methods import BUILTIN
+
+    page = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
+    listed = re.findall(r"^\| `(\w+)` \| ", page, flags=re.M)
+    assert tuple(listed) == BUILTIN

@@ -1,9 +1,9 @@
 """The data types of the cache-layer interface (see :mod:`kvslim.cache.base`, which re-exports them and holds
 ``LayerSpec``, what one layer does, beside the layer class it builds).
 
-``LayerContext`` (what the builder hands a layer), ``View``
-(what one forward call's attention reads), ``Chunk`` (a chunk of queries), ``Segment`` (keys, values and a mask a
-chunk attends to) and ``stream_nbytes`` (the predicted bytes of a pair of K/V stores).
+``LayerContext`` (what the builder hands a layer), ``View`` (what one forward call's attention reads), ``Chunk`` (a
+chunk of queries), ``Segment`` (keys, values and a mask a chunk attends to) and ``stream_nbytes`` (the predicted
+bytes of a pair of K/V stores).
 """
 
 from __future__ import annotations

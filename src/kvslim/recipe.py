@@ -151,6 +151,18 @@ def _convert(kind: str, key: str, raw: str) -> Any:
     return raw
 
 
+def _with_params(expansion: str, arg_text: str, codec: str = "") -> str:
+    """A preset's expansion with ``arg_text``'s ``key=value`` tokens put in (for the message refusing
+    ``PRESET:key=value[+codec]``): ``blocks:m=4,k=32,w=128`` + ``m=2`` -> ``blocks:m=2,k=32,w=128``."""
+    structure, _plus, own = expansion.partition("+")
+    codec = codec or own
+    kind, _colon, base_args = structure.partition(":")
+    params = dict(t.partition("=")[::2] for t in base_args.split(",") if t)
+    params.update(dict(t.strip().partition("=")[::2] for t in arg_text.split(",") if t.strip()))
+    args = ",".join(f"{k}={v}" if v else k for k, v in params.items())
+    return kind + (":" + args if args else "") + (f"+{codec}" if codec else "")
+
+
 def parse_recipe(text: str | Recipe) -> Recipe:
     """Parse ``METHOD[:key=value,...][+CODEC]`` or a preset name into a validated :class:`Recipe`.
 
@@ -171,8 +183,17 @@ def parse_recipe(text: str | Recipe) -> Recipe:
         raise InvalidInput(f"unknown storage codec {codec!r} in {raw!r}; valid codecs: {', '.join(CODECS)}")
     name, colon, arg_text = structure.partition(":")
     name = name.strip()
-    if name in PRESETS and not colon:
+    if name in PRESETS:
         base = parse_recipe(PRESETS[name][0])
+        expansion = PRESETS[name][0]
+        if colon:
+            raise InvalidInput(f"preset {name!r} takes no parameters: it names {expansion} (method {base.kind!r}); "
+                               f"write the method with your parameters, e.g. {_with_params(expansion, arg_text, codec if plus else '')}"
+                               f" (valid keys for {base.kind}: {_valid_keys(base.kind)})")
+        if plus and base.codec != "none" and codec != base.codec:
+            raise InvalidInput(f"preset {name!r} already stores its entries as {base.codec} (it names {expansion}); "
+                               f"'+{codec}' would replace that codec: write {str(base).rsplit('+', 1)[0]}+{codec} "
+                               f"for {codec} entries")
         return Recipe(base.kind, base.params, codec if plus else base.codec, base.full_first, text=raw)
     if name not in KINDS:
         raise InvalidInput(f"unknown recipe {name!r} in {raw!r}; valid names: {', '.join([*KINDS, *PRESETS])}")

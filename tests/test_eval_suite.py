@@ -76,3 +76,23 @@ def test_cli_suite_run_resume_report_compare(tmp_path):
     assert bad.exit_code == 2 and "not in the ruler suite" in bad.output
     bad = runner.invoke(app, ["niah", "-t", "vt", "--opt", "hops", "-m", "tiny-llama", "-o", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["-t", "passkey", "--suite-tasks", "vt"], "--suite-tasks picks tasks of a --suite"),
+    (["--suite-tasks", "vt"], "--suite-tasks picks tasks of a --suite"),
+    (["--suite", "ruler", "-t", "vt"], "are exclusive"),
+    (["--suite", "ruler", "--suite-tasks", ""], "names no task"),
+    (["--suite", "ruler", "--suite-tasks", " , "], "names no task"),
+    (["-t", "fwe", "-d", "0,0.5,1"], "--depths does not apply to fwe"),
+    (["-t", "cwe", "-d", "0"], "--depths does not apply to cwe"),
+    (["-t", "vt", "--opt", "hops=2", "--opt", "hops=3"], "--opt hops is given twice"),
+    (["-t", "multi-needle", "-k", "3", "--opt", "k=4"], "set the same option"),
+])
+def test_ignored_niah_options_are_refused(tmp_path, args, needle):
+    # issue 25, 3.12: each of these was silently ignored (or ran every suite task / one depth-0 cell)
+    from kvslim.cli import app
+
+    res = CliRunner().invoke(app, ["niah", "-m", "tiny-llama", "-o", str(tmp_path / "x"), *args])
+    assert res.exit_code == 2 and needle in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()

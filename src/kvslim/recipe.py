@@ -217,12 +217,14 @@ def parse_recipe(text: str | Recipe) -> Recipe:
     return Recipe(name, tuple(params.items()), codec, full_first, text=raw)
 
 
-def chunk_invariant(text: str | Recipe) -> bool:
+def chunk_invariant(text: str | Recipe, chunk: int = 0) -> bool:
     """Whether a cache of this recipe gives the same results whether a prompt comes in one call or in chunks (to
     float rounding): its method's ``chunk_invariant`` (checked for every method by the contract test) and its
-    storage format's (``kvslim.formats``: KIVI groups tokens, so it is not)."""
+    storage format's (``kvslim.formats``: KIVI groups tokens, so it is not). With ``chunk``, in calls of that many
+    tokens: recall's dense prefill needs two or more (``Method.min_prefill_chunk``: a one-token call is a decode
+    step)."""
     r = parse_recipe(text)
-    if not r.method.chunk_invariant:
+    if not r.method.chunk_invariant or 0 < chunk < r.method.min_prefill_chunk:
         return False
     return r.codec == "none" or REGISTRY[r.codec].chunk_invariant
 

@@ -159,8 +159,9 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(2, "--workers", "-w", help="Ray actors, >= 1 (each loads the model once)."),
         threads: int = typer.Option(0, "--threads", help="torch CPU threads per process, 0..4096 (0: torch's default)."),
         prefill_chunk: int = typer.Option(0, "--prefill-chunk", help="Feed each prompt in calls of at most this many "
-                                          "tokens (0: one call). Only for recipes whose cache gives the same "
-                                          "results in chunks (full, recall, v4, codecs but KIVI; not the eviction "
+                                          "tokens (0: one call; a one-token remainder joins the call before it). "
+                                          "Only for recipes whose cache gives the same results in chunks (full, "
+                                          "recall (2 or more tokens), v4, codecs but KIVI; not the eviction "
                                           "methods); faster on long prompts for models with sliding-window layers "
                                           "(Gemma 3)."),
         force: bool = typer.Option(False, "--force", help="Write into a folder holding another configuration's results."),

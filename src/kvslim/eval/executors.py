@@ -46,7 +46,7 @@ class Job:
 
     def chunk_for(self, recipe: str) -> int:
         """Tokens per prefill call for ``recipe``'s cells (0: one call)."""
-        if self.chunk_where_invariant and not chunks_invariantly(recipe, self.factories):
+        if self.chunk_where_invariant and not chunks_invariantly(recipe, self.factories, self.prefill_chunk):
             return 0
         return self.prefill_chunk
 

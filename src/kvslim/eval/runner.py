@@ -271,13 +271,19 @@ def check_prefill_chunk(chunk: int, recipes: list[str], extra: CacheFactories | 
                         where_invariant: bool = False) -> None:  # fmt: skip
     """Refuse a bad ``--prefill-chunk``: not a whole number >= 0, or > 0 with a recipe whose cache is not
     chunk-invariant (:func:`kvslim.recipe.chunk_invariant`: an eviction method compresses after every call, KIVI
-    groups tokens), or with a test factory, whose invariance is unknown (``where_invariant``: those run in one
+    groups tokens, recall's dense prefill takes a one-token call for a decode step), or with a test factory,
+    whose invariance is unknown (``where_invariant``: those run in one
     call instead)."""
     check_int(chunk, "--prefill-chunk", minimum=0)
     if not chunk or where_invariant:
         return
     for r in recipes:
-        if not chunks_invariantly(r, extra):
+        if chunk == 1 and chunks_invariantly(r, extra) and not chunks_invariantly(r, extra, chunk):
+            raise InvalidInput(
+                f"--prefill-chunk 1 makes every prefill call one token, which {r!r}'s dense prefill treats as a decode "
+                "step (it selects blocks), so it would not compute what one call does: use --prefill-chunk 2 or more"
+            )
+        if not chunks_invariantly(r, extra, chunk):
             raise InvalidInput(
                 f"--prefill-chunk {chunk} needs recipes whose cache gives the same results in one call or in chunks; "
                 f"{r!r} does not (it compresses or groups tokens per call, so chunks would be a different "

@@ -11,7 +11,9 @@ Methods, their parameters and checks live one per file in :mod:`kvslim.cache.met
 them); codecs are the formats of :mod:`kvslim.formats`. ``full_first=n`` (any method) keeps the first n global
 (full-attention) layers exact. Presets are recipe strings under a short name. ``parse_recipe`` validates everything
 it can without a model; ``kvslim.make_cache`` checks what needs the model before allocating anything.
-``canonical(text)`` is the one string of a recipe (``v4-tq3``, ``v4+tq3`` and ``v4:w=128+tq3`` are all ``v4+tq3``).
+``canonical(text)`` is the one string of a recipe (``v4-tq3``, ``v4+tq3`` and ``v4:w=128+tq3`` are all ``v4+tq3``);
+``identity(text)`` is that string less the parameters of :data:`PLACEMENT` (where bytes live, not what is computed:
+``recall:store=disk`` and ``recall`` are one computation), the key results stores and reports use.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ from .cache.method import Method, check_value, methods
 from .errors import InvalidInput
 from .formats import REGISTRY, codec_formats
 
-__all__ = ["CODECS", "KINDS", "PRESETS", "LayerSpec", "Recipe", "canonical", "list_recipes", "parse_recipe"]
+__all__ = ["CODECS", "KINDS", "PLACEMENT", "PRESETS", "LayerSpec", "Recipe", "canonical", "identity", "list_recipes",
+           "parse_recipe", "placement"]
+
+#: Parameters that say where a cache's bytes live, not what it computes: recall's cold tier in RAM or on disk
+#: (``store``) and the disk folder (``dir``). They stay in :func:`canonical` (what to run) and are left out of
+#: :func:`identity` (what a results store or report keys a row by), so one computation is one row.
+PLACEMENT: frozenset[str] = frozenset({"store", "dir"})
 
 
 
@@ -120,8 +128,11 @@ class Recipe:
         return dict(self.params)[key]
 
     def __str__(self) -> str:
+        return self._text(placement=True)
+
+    def _text(self, placement: bool) -> str:
         defaults = {k: d for k, (_t, d, _doc) in KINDS[self.kind][1].items()}
-        parts = [f"{k}={v}" for k, v in self.params if defaults.get(k) != v]
+        parts = [f"{k}={v}" for k, v in self.params if defaults.get(k) != v and (placement or k not in PLACEMENT)]
         if self.full_first:
             parts.append(f"full_first={self.full_first}")
         text = self.kind + (":" + ",".join(parts) if parts else "")
@@ -238,8 +249,24 @@ def full_prefill(text: str | Recipe) -> bool:
 
 def canonical(text: str | Recipe) -> str:
     """The canonical string of a recipe: parameters at their defaults omitted, the rest sorted; a preset is its
-    expansion. Results stores and reports key recipes by it (``v4-tq3`` and ``v4+tq3`` are one row)."""
+    expansion (``v4-tq3`` and ``v4+tq3`` are one recipe). Results stores and reports key recipes by its
+    :func:`identity` (without the :data:`PLACEMENT` parameters)."""
     return str(parse_recipe(text))
+
+
+def identity(text: str | Recipe) -> str:
+    """What a recipe computes: :func:`canonical` less the :data:`PLACEMENT` parameters (``recall:store=disk`` and
+    ``recall:dir=/x,store=disk`` are ``recall``). Results stores and reports key recipes by it: one row per
+    computation, however its bytes were placed."""
+    return parse_recipe(text)._text(placement=False)
+
+
+def placement(text: str | Recipe) -> str:
+    """The :data:`PLACEMENT` parameters of a recipe that differ from their defaults, as ``key=value,...`` ("" for
+    none): what :func:`identity` leaves out (records note it as ``placement``)."""
+    r = parse_recipe(text)
+    defaults = {k: d for k, (_t, d, _doc) in KINDS[r.kind][1].items()}
+    return ",".join(f"{k}={v}" for k, v in r.params if k in PLACEMENT and defaults.get(k) != v)
 
 
 def list_recipes() -> list[dict[str, Any]]:

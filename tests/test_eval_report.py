@@ -83,3 +83,45 @@ def test_tier_columns_only_where_a_recipe_has_a_cold_tier(folder):
     assert next(line for line in table.splitlines() if line.startswith("| small ")).endswith("| - | - |")
     saved = json.loads((folder / "summary.json").read_text())[0]["rows"]
     assert next(r for r in saved if r["recipe"] == "tiered")["cold_bytes"] == {"1000": 900_000, "2000": 1_800_000}
+
+
+PLACED = ("recall", "recall:store=disk", "recall:dir=/tmp/kvslim-x,store=disk")  # one computation, three placements
+LONG = ("recall:k=12,pin=4,span=2+fp8", "recall:pin=4,span=2+fp8")  # differ past the first 7 characters
+
+
+def _store_with(tmp_path, names):
+    lines = FIXTURE.read_text().splitlines()
+    out = [ln for ln in lines if '"recipe": "full"' in ln]
+    for name in names:
+        out += [ln.replace('"recipe": "small"', f'"recipe": "{name}"') for ln in lines if '"recipe": "small"' in ln]
+    (tmp_path / "results.jsonl").write_text("\n".join(out) + "\n")
+
+
+def test_store_and_dir_are_not_part_of_a_recipes_identity(tmp_path):
+    # issue 25, 3.8: store=/dir= (where cold bytes live) made one computation three rows
+    from kvslim.cache.recipe import canonical, identity, placement
+
+    assert {identity(n) for n in PLACED} == {"recall"} and identity("recall-fp8") == canonical("recall-fp8")
+    assert canonical("recall:store=disk") == "recall:store=disk" and placement("recall:store=disk") == "store=disk"
+    _store_with(tmp_path, PLACED)
+    res = build_report(tmp_path, images=False)
+    (s,) = res["summaries"]
+    assert [r.recipe for r in s.rows] == ["full", "recall"] and s.rows[1].cells == 8
+    assert any("stored 3 times with identical results" in w for w in res["warnings"])
+
+
+def test_report_rows_are_distinguishable_at_80_columns(tmp_path, monkeypatch):
+    # issue 25, 3.8: long recipe names printed as "recal…" at 80 columns, several rows alike
+    from typer.testing import CliRunner
+
+    from kvslim.cli import _common, app
+
+    monkeypatch.setattr(_common.console, "width", 80)
+    _store_with(tmp_path, LONG)
+    res = CliRunner().invoke(app, ["report", str(tmp_path), "--no-images"])
+    assert res.exit_code == 0, res.output
+    table = [ln for ln in res.output.splitlines() if ln.startswith("│")]
+    assert table and max(len(ln) for ln in table) <= 80 and "…" not in res.output
+    first_column = "".join(ln.split("│")[1].strip() for ln in table)
+    for name in LONG:
+        assert name in first_column

@@ -181,3 +181,19 @@ def test_recipes_are_checked_by_the_grammar():
     with pytest.raises(InvalidInput, match="unknown recipe 'nope'"):
         check_recipes(["nope"])
     assert check_recipes(["win"], extra=DOUBLE) == ["full", "win"]  # test doubles need no recipe of the grammar
+
+
+def test_placements_of_one_recipe_run_once_and_resume_each_other(tmp_path, pair):
+    # issue 25, 3.8: recall, recall:store=disk and recall:...,dir=... compute the same; they ran as three rows
+    base = "recall:m=4,k=2,w=16,sinks=2"
+    g = grid(recipes=[f"{base},store=disk", base, f"{base},store=disk,dir={tmp_path}"], lengths=[400], depths=[0],
+             options={"max_new_tokens": 2})
+    res = run_grid(g, tmp_path / "out", pair=pair, progress=False)
+    assert (res["ran"], res["total"]) == (2, 2)
+    rec = {r["recipe"]: r for r in lines(tmp_path / "out")}
+    assert set(rec) == {"full", "recall:k=2,m=4,sinks=2,w=16"}
+    assert rec["recall:k=2,m=4,sinks=2,w=16"]["placement"] == "store=disk"  # the first given ran: noted, not keyed
+    assert "placement" not in rec["full"]
+    again = run_grid(grid(recipes=[base], lengths=[400], depths=[0], options={"max_new_tokens": 2}),
+                     tmp_path / "out", pair=pair, progress=False)
+    assert (again["ran"], again["skipped"]) == (0, 2)

@@ -76,3 +76,51 @@ def test_cli_suite_run_resume_report_compare(tmp_path):
     assert bad.exit_code == 2 and "not in the ruler suite" in bad.output
     bad = runner.invoke(app, ["niah", "-t", "vt", "--opt", "hops", "-m", "tiny-llama", "-o", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["-t", "passkey", "--suite-tasks", "vt"], "--suite-tasks picks tasks of a --suite"),
+    (["--suite-tasks", "vt"], "--suite-tasks picks tasks of a --suite"),
+    (["--suite", "ruler", "-t", "vt"], "are exclusive"),
+    (["--suite", "ruler", "--suite-tasks", ""], "names no task"),
+    (["--suite", "ruler", "--suite-tasks", " , "], "names no task"),
+    (["-t", "fwe", "-d", "0,0.5,1"], "--depths does not apply to fwe"),
+    (["-t", "cwe", "-d", "0"], "--depths does not apply to cwe"),
+    (["-t", "vt", "--opt", "hops=2", "--opt", "hops=3"], "--opt hops is given twice"),
+    (["-t", "multi-needle", "-k", "3", "--opt", "k=4"], "set the same option"),
+])
+def test_ignored_niah_options_are_refused(tmp_path, args, needle):
+    # issue 25, 3.12: each of these was silently ignored (or ran every suite task / one depth-0 cell)
+    from kvslim.cli import app
+
+    res = CliRunner().invoke(app, ["niah", "-m", "tiny-llama", "-o", str(tmp_path / "x"), *args])
+    assert res.exit_code == 2 and needle in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def _fixture_with(tmp_path, *names):
+    """The fixture's ``small`` cells stored once under each of ``names`` (recipe spellings as a store holds them)."""
+    lines = FIXTURE.read_text().splitlines()
+    out = [ln for ln in lines if '"recipe": "full"' in ln]
+    for name in names:
+        out += [ln.replace('"recipe": "small"', f'"recipe": "{name}"') for ln in lines if '"recipe": "small"' in ln]
+    (tmp_path / "results.jsonl").write_text("\n".join(out) + "\n")
+
+
+def test_compare_canonicalises_recipe_names(tmp_path):
+    # issue 25, 3.1: the README's `--compare full full-kivi2` and --help's `--compare full stream` said "has no cells
+    # here" (the store holds full+kivi2 and window); `--compare full full` ran a recipe against itself
+    from kvslim.cli import app
+
+    _fixture_with(tmp_path, "full+kivi2", "window:w=256,sinks=4")
+    runner = CliRunner()
+    for other, canon in (("full-kivi2", "full+kivi2"), ("stream", "window"), ("window:sinks=4", "window")):
+        res = runner.invoke(app, ["report", str(tmp_path), "--no-images", "--compare", "full", other])
+        assert res.exit_code == 0, res.output
+        assert f"full vs {canon} on 8 shared prompts" in res.output
+        ((task, p),) = compare(suite_records(tmp_path), "full", other)
+        assert (p.n, p.a_better, p.b_better) == (8, 5, 0)
+    for a, b in (("full", "full"), ("stream", "window"), ("full-kivi2", "full+kivi2")):
+        res = runner.invoke(app, ["report", str(tmp_path), "--no-images", "--compare", a, b])
+        assert res.exit_code == 2 and "two different recipes" in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1

@@ -112,3 +112,32 @@ def test_layer_schedule_gemma_like():
     assert [s.label for s in specs] == ["full", "full", "heavy", "heavy"]
     with pytest.raises(InvalidInput, match="linear_attention"):
         r.layer_specs(["linear_attention"], None)
+
+
+@pytest.mark.parametrize("text", ["v4-fp8+tq3", "recall-fp8+tq3", "full-kivi2+fp8"])
+def test_a_second_codec_on_a_preset_with_its_own_is_refused(text):
+    # issue 25, 3.11: 'v4-fp8+tq3' silently became v4+tq3 (the preset's fp8 replaced)
+    with pytest.raises(InvalidInput, match=r"already stores its entries as .*would replace that codec"):
+        parse_recipe(text)
+    assert str(parse_recipe("v4-fp8+fp8")) == "v4+fp8" and str(parse_recipe("stream+fp8")) == "window+fp8"
+
+
+def test_a_preset_takes_no_parameters():
+    # issue 25, 3.16: 'stream:w=10' said "unknown recipe 'stream'" while listing stream among the valid names
+    with pytest.raises(InvalidInput) as err:
+        parse_recipe("stream:w=10")
+    msg = str(err.value)
+    assert "preset 'stream' takes no parameters" in msg and "window:w=256,sinks=4" in msg
+    assert "window:w=10,sinks=4" in msg and "unknown recipe" not in msg and "\n" not in msg
+    with pytest.raises(InvalidInput, match=r"blocks:m=2,k=32,w=128\+fp8"):
+        parse_recipe("csa:m=2+fp8")
+
+
+def test_cli_check_refuses_preset_misuse_in_one_line():
+    from typer.testing import CliRunner
+
+    from kvslim.cli import app
+
+    for text, needle in (("v4-fp8+tq3", "already stores its entries as fp8"), ("stream:w=10", "takes no parameters")):
+        res = CliRunner().invoke(app, ["recipes", "--check", text])
+        assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output

@@ -146,6 +146,13 @@ class Method:
             return [f"{self.name} pools or projects pre-RoPE keys, but the model has no rotary embedding"]
         return []
 
+    @property
+    def min_prefill_chunk(self) -> int:
+        """The fewest tokens per forward call over which ``chunk_invariant`` holds: 1, or 2 where the method has a
+        ``prefill=dense`` parameter (recall), whose dense prefill treats a one-token call as a decode step (it
+        selects blocks), so one-token chunks compute something else than one call."""
+        return 2 if getattr(self.params, "prefill", None) == "dense" else 1
+
     def window_codec(self) -> str:
         """Storage of a compressed layer's exact window: 16-bit unless ``wq=1`` (lossless recipes keep the dtype)."""
         return "" if (self.codec == "none" or getattr(self.params, "wq", 0)) else "fp16"

@@ -11,7 +11,9 @@ Methods, their parameters and checks live one per file in :mod:`kvslim.cache.met
 them); codecs are the formats of :mod:`kvslim.formats`. ``full_first=n`` (any method) keeps the first n global
 (full-attention) layers exact. Presets are recipe strings under a short name. ``parse_recipe`` validates everything
 it can without a model; ``kvslim.make_cache`` checks what needs the model before allocating anything.
-``canonical(text)`` is the one string of a recipe (``v4-tq3``, ``v4+tq3`` and ``v4:w=128+tq3`` are all ``v4+tq3``).
+``canonical(text)`` is the one string of a recipe (``v4-tq3``, ``v4+tq3`` and ``v4:w=128+tq3`` are all ``v4+tq3``);
+``identity(text)`` is that string less the parameters of :data:`PLACEMENT` (where bytes live, not what is computed:
+``recall:store=disk`` and ``recall`` are one computation), the key results stores and reports use.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ from ..formats import REGISTRY, codec_formats
 from .base import LayerSpec
 from .method import Method, check_value, methods
 
-__all__ = ["CODECS", "KINDS", "PRESETS", "LayerSpec", "Recipe", "canonical", "list_recipes", "parse_recipe"]
+__all__ = ["CODECS", "KINDS", "PLACEMENT", "PRESETS", "LayerSpec", "Recipe", "canonical", "identity", "list_recipes",
+           "parse_recipe", "placement"]
+
+#: Parameters that say where a cache's bytes live, not what it computes: recall's cold tier in RAM or on disk
+#: (``store``) and the disk folder (``dir``). They stay in :func:`canonical` (what to run) and are left out of
+#: :func:`identity` (what a results store or report keys a row by), so one computation is one row.
+PLACEMENT: frozenset[str] = frozenset({"store", "dir"})
 
 
 
@@ -120,8 +128,11 @@ class Recipe:
         return dict(self.params)[key]
 
     def __str__(self) -> str:
+        return self._text(placement=True)
+
+    def _text(self, placement: bool) -> str:
         defaults = {k: d for k, (_t, d, _doc) in KINDS[self.kind][1].items()}
-        parts = [f"{k}={v}" for k, v in self.params if defaults.get(k) != v]
+        parts = [f"{k}={v}" for k, v in self.params if defaults.get(k) != v and (placement or k not in PLACEMENT)]
         if self.full_first:
             parts.append(f"full_first={self.full_first}")
         text = self.kind + (":" + ",".join(parts) if parts else "")
@@ -151,6 +162,18 @@ def _convert(kind: str, key: str, raw: str) -> Any:
     return raw
 
 
+def _with_params(expansion: str, arg_text: str, codec: str = "") -> str:
+    """A preset's expansion with ``arg_text``'s ``key=value`` tokens put in (for the message refusing
+    ``PRESET:key=value[+codec]``): ``blocks:m=4,k=32,w=128`` + ``m=2`` -> ``blocks:m=2,k=32,w=128``."""
+    structure, _plus, own = expansion.partition("+")
+    codec = codec or own
+    kind, _colon, base_args = structure.partition(":")
+    params = dict(t.partition("=")[::2] for t in base_args.split(",") if t)
+    params.update(dict(t.strip().partition("=")[::2] for t in arg_text.split(",") if t.strip()))
+    args = ",".join(f"{k}={v}" if v else k for k, v in params.items())
+    return kind + (":" + args if args else "") + (f"+{codec}" if codec else "")
+
+
 def parse_recipe(text: str | Recipe) -> Recipe:
     """Parse ``METHOD[:key=value,...][+CODEC]`` or a preset name into a validated :class:`Recipe`.
 
@@ -171,8 +194,17 @@ def parse_recipe(text: str | Recipe) -> Recipe:
         raise InvalidInput(f"unknown storage codec {codec!r} in {raw!r}; valid codecs: {', '.join(CODECS)}")
     name, colon, arg_text = structure.partition(":")
     name = name.strip()
-    if name in PRESETS and not colon:
+    if name in PRESETS:
         base = parse_recipe(PRESETS[name][0])
+        expansion = PRESETS[name][0]
+        if colon:
+            raise InvalidInput(f"preset {name!r} takes no parameters: it names {expansion} (method {base.kind!r}); "
+                               f"write the method with your parameters, e.g. {_with_params(expansion, arg_text, codec if plus else '')}"
+                               f" (valid keys for {base.kind}: {_valid_keys(base.kind)})")
+        if plus and base.codec != "none" and codec != base.codec:
+            raise InvalidInput(f"preset {name!r} already stores its entries as {base.codec} (it names {expansion}); "
+                               f"'+{codec}' would replace that codec: write {str(base).rsplit('+', 1)[0]}+{codec} "
+                               f"for {codec} entries")
         return Recipe(base.kind, base.params, codec if plus else base.codec, base.full_first, text=raw)
     if name not in KINDS:
         raise InvalidInput(f"unknown recipe {name!r} in {raw!r}; valid names: {', '.join([*KINDS, *PRESETS])}")
@@ -196,12 +228,14 @@ def parse_recipe(text: str | Recipe) -> Recipe:
     return Recipe(name, tuple(params.items()), codec, full_first, text=raw)
 
 
-def chunk_invariant(text: str | Recipe) -> bool:
+def chunk_invariant(text: str | Recipe, chunk: int = 0) -> bool:
     """Whether a cache of this recipe gives the same results whether a prompt comes in one call or in chunks (to
     float rounding): its method's ``chunk_invariant`` (checked for every method by the contract test) and its
-    storage format's (``kvslim.formats``: KIVI groups tokens, so it is not)."""
+    storage format's (``kvslim.formats``: KIVI groups tokens, so it is not). With ``chunk``, in calls of that many
+    tokens: recall's dense prefill needs two or more (``Method.min_prefill_chunk``: a one-token call is a decode
+    step)."""
     r = parse_recipe(text)
-    if not r.method.chunk_invariant:
+    if not r.method.chunk_invariant or 0 < chunk < r.method.min_prefill_chunk:
         return False
     return r.codec == "none" or REGISTRY[r.codec].chunk_invariant
 
@@ -215,8 +249,24 @@ def full_prefill(text: str | Recipe) -> bool:
 
 def canonical(text: str | Recipe) -> str:
     """The canonical string of a recipe: parameters at their defaults omitted, the rest sorted; a preset is its
-    expansion. Results stores and reports key recipes by it (``v4-tq3`` and ``v4+tq3`` are one row)."""
+    expansion (``v4-tq3`` and ``v4+tq3`` are one recipe). Results stores and reports key recipes by its
+    :func:`identity` (without the :data:`PLACEMENT` parameters)."""
     return str(parse_recipe(text))
+
+
+def identity(text: str | Recipe) -> str:
+    """What a recipe computes: :func:`canonical` less the :data:`PLACEMENT` parameters (``recall:store=disk`` and
+    ``recall:dir=/x,store=disk`` are ``recall``). Results stores and reports key recipes by it: one row per
+    computation, however its bytes were placed."""
+    return parse_recipe(text)._text(placement=False)
+
+
+def placement(text: str | Recipe) -> str:
+    """The :data:`PLACEMENT` parameters of a recipe that differ from their defaults, as ``key=value,...`` ("" for
+    none): what :func:`identity` leaves out (records note it as ``placement``)."""
+    r = parse_recipe(text)
+    defaults = {k: d for k, (_t, d, _doc) in KINDS[r.kind][1].items()}
+    return ",".join(f"{k}={v}" for k, v in r.params if k in PLACEMENT and defaults.get(k) != v)
 
 
 def list_recipes() -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ import typer
 from ._common import console, one_line_errors, print_json, warn_line
 
 RAY_LOCAL = "local"
+DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
 
 
 def expand_bare_ray(argv: list[str]) -> list[str]:
@@ -62,7 +63,8 @@ def split_recipes(text: str) -> list[str]:
 
 
 def parse_opts(items: list[str]) -> dict:
-    """``["haystack=noise", "n_keys=4", "example=false"]`` -> options (ints, floats, booleans, else strings)."""
+    """``["haystack=noise", "n_keys=4", "example=false"]`` -> options (ints, floats, booleans, else strings); a key
+    given twice is refused (the last would silently win)."""
     from ..errors import InvalidInput
 
     out: dict = {}
@@ -81,8 +83,42 @@ def parse_opts(items: list[str]) -> dict:
                     break
                 except ValueError:
                     continue
+        if key.strip() in out:
+            raise InvalidInput(f"--opt {key.strip()} is given twice ({out[key.strip()]!r} and {value!r}): give it once")
         out[key.strip()] = value
     return out
+
+
+def check_suite_flags(suite: str | None, task: str | None, suite_tasks: str | None) -> list[str] | None:
+    """Refuse flags that would be silently ignored: ``--suite-tasks`` without ``--suite``, ``--task`` with it, an
+    empty ``--suite-tasks`` (which would run every task). Returns the ``--suite-tasks`` list (None: every task)."""
+    from ..errors import InvalidInput
+
+    if suite is None:
+        if suite_tasks is not None:
+            raise InvalidInput("--suite-tasks picks tasks of a --suite; without --suite give one task with --task")
+        return None
+    if task is not None:
+        raise InvalidInput(f"--task {task} and --suite {suite} are exclusive: a suite runs its own tasks (pick some "
+                           "with --suite-tasks)")
+    if suite_tasks is None:
+        return None
+    tasks = [t.strip() for t in suite_tasks.split(",") if t.strip()]
+    if not tasks:
+        raise InvalidInput(f"--suite-tasks {suite_tasks!r} names no task: give some, e.g. --suite-tasks niah_single_1,vt,"
+                           " or leave the flag out to run every task")
+    return tasks
+
+
+def check_depths(task: str, depths: str | None) -> None:
+    """Refuse ``--depths`` for a task without a needle depth (cwe, fwe, fidelity): it would run one cell recorded
+    as depth 0."""
+    from ..errors import InvalidInput
+    from ..eval.tasks.base import TASKS, get_task
+
+    if depths is not None and task in TASKS and not get_task(task).uses_depth:
+        raise InvalidInput(f"--depths does not apply to {task}: it has no needle depth (every cell is recorded at "
+                           "depth 0); leave --depths out and give more --seeds for more cells")
 
 
 def register(app: typer.Typer) -> None:
@@ -91,8 +127,9 @@ def register(app: typer.Typer) -> None:
     def niah_cmd(
         out: str = typer.Option(..., "--out", "-o", help="Results folder (results.jsonl, config.json); reruns resume it."),
         model: str = typer.Option("smollm2-135m", "--model", "-m", help="Embedded model name, local HF folder or .gguf file."),
-        task: str = typer.Option("passkey", "--task", "-t", help="passkey, needle, multi-needle, fidelity, distractor, or "
-                                 "a RULER task: niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, cwe, fwe."),
+        task: str | None = typer.Option(None, "--task", "-t", help="passkey (default), needle, multi-needle, fidelity, "
+                                        "distractor, or a RULER task: niah_single_1..3, niah_multikey_1..3, "
+                                        "niah_multivalue, niah_multiquery, vt, cwe, fwe. Not with --suite."),
         suite: str | None = typer.Option(None, "--suite", help="Run a whole suite instead of --task: `ruler` (its tasks "
                                          "into OUT/<task>/; `kvslim report OUT` prints the RULER table)."),
         suite_tasks: str | None = typer.Option(None, "--suite-tasks", help="With --suite: only these tasks (comma-separated)."),
@@ -103,14 +140,17 @@ def register(app: typer.Typer) -> None:
         recipes: str = typer.Option(
             "full", "--recipes", "-r",
             help="Recipes, comma- or ';'-separated, parameters included: 'full,v4+tq3,blocks:m=4,k=32,w=128' or "
-            "'window:w=64;v4'; spellings of one recipe are one row (stored in canonical form); full is always included.",
+            "'window:w=64;v4'; spellings of one recipe are one row (stored in canonical form, less where bytes live: "
+            "recall:store=disk is stored as recall, and runs once with recall); full is always included.",
         ),
         recipe: list[str] | None = typer.Option(None, "--recipe", help="One more recipe (repeatable), e.g. --recipe blocks:m=4,k=32."),
         lengths: str = typer.Option(
             "1000,2000", "--lengths", "-l",
             help="Prompt lengths in tokens; k = 1024, M = 2^20 as in `kvslim plan` (e.g. 1000,2k,4k; 0.5k = 512).",
         ),
-        depths: str = typer.Option("0,0.25,0.5,0.75,1", "--depths", "-d", help="Needle depths in [0, 1] (0 = start)."),
+        depths: str | None = typer.Option(None, "--depths", "-d", help="Needle depths in [0, 1] (0 = start; default "
+                                          f"{DEFAULT_DEPTHS}); not for tasks without a needle depth (cwe, fwe, "
+                                          "fidelity), except in a --suite, where they run as many seeds per seed."),
         seeds: str = typer.Option("0", "--seeds", "-s", help="Seeds, whole numbers >= 0 (each gives a different key/haystack cut)."),
         needles: int | None = typer.Option(None, "--needles", "-k", help="multi-needle: number of needles, 1..16 (default 3)."),
         eval_tokens: int | None = typer.Option(None, "--eval-tokens", help="fidelity: positions scored, >= 1 (default 64)."),
@@ -120,8 +160,9 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(2, "--workers", "-w", help="Ray actors, >= 1 (each loads the model once)."),
         threads: int = typer.Option(0, "--threads", help="torch CPU threads per process, 0..4096 (0: torch's default)."),
         prefill_chunk: int = typer.Option(0, "--prefill-chunk", help="Feed each prompt in calls of at most this many "
-                                          "tokens (0: one call). Only for recipes whose cache gives the same "
-                                          "results in chunks (full, recall, v4, codecs but KIVI; not the eviction "
+                                          "tokens (0: one call; a one-token remainder joins the call before it). "
+                                          "Only for recipes whose cache gives the same results in chunks (full, "
+                                          "recall (2 or more tokens), v4, codecs but KIVI; not the eviction "
                                           "methods); faster on long prompts for models with sliding-window layers "
                                           "(Gemma 3)."),
         force: bool = typer.Option(False, "--force", help="Write into a folder holding another configuration's results."),
@@ -136,6 +177,12 @@ def register(app: typer.Typer) -> None:
         """
         from ..eval.harness.runner import Grid, run_grid
         from ..units import check_int
+
+        tasks = check_suite_flags(suite, task, suite_tasks)
+        task = task if task is not None else "passkey"
+        if suite is None:
+            check_depths(task, depths)
+        depths = depths if depths is not None else DEFAULT_DEPTHS
 
         for flag, value in (("--needles", needles), ("--eval-tokens", eval_tokens), ("--max-new-tokens", max_new_tokens)):
             if value is not None:
@@ -152,14 +199,20 @@ def register(app: typer.Typer) -> None:
             options["max_new_tokens"] = max_new_tokens
         if chat is not None:
             options["chat"] = chat
-        options.update(parse_opts(opts or []))
+        extra = parse_opts(opts or [])
+        flags = {"k": "--needles", "eval_tokens": "--eval-tokens", "max_new_tokens": "--max-new-tokens", "chat": "--chat"}
+        both = [k for k in extra if k in options]
+        if both:
+            from ..errors import InvalidInput
+
+            raise InvalidInput(f"--opt {both[0]}={extra[both[0]]} and {flags[both[0]]} set the same option: give one")
+        options.update(extra)
         if suite is not None:
             from ..eval.harness.suite import run_suite, suite_grids
 
             grids = suite_grids(suite, model=model, recipes=names, lengths=parse_list(lengths, int, "lengths"),
                                 depths=parse_list(depths, float, "depths"), seeds=parse_list(seeds, int, "seeds"),
-                                options=options,
-                                tasks=[t.strip() for t in suite_tasks.split(",") if t.strip()] if suite_tasks else None)
+                                options=options, tasks=tasks)
             res = run_suite(grids, out, suite=suite, ray=ray, workers=workers, threads=threads, force=force,
                             progress=not as_json, batch=batch, warn=warn_line, prefill_chunk=prefill_chunk)
             if as_json:

@@ -11,8 +11,8 @@ def _print_table(title: str, head: list[str], body: list[list[str]]) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for i, h in enumerate(head):
-        table.add_column(h, justify="left" if i == 0 else "right")
+    for i, h in enumerate(head):  # long recipe names fold over lines (an ellipsis made recall rows one "recal…")
+        table.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
     for row in body:
         table.add_row(*row)
     console.print(table)
@@ -30,8 +30,9 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Argument(..., help="A folder written by `kvslim niah --out` (one task, or a --suite)."),
         images: bool = typer.Option(True, "--images/--no-images", help="Write heatmap and frontier PNGs."),
         compare: tuple[str, str] | None = typer.Option(
-            None, "--compare", help="Two recipes, e.g. --compare full stream: a paired exact sign test (McNemar) "
-                                    "on the prompts both ran, per task and pooled."),
+            None, "--compare", help="Two different recipes, any spelling (e.g. --compare full stream, "
+                                    "--compare full full-kivi2): a paired exact sign test (McNemar) on the prompts both "
+                                    "ran, per task and pooled."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     ) -> None:
         """Print accuracy per recipe x length (95 % Wilson interval, cell count) with KV bytes and the ratio to a
@@ -49,10 +50,10 @@ def register(app: typer.Typer) -> None:
         from ..eval.reports.suite_report import compare as compare_recipes
 
         suite = read_suite(out) is not None
+        pairs = compare_recipes(suite_records(out), *compare) if compare else []  # refused before anything is written
         res = build_suite_report(out, images=images) if suite else build_report(out, images=images)
         for line in res["warnings"]:
             warn_line(line)
-        pairs = compare_recipes(suite_records(out), *compare) if compare else []
         if as_json:
             obj = {"summaries": [summary_json(s) for s in res["summaries"]], "files": res["files"],
                    "warnings": res["warnings"]}

@@ -56,11 +56,11 @@ def cache_factory(recipe: str, extra: CacheFactories | None = None) -> Callable[
     return compressed
 
 
-def chunks_invariantly(recipe: str, extra: CacheFactories | None = None) -> bool:
-    """Whether ``recipe``'s cache gives the same results in one call or in chunks (``full``, and
-    :func:`kvslim.cache.recipe.chunk_invariant`; a test factory's invariance is unknown: False)."""
+def chunks_invariantly(recipe: str, extra: CacheFactories | None = None, chunk: int = 0) -> bool:
+    """Whether ``recipe``'s cache gives the same results in one call or in chunks (of ``chunk`` tokens, if given)
+    (``full``, and :func:`kvslim.cache.recipe.chunk_invariant`; a test factory's invariance is unknown: False)."""
     from ...cache.recipe import chunk_invariant
 
     if recipe == FULL:
         return True
-    return not (extra and recipe in extra) and chunk_invariant(recipe)
+    return not (extra and recipe in extra) and chunk_invariant(recipe, chunk)

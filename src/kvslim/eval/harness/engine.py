@@ -41,11 +41,18 @@ def chunked_prefill(chunk: int) -> Iterator[None]:
 
 
 def prefill_chunks(start: int, stop: int) -> list[tuple[int, int]]:
-    """``[(a, b), ...]`` covering ``[start, stop)`` in calls of at most the current chunk (one call if unset)."""
+    """``[(a, b), ...]`` covering ``[start, stop)`` in calls of at most the current chunk (one call if unset).
+
+    No call is left holding a single token where the range has more: a one-token remainder joins the call before it
+    (that call then holds chunk + 1 tokens). A one-token forward is a decode step for some caches (recall's dense
+    prefill selects blocks in it), so a lone last token would compute something else than one call does."""
     n = PREFILL_CHUNK.get()
     if n <= 0 or stop - start <= n:
         return [(start, stop)]
-    return [(a, min(a + n, stop)) for a in range(start, stop, n)]
+    out = [(a, min(a + n, stop)) for a in range(start, stop, n)]
+    if n > 1 and out[-1][1] - out[-1][0] == 1:
+        out[-2:] = [(out[-2][0], stop)]
+    return out
 
 
 class Prefilled:

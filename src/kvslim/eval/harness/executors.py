@@ -46,7 +46,7 @@ class Job:
 
     def chunk_for(self, recipe: str) -> int:
         """Tokens per prefill call for ``recipe``'s cells (0: one call)."""
-        if self.chunk_where_invariant and not chunks_invariantly(recipe, self.factories):
+        if self.chunk_where_invariant and not chunks_invariantly(recipe, self.factories, self.prefill_chunk):
             return 0
         return self.prefill_chunk
 
@@ -68,10 +68,13 @@ def run_cell(job: Job, task: Any, model: Any, tokenizer: Any, cell: Any, prompt:
 def make_record(cell: Any, prompt: Prompt, res: dict[str, Any], seconds: float, model: Any,
                 prefill_chunk: int = 0) -> dict[str, Any]:
     """A cell's record from the task's result (see :mod:`kvslim.eval.harness.store` for the fields); a chunked prefill
-    is noted as ``prefill_chunk``."""
+    is noted as ``prefill_chunk``. ``recipe`` is the recipe's identity (:func:`kvslim.cache.recipe.identity`); where its
+    bytes lived (``store=disk``, ``dir=``), when not the default, is noted as ``placement``."""
+    from .runner import stored_recipe_key
+
     full16 = full16_nbytes(model.config, len(prompt))
     rec: dict[str, Any] = {
-        "task": cell.task, "model": cell.model, "recipe": cell.recipe, "length": cell.length,
+        "task": cell.task, "model": cell.model, "recipe": stored_recipe_key(cell.recipe), "length": cell.length,
         "depth": cell.depth, "seed": cell.seed,
         "success": res.pop("success"), "score": res.pop("score"),
         "kv_bytes": int(res.pop("kv_bytes")), "kv_bytes_full16": full16,
@@ -80,6 +83,12 @@ def make_record(cell: Any, prompt: Prompt, res: dict[str, Any], seconds: float, 
         "prompt_hash": prompt.hash, "needle_positions": prompt.needle_positions,
     }
     rec.update(res)  # task extras: logprob, retrieved, ppl, ppl_full
+    if rec["recipe"] != cell.recipe:
+        from ...cache.recipe import placement
+
+        where = placement(cell.recipe)
+        if where:
+            rec["placement"] = where
     if prefill_chunk:
         rec["prefill_chunk"] = int(prefill_chunk)
     return rec

@@ -13,6 +13,7 @@ Order of work (nothing heavy happens before every check has passed):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,7 +36,9 @@ __all__ = ["Grid", "Cell", "run_grid", "load_pair", "check_model_name", "check_o
 
 @dataclass
 class Grid:
-    """What to run. ``recipes`` gets ``full`` prepended if missing; ``options`` are the task's options."""
+    """What to run. ``recipes`` gets ``full`` prepended if missing; ``options`` are the task's options. Recipes that
+    compute the same (:func:`kvslim.cache.recipe.identity`: they differ only in where bytes live, ``store=``/``dir=``)
+    run once, the first one given."""
 
     task: str
     model: str
@@ -71,7 +74,10 @@ class Grid:
         check_options(self.task, self.options)
         task = get_task(self.task, **self.options)  # validates the options
         depths = sorted({round(float(d), 6) for d in self.depths}) if task.uses_depth else [0.0]
-        recipes = list(dict.fromkeys(recipe_key(r, extra) for r in check_recipes(self.recipes, extra)))
+        runs: dict[str, str] = {}  # identity -> the recipe run (placement included); one computation runs once
+        for r in check_recipes(self.recipes, extra):
+            runs.setdefault(recipe_key(r, extra), run_recipe(r, extra))
+        recipes = list(runs.values())
         return Grid(self.task, self.model, recipes, sorted({int(n) for n in self.lengths}),
                     depths, sorted({int(s) for s in self.seeds}), task.options())
 
@@ -91,7 +97,8 @@ class Cell:
 
     @property
     def key(self) -> tuple:
-        return cell_key(self.__dict__)
+        """The stored cell's key: its recipe's identity (placement parameters left out), as records hold it."""
+        return cell_key({**self.__dict__, "recipe": stored_recipe_key(self.recipe)})
 
 
 def _whole(v: Any) -> bool:
@@ -99,8 +106,19 @@ def _whole(v: Any) -> bool:
 
 
 def recipe_key(name: str, extra: CacheFactories | None = None) -> str:
-    """The one spelling a recipe is run, stored and reported under (``stream`` and ``window:w=256`` are one recipe):
-    its canonical form; ``full`` and test factories keep their names. Raises ``InvalidInput`` for a bad recipe."""
+    """The one spelling a recipe is stored and reported under (``stream`` and ``window:w=256`` are one recipe, and
+    so are ``recall`` and ``recall:store=disk``): its :func:`kvslim.cache.recipe.identity`; ``full`` and test factories
+    keep their names. Raises ``InvalidInput`` for a bad recipe."""
+    if name == FULL or (extra and name in extra):
+        return name
+    from ...cache.recipe import identity
+
+    return identity(name)
+
+
+def run_recipe(name: str, extra: CacheFactories | None = None) -> str:
+    """The spelling a recipe is run under: its canonical form, placement parameters included (``store=disk`` must
+    reach the cache); ``full`` and test factories keep their names."""
     if name == FULL or (extra and name in extra):
         return name
     from ...cache.recipe import canonical
@@ -108,8 +126,10 @@ def recipe_key(name: str, extra: CacheFactories | None = None) -> str:
     return canonical(name)
 
 
+@functools.lru_cache(maxsize=4096)
 def stored_recipe_key(name: str) -> str:
-    """:func:`recipe_key` for a recipe read back from a store (a name that no longer parses is kept as it is)."""
+    """:func:`recipe_key` for a recipe read back from a store or of a cell (a name that does not parse, such as a
+    test factory's, is kept as it is)."""
     try:
         return recipe_key(name)
     except Exception:
@@ -271,13 +291,19 @@ def check_prefill_chunk(chunk: int, recipes: list[str], extra: CacheFactories | 
                         where_invariant: bool = False) -> None:  # fmt: skip
     """Refuse a bad ``--prefill-chunk``: not a whole number >= 0, or > 0 with a recipe whose cache is not
     chunk-invariant (:func:`kvslim.cache.recipe.chunk_invariant`: an eviction method compresses after every call, KIVI
-    groups tokens), or with a test factory, whose invariance is unknown (``where_invariant``: those run in one
+    groups tokens, recall's dense prefill takes a one-token call for a decode step), or with a test factory,
+    whose invariance is unknown (``where_invariant``: those run in one
     call instead)."""
     check_int(chunk, "--prefill-chunk", minimum=0)
     if not chunk or where_invariant:
         return
     for r in recipes:
-        if not chunks_invariantly(r, extra):
+        if chunk == 1 and chunks_invariantly(r, extra) and not chunks_invariantly(r, extra, chunk):
+            raise InvalidInput(
+                f"--prefill-chunk 1 makes every prefill call one token, which {r!r}'s dense prefill treats as a decode "
+                "step (it selects blocks), so it would not compute what one call does: use --prefill-chunk 2 or more"
+            )
+        if not chunks_invariantly(r, extra, chunk):
             raise InvalidInput(
                 f"--prefill-chunk {chunk} needs recipes whose cache gives the same results in one call or in chunks; "
                 f"{r!r} does not (it compresses or groups tokens per call, so chunks would be a different "

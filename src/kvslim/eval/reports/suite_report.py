@@ -34,16 +34,20 @@ def ruler_score(rec: dict[str, Any]) -> float | None:
 
 
 def suite_records(folder: str | Path) -> dict[str, list[dict[str, Any]]]:
-    """``{task: records}`` of a suite folder (tasks in the suite's order), or of one task's folder."""
+    """``{task: records}`` of a suite folder (tasks in the suite's order), or of one task's folder; recipes under
+    their canonical names (:func:`kvslim.eval.harness.runner.stored_recipe_key`), as the reports show them."""
+    from ..harness.runner import stored_recipe_key
+
     folder = Path(folder)
     suite = read_suite(folder)
     if suite is None:
-        recs = ResultStore(folder).records()
+        recs = ResultStore(folder, recipe_key=stored_recipe_key).records()
         out: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in recs:
             out[r["task"]].append(r)
         return dict(out)
-    return {t: ResultStore(folder / t).records() for t in suite["tasks"] if (folder / t / "results.jsonl").is_file()}
+    return {t: ResultStore(folder / t, recipe_key=stored_recipe_key).records() for t in suite["tasks"]
+            if (folder / t / "results.jsonl").is_file()}
 
 
 def _cell(scores: list[float]) -> dict[str, Any]:
@@ -98,11 +102,23 @@ def tables_markdown(tables: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 
 def compare(by_task: dict[str, list[dict[str, Any]]], a: str, b: str) -> list[tuple[str, Paired]]:
-    """``[(task or "all tasks", Paired)]`` for recipes ``a`` and ``b`` on the prompts both have."""
+    """``[(task or "all tasks", Paired)]`` for recipes ``a`` and ``b`` on the prompts both have. ``a`` and ``b`` may
+    be any spelling of a recipe (``full-kivi2``, ``stream``): they are compared under their canonical names, as the
+    records are stored; two spellings of one recipe are refused."""
+    from ..harness.runner import stored_recipe_key
+
+    given = (a, b)
+    a, b = stored_recipe_key(a.strip()), stored_recipe_key(b.strip())
+    if a == b:
+        same = a if given[0] == given[1] else f"{a} ({given[0]} and {given[1]} are one recipe)"
+        raise InvalidInput(f"--compare needs two different recipes, got {same} twice: a recipe against itself tests "
+                           "nothing")
     seen = {r["recipe"] for recs in by_task.values() for r in recs}
-    for name in (a, b):
+    for name, raw in zip((a, b), given, strict=True):
         if name not in seen:
-            raise InvalidInput(f"recipe {name!r} has no cells here: recipes present are {', '.join(sorted(seen))}")
+            also = f" (canonical {name})" if name != raw else ""
+            raise InvalidInput(f"recipe {raw!r}{also} has no cells here: recipes present are "
+                               f"{', '.join(sorted(seen)) or 'none (no finished cells)'}")
     pooled_a: dict[tuple, float] = {}
     pooled_b: dict[tuple, float] = {}
     out = []

@@ -126,6 +126,9 @@ class EvictParams(Params):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_ratio(self.keep, f"{self.method}: keep")
+        if self.budget and self.keep != 1.0:  # budget replaces keep: both given, one would be silently ignored
+            raise InvalidInput(f"{self.method}: give keep or budget, not both: budget={self.budget} keeps a fixed "
+                               f"token count and would ignore keep={self.keep:g}")
 
 
 @dataclass(frozen=True)

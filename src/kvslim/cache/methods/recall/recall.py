@@ -353,8 +353,9 @@ class RecallLayer(BaseLayer):
         p = self.spec.p
         select = p.prefill == "select" and n_next > 0
         if not select and softcap is None and not self.has_padding and self.n_blocks == 0 and p0 == 0:
-            kk = tail[0] if sinks[0] is None else torch.cat([sinks[0], tail[0]], 2)
-            vv = tail[1] if sinks[1] is None else torch.cat([sinks[1], tail[1]], 2)
+            # the prompt may lie wholly in the sinks (sinks >= its tokens: no tail yet) or wholly in the tail
+            kk = torch.cat([x for x in (sinks[0], tail[0]) if x is not None], 2)
+            vv = torch.cat([x for x in (sinks[1], tail[1]) if x is not None], 2)
             return F.scaled_dot_product_attention(query, kk, vv, is_causal=True, scale=scaling, enable_gqa=True)
         summ = self._summaries(n_next, tail[0]) if select else None
         out = query.new_empty(b, hq, q, d)

@@ -1,0 +1,202 @@
+"""Rows of packed bytes: one token's key (or value) for one KV head in a kvslim format, as vLLM's paged pool holds it.
+
+A kvslim codec encodes ``x [..., T, d]`` into a :class:`~kvslim.quant.base.Packed` whose fields are all per token
+(``[..., T, width]`` of uint8 codes, fp16 norms, fp32 scales). :class:`RowLayout` lays those fields side by side as
+the raw bytes of one row, ``row_bytes = formats.bytes_per_vector(fmt, d)`` (the format's byte contract: nothing is
+padded), and reads them back. A page cell of vLLM's pool is ``[key row | value row]`` (``2 * row_bytes`` bytes per
+token per KV head), so the pool holds ``fp32 bytes / format bytes`` times more tokens than stock fp32.
+
+Only formats whose rows are independent per token fit a paged pool (vLLM frees, shares and rewrites single slots):
+KIVI keys share scales per 32 tokens and are refused. ``tq2.5`` / ``tq3.5`` run uncalibrated (their outlier channels
+are the fixed first ``d/4`` / ``d/2``: calibration would depend on whichever request came first). ``int8`` is this
+plugin's own per-token layout (:class:`Int8Codec`: symmetric codes + one fp32 scale, ``d + 4`` bytes).
+
+:func:`paged_attention` is the pure-torch attention over such a pool (any device): for each request it gathers the
+rows of its blocks through the block table, decodes them with the codec and runs causal SDPA in float32. It is the
+reference the tests compare against, and the path the backend runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvslim import formats
+from kvslim.errors import InvalidInput
+from kvslim.quant.base import Codec, Packed
+
+__all__ = ["FORMATS_REFUSED", "Int8Codec", "RowLayout", "make_codec", "paged_attention", "supported_formats"]
+
+# formats a codec writes whose rows are not independent per token (why, for the refusal line)
+FORMATS_REFUSED = {
+    "kivi2": "KIVI keys share one scale and zero point per channel per 32 tokens",
+    "kivi4": "KIVI keys share one scale and zero point per channel per 32 tokens",
+}
+_EXTRA = ("int8",)
+
+
+class Int8Codec(Codec):
+    """Symmetric int8 per token: ``s = amax / 127``, codes ``round(x / s)`` as int8, one fp32 scale per vector.
+
+    Bytes per vector ``d + 4``. Fields: ``codes int8 [..., T, d]``, ``scale float32 [..., T, 1]``."""
+
+    name = "int8"
+    bits_per_value = 8.0
+
+    def __init__(self, dim: int) -> None:
+        if not isinstance(dim, int) or dim < 1:
+            raise InvalidInput(f"int8 needs a positive integer dimension, got {dim!r}")
+        self.dim = dim
+
+    def bytes_per_vector(self) -> int:
+        return self.dim + 4
+
+    def encode(self, x: torch.Tensor) -> Packed:
+        self._check(x)
+        xf = x.to(torch.float32)
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+        scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        codes = torch.round(xf / scale).clamp(-127, 127).to(torch.int8)
+        return Packed(self.name, tuple(x.shape), x.dtype, {"codes": codes, "scale": scale})
+
+    def decode(self, packed: Packed) -> torch.Tensor:
+        self._check_packed(packed)
+        f = packed.fields
+        return (f["codes"].to(torch.float32) * f["scale"]).to(packed.dtype)
+
+
+def supported_formats() -> tuple[str, ...]:
+    """The format names the plugin stores: every per-head codec format whose rows are independent, plus int8."""
+    names = [n for n in formats.codec_formats("gqa") if not formats.REGISTRY[n].append_only]
+    return (*names, *_EXTRA)
+
+
+def make_codec(fmt: str, head_size: int, seed: int = 0) -> Codec:
+    """The codec of ``fmt`` for heads of ``head_size`` channels; ``InvalidInput`` (one line) when it cannot be used."""
+    if fmt in FORMATS_REFUSED:
+        raise InvalidInput(
+            f"kvslim format {fmt!r} cannot live in vLLM's paged KV pool: its rows are not independent per token "
+            f"({FORMATS_REFUSED[fmt]}); choose one of {', '.join(supported_formats())}"
+        )
+    if fmt == "int8":
+        return Int8Codec(head_size)
+    f = formats.REGISTRY.get(fmt) if isinstance(fmt, str) else None
+    if f is None or f.codec is None or "gqa" not in f.kinds or f.append_only:
+        raise InvalidInput(f"unknown kvslim format {fmt!r} for vLLM; choose one of {', '.join(supported_formats())}")
+    try:
+        formats.bytes_per_vector(fmt, head_size)
+        return f.make_codec(head_size, seed)
+    except InvalidInput as exc:
+        raise InvalidInput(f"kvslim format {fmt!r} cannot store this model's head size {head_size}: {exc}") from None
+
+
+class RowLayout:
+    """Byte layout of one packed row (one token, one KV head) of format ``fmt`` at head size ``head_size``.
+
+    ``fields``: ``(name, dtype, width)`` in storage order; ``row_bytes``: their bytes, equal to the format's
+    ``bytes_per_vector``. ``encode(x [..., d]) -> uint8 [..., row_bytes]``; ``decode(rows, dtype) -> [..., d]``.
+    """
+
+    def __init__(self, fmt: str, head_size: int, seed: int = 0) -> None:
+        self.fmt = fmt
+        self.head_size = head_size
+        self.codec = make_codec(fmt, head_size, seed)
+        probe = self.codec.encode(torch.zeros(1, head_size))
+        if probe.grouped:
+            raise InvalidInput(f"kvslim format {fmt!r} stores grouped fields; vLLM's pool needs per-token rows")
+        self.fields: list[tuple[str, torch.dtype, int]] = [
+            (name, t.dtype, t.shape[-1]) for name, t in probe.fields.items()
+        ]
+        self.row_bytes = sum(w * torch.empty((), dtype=dt).element_size() for _, dt, w in self.fields)
+        expected = self.codec.bytes_per_vector()
+        if self.row_bytes != expected:  # the byte contract of kvslim.formats, checked once per layout
+            raise InvalidInput(f"kvslim format {fmt!r}: packed row is {self.row_bytes} B, contract says {expected} B")
+        self.lossless = bool(getattr(self.codec, "lossless", False))
+
+    def to(self, device: torch.device | str) -> RowLayout:
+        if self.codec.device != torch.device(device):
+            self.codec.to(device)
+        return self
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., d]`` (float) -> ``uint8 [..., row_bytes]``: the codec's fields, as bytes, side by side."""
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, 1, self.head_size)  # [N, T=1, d]: one token per row, every field per token
+        packed = self.codec.encode(flat)
+        parts = [packed.fields[name].reshape(flat.shape[0], w).contiguous().view(torch.uint8)
+                 for name, _, w in self.fields]
+        return torch.cat(parts, dim=-1).reshape(*lead, self.row_bytes)
+
+    def decode(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``uint8 [..., row_bytes]`` -> ``[..., d]`` in ``dtype`` through the codec's own decode."""
+        lead = rows.shape[:-1]
+        flat = rows.reshape(-1, self.row_bytes)
+        fields, at = {}, 0
+        for name, dt, w in self.fields:
+            nb = w * torch.empty((), dtype=dt).element_size()
+            fields[name] = flat[:, at:at + nb].contiguous().view(dt).reshape(flat.shape[0], 1, w)
+            at += nb
+        packed = Packed(self.codec.name, (flat.shape[0], 1, self.head_size), dtype, fields)
+        return self.codec.decode(packed).reshape(*lead, self.head_size)
+
+
+def write_slots(cache: torch.Tensor, layout: RowLayout, key: torch.Tensor, value: torch.Tensor,
+                slot_mapping: torch.Tensor) -> None:
+    """Encode ``key`` / ``value`` ``[T, H, d]`` and store them at ``slot_mapping [T]`` (``block * block_size +
+    offset``; negative = padding, skipped) of ``cache`` (uint8 ``[blocks, H, block_size, 2 * row_bytes]``)."""
+    n = slot_mapping.shape[0]
+    if n == 0:
+        return
+    key, value = key[:n], value[:n]
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    rows = torch.cat([layout.encode(key), layout.encode(value)], dim=-1)  # [T, H, 2R]
+    bs = cache.shape[2]
+    slots = slot_mapping.to(torch.long)
+    cache[slots // bs, :, slots % bs, :] = rows
+
+
+def gather_tokens(cache: torch.Tensor, layout: RowLayout, blocks: torch.Tensor, length: int,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values ``[H, length, d]`` of one request: its ``blocks`` (block-table row) read and decoded."""
+    bs = cache.shape[2]
+    nblk = -(-length // bs)
+    pages = cache.index_select(0, blocks[:nblk].to(torch.long))  # [n, H, bs, 2R]
+    rows = pages.permute(1, 0, 2, 3).reshape(cache.shape[1], nblk * bs, cache.shape[3])[:, :length]
+    r = layout.row_bytes
+    return layout.decode(rows[..., :r], dtype), layout.decode(rows[..., r:], dtype)
+
+
+def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: RowLayout, block_table: torch.Tensor,
+                    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of ``query [T, Hq, d]`` over each request's cached tokens, in float32.
+
+    Request ``i`` owns query rows ``query_start_loc[i]:query_start_loc[i+1]`` (its newest tokens: the last of them
+    sits at position ``seq_lens[i] - 1``) and its first ``seq_lens[i]`` cached tokens (written already, this step's
+    included) through ``block_table[i]``. Chunked prefill, prefix-cache hits and decode are all this one case.
+    Returns ``out`` (``[T, Hq, d]``, allocated in ``query``'s dtype when not given)."""
+    hq, d = query.shape[1], query.shape[2]
+    hkv = cache.shape[1]
+    group = hq // hkv
+    if out is None:
+        out = torch.empty_like(query)
+    qsl = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for i, length in enumerate(lens):
+        qs, qe = qsl[i], qsl[i + 1]
+        n = qe - qs
+        if n <= 0 or length <= 0:
+            continue
+        k, v = gather_tokens(cache, layout, block_table[i], length)  # [Hkv, L, d] float32
+        q = query[qs:qe].to(torch.float32).transpose(0, 1).reshape(hkv, group, n, d)
+        if n == 1:
+            mask = None
+        else:
+            pos = torch.arange(length - n, length, device=query.device)[:, None]
+            mask = torch.arange(length, device=query.device)[None, :] <= pos  # [n, L]
+        kx = k[:, None].expand(hkv, group, length, d)
+        vx = v[:, None].expand(hkv, group, length, d)
+        o = torch.nn.functional.scaled_dot_product_attention(q, kx, vx, attn_mask=mask, scale=scale)
+        out[qs:qe] = o.reshape(hq, n, d).transpose(0, 1).to(out.dtype)
+    return out

@@ -19,7 +19,7 @@ from ...errors import InvalidInput
 from ...hf_config import full16_nbytes
 from ..tasks.base import get_task
 from ..tasks.prompt import Prompt
-from .caches import cache_factory, chunks_invariantly
+from .caches import cache_factory, chunks_invariantly, stored_recipe_key
 from .engine import chunked_prefill
 
 __all__ = ["Job", "run_cell", "make_record", "run_cells_batched", "LocalExecutor", "RayExecutor", "make_executor",
@@ -70,8 +70,6 @@ def make_record(cell: Any, prompt: Prompt, res: dict[str, Any], seconds: float, 
     """A cell's record from the task's result (see :mod:`kvslim.eval.harness.store` for the fields); a chunked prefill
     is noted as ``prefill_chunk``. ``recipe`` is the recipe's identity (:func:`kvslim.cache.recipe.identity`); where its
     bytes lived (``store=disk``, ``dir=``), when not the default, is noted as ``placement``."""
-    from .runner import stored_recipe_key
-
     full16 = full16_nbytes(model.config, len(prompt))
     rec: dict[str, Any] = {
         "task": cell.task, "model": cell.model, "recipe": stored_recipe_key(cell.recipe), "length": cell.length,

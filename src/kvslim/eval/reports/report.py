@@ -236,7 +236,7 @@ def build_report(out: str | Path, images: bool = True) -> dict[str, Any]:
     Returns ``{"summaries": [Summary...], "files": [paths written], "warnings": [lines]}``.
     """
     from ...paths import check_output_file
-    from ..harness.runner import stored_recipe_key
+    from ..harness.caches import stored_recipe_key
 
     if not str(out).strip():
         raise InvalidInput("the results folder is empty: give the folder written by `kvslim niah --out`")

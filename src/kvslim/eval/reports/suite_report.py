@@ -35,8 +35,8 @@ def ruler_score(rec: dict[str, Any]) -> float | None:
 
 def suite_records(folder: str | Path) -> dict[str, list[dict[str, Any]]]:
     """``{task: records}`` of a suite folder (tasks in the suite's order), or of one task's folder; recipes under
-    their canonical names (:func:`kvslim.eval.harness.runner.stored_recipe_key`), as the reports show them."""
-    from ..harness.runner import stored_recipe_key
+    their canonical names (:func:`kvslim.eval.harness.caches.stored_recipe_key`), as the reports show them."""
+    from ..harness.caches import stored_recipe_key
 
     folder = Path(folder)
     suite = read_suite(folder)
@@ -105,7 +105,7 @@ def compare(by_task: dict[str, list[dict[str, Any]]], a: str, b: str) -> list[tu
     """``[(task or "all tasks", Paired)]`` for recipes ``a`` and ``b`` on the prompts both have. ``a`` and ``b`` may
     be any spelling of a recipe (``full-kivi2``, ``stream``): they are compared under their canonical names, as the
     records are stored; two spellings of one recipe are refused."""
-    from ..harness.runner import stored_recipe_key
+    from ..harness.caches import stored_recipe_key
 
     given = (a, b)
     a, b = stored_recipe_key(a.strip()), stored_recipe_key(b.strip())

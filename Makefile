@@ -41,10 +41,19 @@ demo: install
 		--depths 0,0.25,0.5,0.75,1 --threads $(DEMO_THREADS) --out $(DEMO_OUT)
 	$(BIN)/kvslim report $(DEMO_OUT)
 
+# PyTorch picks SIMD kernels by CPU (ATEN_CPU_CAPABILITY); a lossy codec's result may differ between them. The
+# tests marked `lossy` (tests/conftest.py) run again under each capability this CPU has.
+CPU_CAPS = default $(shell grep -qw avx2 /proc/cpuinfo 2>/dev/null && echo avx2) \
+	$(shell grep -qw avx512bw /proc/cpuinfo 2>/dev/null && grep -qw avx512vl /proc/cpuinfo && echo avx512)
+
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@for cap in $(CPU_CAPS); do \
+		echo "== lossy-path tests under ATEN_CPU_CAPABILITY=$$cap"; \
+		ATEN_CPU_CAPABILITY=$$cap $(BIN)/python -m pytest -q -m "lossy and not slow" -p no:cacheprovider || exit 1; \
+	done
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -9,7 +9,7 @@ as kvslim packed rows (:mod:`kvslim.vllm.layout`), so vLLM sizes a pool of ``fp3
 
 The selection in ``--additional-config`` is read in the front-end process when vLLM validates its config (the
 platform's ``check_and_update_config``), checked against the model's head size there (a bad selection fails before
-any engine process starts, with one :class:`~kvslim.errors.InvalidInput` line), and handed to the engine processes
+any engine process starts, with one :class:`SelectionError` line), and handed to the engine processes
 (spawned) through ``KVSLIM_VLLM_FORMAT``. This module imports neither vLLM nor transformers at import time.
 """
 
@@ -19,9 +19,16 @@ import logging
 import os
 from typing import Any
 
-from kvslim.errors import InvalidInput
+from kvslim.errors import InvalidInput, KvslimError
 
-__all__ = ["ENV", "BACKEND_PATH", "register", "selected_format", "selection_from_config", "install"]
+__all__ = ["ENV", "BACKEND_PATH", "SelectionError", "register", "selected_format", "selection_from_config",
+           "install"]
+
+
+class SelectionError(KvslimError, RuntimeError):
+    """A kvslim selection vLLM cannot start with. Not a ValueError on purpose: vLLM validates its config with
+    pydantic, which would bury a ValueError's message under its own report; this one ends the traceback as one
+    line naming the format."""
 
 ENV = "KVSLIM_VLLM_FORMAT"
 BACKEND_PATH = "kvslim.vllm.backend.KvslimAttentionBackend"
@@ -93,6 +100,13 @@ def _hook_config_check() -> None:
     original = platform_cls.check_and_update_config
 
     def check_and_update_config(vllm_config) -> None:
+        try:
+            _select_from_config(vllm_config)
+        except InvalidInput as exc:
+            raise SelectionError(str(exc)) from None
+        original(vllm_config)
+
+    def _select_from_config(vllm_config) -> None:
         fmt = selection_from_config(getattr(vllm_config, "additional_config", None))
         env = os.environ.get(ENV, "").strip() or None
         if fmt is not None and env is not None and fmt.strip() != env:
@@ -109,7 +123,6 @@ def _hook_config_check() -> None:
                     raise InvalidInput(f"kvslim format {fmt!r}: MLA models are not supported by the vLLM plugin")
             os.environ[ENV] = fmt  # spawned engine processes inherit it
             install(fmt)
-        original(vllm_config)
 
     platform_cls.check_and_update_config = classmethod(
         lambda cls, vllm_config: check_and_update_config(vllm_config))
@@ -121,4 +134,7 @@ def register() -> None:
     _hook_config_check()
     fmt = os.environ.get(ENV, "").strip()
     if fmt:
-        install(fmt)
+        try:
+            install(fmt)
+        except InvalidInput as exc:
+            raise SelectionError(f"{ENV}={fmt}: {exc}") from None

@@ -4,13 +4,16 @@ Page layout (``customize_spec``): the spec's dtype becomes ``uint8`` and each (h
 ``state_content_bytes = 2 * row_bytes`` bytes, ``[key row | value row]`` of :class:`~kvslim.vllm.layout.RowLayout`,
 so vLLM's own KV sizing (and its "KV cache size: N tokens" line) counts the format's bytes per token. vLLM owns the
 slots: ``do_kv_cache_update`` encodes the step's new K/V with the kvslim codec and writes them at ``slot_mapping``;
-``forward`` reads every request's rows through its block table, decodes them and attends in float32
-(:func:`~kvslim.vllm.layout.paged_attention`: pure torch, any device). Chunked prefill, prefix-cache hits, batches
+``forward`` reads every request's rows through its block table and attends in float32
+(:func:`~kvslim.vllm.layout.paged_attention`): on CPU, codecs that attend from codes (TurboQuant, fp8) score and mix
+straight from the packed rows with kvslim's compiled lookup kernel; the others (and every format on another device,
+or with ``KVSLIM_VLLM_DECODE=1``) decode the rows with the codec and run SDPA in pure torch. Chunked prefill, prefix-cache hits, batches
 and preemption need nothing else: they only change which slots and blocks vLLM hands over.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -137,6 +140,9 @@ class KvslimAttentionImpl(AttentionImpl[KvslimMetadata]):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.layout = layout_for(head_size)
+        # TurboQuant / fp8 score and mix from the codes (kvslim's compiled lookup kernel on CPU); KVSLIM_VLLM_DECODE=1
+        # decodes the rows to float first (the pure-torch reference path, any device)
+        self.from_codes = os.environ.get("KVSLIM_VLLM_DECODE", "0") != "1"
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -158,5 +164,6 @@ class KvslimAttentionImpl(AttentionImpl[KvslimMetadata]):
         out = output[:n].view(n, self.num_heads, self.head_size)
         self.layout.to(kv_cache.device)
         paged_attention(q, kv_cache, self.layout, attn_metadata.block_table, attn_metadata.seq_lens,
-                        attn_metadata.query_start_loc, self.scale, out=out)
+                        attn_metadata.query_start_loc, self.scale, out=out,
+                        from_codes=self.from_codes and kv_cache.device.type == "cpu")
         return output

@@ -126,17 +126,19 @@ class RowLayout:
                  for name, _, w in self.fields]
         return torch.cat(parts, dim=-1).reshape(*lead, self.row_bytes)
 
-    def decode(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``uint8 [..., row_bytes]`` -> ``[..., d]`` in ``dtype`` through the codec's own decode."""
-        lead = rows.shape[:-1]
-        flat = rows.reshape(-1, self.row_bytes)
+    def packed(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> Packed:
+        """``uint8 [..., T, row_bytes]`` -> the codec's :class:`Packed` ``[..., T, d]`` (fields copied out)."""
         fields, at = {}, 0
         for name, dt, w in self.fields:
             nb = w * torch.empty((), dtype=dt).element_size()
-            fields[name] = flat[:, at:at + nb].contiguous().view(dt).reshape(flat.shape[0], 1, w)
+            fields[name] = rows[..., at:at + nb].contiguous().view(dt)
             at += nb
-        packed = Packed(self.codec.name, (flat.shape[0], 1, self.head_size), dtype, fields)
-        return self.codec.decode(packed).reshape(*lead, self.head_size)
+        return Packed(self.codec.name, (*rows.shape[:-1], self.head_size), dtype, fields)
+
+    def decode(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``uint8 [..., row_bytes]`` -> ``[..., d]`` in ``dtype`` through the codec's own decode."""
+        lead = rows.shape[:-1]
+        return self.codec.decode(self.packed(rows.reshape(-1, 1, self.row_bytes), dtype)).reshape(*lead, self.head_size)
 
 
 def write_slots(cache: torch.Tensor, layout: RowLayout, key: torch.Tensor, value: torch.Tensor,
@@ -156,26 +158,45 @@ def write_slots(cache: torch.Tensor, layout: RowLayout, key: torch.Tensor, value
     cache[slots // bs, :, slots % bs, :] = rows
 
 
-def gather_tokens(cache: torch.Tensor, layout: RowLayout, blocks: torch.Tensor, length: int,
-                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values ``[H, length, d]`` of one request: its ``blocks`` (block-table row) read and decoded."""
+def gather_rows(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
+    """The packed cells ``uint8 [H, length, 2 * row_bytes]`` of one request through its block-table row."""
     bs = cache.shape[2]
     nblk = -(-length // bs)
     pages = cache.index_select(0, blocks[:nblk].to(torch.long))  # [n, H, bs, 2R]
-    rows = pages.permute(1, 0, 2, 3).reshape(cache.shape[1], nblk * bs, cache.shape[3])[:, :length]
+    return pages.permute(1, 0, 2, 3).reshape(cache.shape[1], nblk * bs, cache.shape[3])[:, :length]
+
+
+def gather_tokens(cache: torch.Tensor, layout: RowLayout, blocks: torch.Tensor, length: int,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values ``[H, length, d]`` of one request: its ``blocks`` (block-table row) read and decoded."""
+    rows = gather_rows(cache, blocks, length)
     r = layout.row_bytes
     return layout.decode(rows[..., :r], dtype), layout.decode(rows[..., r:], dtype)
 
 
+def _from_codes(q: torch.Tensor, rows: torch.Tensor, layout: RowLayout, mask: torch.Tensor | None,
+                scale: float) -> torch.Tensor:
+    """Attention of ``q [H, Q, d]`` (float32) over packed ``rows [H, L, 2R]`` without decoding them: the codec's
+    ``score_f32`` / ``mix_f32`` (kvslim's compiled lookup kernel on CPU) read the codes."""
+    r = layout.row_bytes
+    s = layout.codec.score_f32(q, layout.packed(rows[..., :r])) * scale  # [H, Q, L]
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return layout.codec.mix_f32(torch.softmax(s, dim=-1), layout.packed(rows[..., r:]))
+
+
 def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: RowLayout, block_table: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, from_codes: bool = False) -> torch.Tensor:
     """Causal attention of ``query [T, Hq, d]`` over each request's cached tokens, in float32.
 
     Request ``i`` owns query rows ``query_start_loc[i]:query_start_loc[i+1]`` (its newest tokens: the last of them
     sits at position ``seq_lens[i] - 1``) and its first ``seq_lens[i]`` cached tokens (written already, this step's
     included) through ``block_table[i]``. Chunked prefill, prefix-cache hits and decode are all this one case.
+    ``from_codes``: codecs with ``attends_from_codes`` (TurboQuant, fp8) score and mix straight from the codes
+    (:func:`_from_codes`) instead of decoding K/V first; the same sums, in another order.
     Returns ``out`` (``[T, Hq, d]``, allocated in ``query``'s dtype when not given)."""
+    codes = from_codes and layout.codec.attends_from_codes
     hq, d = query.shape[1], query.shape[2]
     hkv = cache.shape[1]
     group = hq // hkv
@@ -188,13 +209,18 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: RowLayout,
         n = qe - qs
         if n <= 0 or length <= 0:
             continue
-        k, v = gather_tokens(cache, layout, block_table[i], length)  # [Hkv, L, d] float32
         q = query[qs:qe].to(torch.float32).transpose(0, 1).reshape(hkv, group, n, d)
         if n == 1:
             mask = None
         else:
             pos = torch.arange(length - n, length, device=query.device)[:, None]
             mask = torch.arange(length, device=query.device)[None, :] <= pos  # [n, L]
+        if codes:
+            o = _from_codes(q.reshape(hkv, group * n, d), gather_rows(cache, block_table[i], length), layout,
+                            None if mask is None else mask.repeat(group, 1), scale)
+            out[qs:qe] = o.reshape(hq, n, d).transpose(0, 1).to(out.dtype)
+            continue
+        k, v = gather_tokens(cache, layout, block_table[i], length)  # [Hkv, L, d] float32
         kx = k[:, None].expand(hkv, group, length, d)
         vx = v[:, None].expand(hkv, group, length, d)
         o = torch.nn.functional.scaled_dot_product_attention(q, kx, vx, attn_mask=mask, scale=scale)

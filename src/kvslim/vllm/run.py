@@ -1,4 +1,6 @@
-"""One small offline vLLM run in its own process: ``python -m kvslim.vllm.run SPEC.json OUT.json``.
+"""One small offline vLLM run in its own process: ``python -m kvslim.vllm.run SPEC.json OUT.json``; and
+``python -m kvslim.vllm.run --model-folder [smollm2-135m]``, which prints the safetensors folder of an embedded model
+for vLLM to load (writing it first needs ``kvslim[hf]``: run it once with the main ``.venv``).
 
 The tests and ``bench/vllm_capacity.py`` start every engine configuration in a fresh process (vLLM's engine core is
 spawned, and the plugin's selection is process-wide), each with a fixed KV budget (``kv_cache_memory_bytes``).
@@ -6,8 +8,10 @@ SPEC keys: ``model`` (folder), ``format`` (kvslim format or null: stock vLLM), `
 "fp8"), ``dtype``, ``kv_bytes``, ``max_model_len``, ``max_num_batched_tokens``, ``max_num_seqs``, ``block_size``,
 ``prefix_caching``, ``batches`` (a list of lists of prompts: each inner list is one ``generate`` call, run in order, so
 a later batch can hit the prefix cache of an earlier one), ``prompt_token_ids`` (alternative to ``batches``: one
-batch of token-id prompts), ``max_tokens``, ``ignore_eos``.
-OUT: ``tokens`` (per batch, per prompt: generated token ids), ``text``, ``kv_tokens`` and ``max_concurrency`` (what
+batch of token-id prompts), ``max_tokens``, ``ignore_eos``, ``stats`` (record vLLM's per-request timestamps and preemptions), ``inproc``
+(default true: engine core and worker in this process).
+OUT: ``tokens`` (per batch, per prompt: generated token ids), ``text``, ``cached`` (prompt tokens served from
+the prefix cache), ``kv_tokens`` and ``max_concurrency`` (what
 vLLM computed for its pool), ``seconds`` per batch, ``started_s`` (engine start).
 """
 
@@ -17,6 +21,32 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
+
+MODEL_ENV = "KVSLIM_VLLM_MODEL"
+
+
+def find_model_folder(name: str = "smollm2-135m") -> Path | None:
+    """The safetensors folder kvslim wrote for embedded model ``name`` (``$KVSLIM_VLLM_MODEL`` wins), else None.
+
+    kvslim's loader (``kvslim.models.load``, in an environment with ``kvslim[hf]``) dequantises the embedded GGUF
+    once into ``$KVSLIM_CACHE/models/<gguf stem>-<key>/``; vLLM loads that folder. The newest one is returned."""
+    if os.environ.get(MODEL_ENV):
+        return Path(os.environ[MODEL_ENV])
+    from kvslim.models import EMBEDDED_MODELS, resolve_model_name
+    from kvslim.paths import cache_dir
+
+    stem = Path(EMBEDDED_MODELS[resolve_model_name(name).name].gguf_name).stem
+    found = [p.parent for p in (cache_dir() / "models").glob(f"{stem}-*/model.safetensors")]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def make_model_folder(name: str = "smollm2-135m") -> Path:
+    """Write (once) and return the safetensors folder of embedded model ``name``; needs ``kvslim[hf]``."""
+    from kvslim.models import _converted_dir, find_gguf, load
+
+    load(name)
+    return _converted_dir(find_gguf(name))
 
 
 def run(spec: dict) -> dict:
@@ -25,8 +55,9 @@ def run(spec: dict) -> dict:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if spec.get("format"):
         os.environ["KVSLIM_VLLM_FORMAT"] = spec["format"]
-    from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+
+    from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
     llm = LLM(
@@ -43,6 +74,7 @@ def run(spec: dict) -> dict:
         enforce_eager=True,
         seed=0,
         additional_config=spec.get("additional_config") or {},
+        disable_log_stats=not spec.get("stats", False),
     )
     started = time.perf_counter() - t0
     sp = SamplingParams(temperature=0.0, max_tokens=int(spec.get("max_tokens", 16)),
@@ -60,10 +92,20 @@ def run(spec: dict) -> dict:
         out["seconds"].append(time.perf_counter() - t)
         out["tokens"].append([list(r.outputs[0].token_ids) for r in res])
         out["text"].append([r.outputs[0].text for r in res])
+        out.setdefault("cached", []).append([r.num_cached_tokens for r in res])
+        if spec.get("stats"):  # per request: engine timestamps (monotonic s), preemptions
+            out.setdefault("stats", []).append([
+                {k: getattr(r.metrics, k, None) for k in ("scheduled_ts", "first_token_ts", "last_token_ts",
+                                                          "num_generation_tokens", "num_preemptions")}
+                for r in res])
     return out
 
 
 def main() -> None:
+    if len(sys.argv) >= 2 and sys.argv[1] == "--model-folder":  # print (writing it first if needed) the folder
+        name = sys.argv[2] if len(sys.argv) > 2 else "smollm2-135m"
+        print(find_model_folder(name) or make_model_folder(name))
+        return
     spec_path, out_path = sys.argv[1], sys.argv[2]
     with open(spec_path) as f:
         spec = json.load(f)

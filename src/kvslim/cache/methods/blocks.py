@@ -28,6 +28,7 @@ from .window import sinks_param, window_param, wq_param
 __all__ = ["BlockSpec", "Blocks", "BlocksLayer", "BlocksParams", "POOLS", "pool_param"]
 
 POOLS = ("mean", "norm", "attn")
+_POOL_BYTES = 64 << 20  # gathered float32 keys per pooling group (larger pools run in several groups)
 
 
 def pool_param(meaning: str = "pooling weights: mean | norm | attn") -> str:
@@ -124,11 +125,30 @@ class BlocksLayer(BaseLayer):
 
     # ---- pooling ---------------------------------------------------------------------------------------------
     def pool_blocks(self, upto: int, tail_k: torch.Tensor, tail_v: torch.Tensor) -> None:
-        """Pool blocks ``n_blocks .. upto-1`` from the decoded tail into entries (keys re-anchored)."""
+        """Pool blocks ``n_blocks .. upto-1`` from the decoded tail into entries (keys re-anchored).
+
+        An ``overlap`` beyond the tokens seen reaches only columns before the first token (masked), so it is cut to
+        ``seen`` (no change when ``overlap <= sinks + m + w``, the most a first block can use), and blocks are pooled
+        in groups of at most ``_POOL_BYTES`` of gathered keys: the work memory stays linear in the tokens held
+        whatever ``overlap`` is (one group, as before, below that size)."""
+        overlap = min(self.spec.overlap, self.seen)
+        span = self.m + overlap
+        per_block = self.batch * self.heads * span * self.dim * 4
+        step = max(1, _POOL_BYTES // per_block)
+        pooled = [self._pool_range(a, min(upto, a + step), overlap, tail_k, tail_v)
+                  for a in range(self.n_blocks, upto, step)]  # fmt: skip
+        ks, vs, valid = (torch.cat(x, dim) if len(pooled) > 1 else x[0] for x, dim in zip(zip(*pooled), (2, 2, 1)))
+        append_pair(self.blk_k, self.blk_v, ks, vs)
+        self.blk_valid = torch.cat([self.blk_valid, valid], 1)
+        self.n_blocks = upto
+
+    def _pool_range(self, lo: int, hi: int, overlap: int, tail_k: torch.Tensor,
+                    tail_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Entries ``[b, h, hi-lo, d]`` (keys re-anchored, values) and validity ``[b, hi-lo]`` of blocks ``lo..hi-1``."""
         sp = self.spec
-        j = torch.arange(self.n_blocks, upto, device=self.device)
-        span = self.m + sp.overlap
-        cols = sp.sinks + j[:, None] * self.m - sp.overlap + torch.arange(span, device=self.device)
+        j = torch.arange(lo, hi, device=self.device)
+        span = self.m + overlap
+        cols = sp.sinks + j[:, None] * self.m - overlap + torch.arange(span, device=self.device)
         inside = cols >= max(sp.sinks, self.tail_start)  # [nb, span]
         idx = (cols - self.tail_start).clamp_min(0)
         k = tail_k[:, :, idx]  # [b, h, nb, span, d]
@@ -150,9 +170,7 @@ class BlocksLayer(BaseLayer):
         v_pool = (w[..., None] * v.float()).sum(3)
         cnt = valid.sum(-1).clamp_min(1)
         anchor = (pos * valid).sum(-1) / cnt  # [b, nb] mean position of the valid tokens
-        append_pair(self.blk_k, self.blk_v, rotate(k_pool, anchor, self.inv_freq).to(self.dtype), v_pool.to(self.dtype))
-        self.blk_valid = torch.cat([self.blk_valid, valid.any(-1)], 1)
-        self.n_blocks = upto
+        return rotate(k_pool, anchor, self.inv_freq).to(self.dtype), v_pool.to(self.dtype), valid.any(-1)
 
     def prepare(self, q: int, p0: int) -> BlocksView:
         tail_k, tail_v = self.read_tail(q)

@@ -87,6 +87,9 @@ class RecallParams(Params):
             raise InvalidInput(f"recall: rest={self.rest} needs prefill=dense (a selecting prefill leaves blocks out)")
         if self.span > 1 and not self.pin:
             raise InvalidInput(f"recall: span={self.span} extends pinned blocks; add pin=P")
+        if self.summary == "reps" and self.r > self.m:  # r summary vectors per block: never more than its keys
+            raise InvalidInput(f"recall: r={self.r} representative keys per block exceeds the block's m={self.m} "
+                               f"tokens; use r <= m (r=m keeps every key: exact scores)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -154,9 +157,17 @@ class RecallLayer(BaseLayer):
         self.cold_valid: torch.Tensor | None = None  # [b, cold tokens], held once padding was seen
         self.n_blocks = 0
         self.fetched = self.fetched_tokens = 0  # by the last forward call (tokens: per KV head)
-        if p.pin:  # blocks pinned by the last prefill query [b, h, pin] and which slots hold one
-            self.pinned = torch.zeros(self.batch, self.heads, p.pin, dtype=torch.long, device=self.device)
-            self.pin_ok = torch.zeros(self.batch, self.heads, p.pin, dtype=torch.bool, device=self.device)
+        if p.pin:  # blocks pinned by the last prefill query [b, h, min(pin, blocks)] and which slots hold one
+            self.pinned = torch.zeros(self.batch, self.heads, 0, dtype=torch.long, device=self.device)
+            self.pin_ok = torch.zeros(self.batch, self.heads, 0, dtype=torch.bool, device=self.device)
+
+    def _grow_pins(self, n_blocks: int) -> None:
+        """Pin slots for ``min(pin, n_blocks)`` blocks (no more blocks than exist can be pinned: a huge ``pin``
+        allocates nothing it cannot use); new slots hold no pin."""
+        add = min(self.spec.p.pin, n_blocks) - self.pinned.shape[-1]
+        if add > 0:
+            self.pinned = torch.cat([self.pinned, self.pinned.new_zeros(self.batch, self.heads, add)], -1)
+            self.pin_ok = torch.cat([self.pin_ok, self.pin_ok.new_zeros(self.batch, self.heads, add)], -1)
 
     # ---- what is held ----------------------------------------------------------------------------------------
     def stores(self) -> list[Store]:
@@ -199,7 +210,7 @@ class RecallLayer(BaseLayer):
         cold = stream_nbytes(shape, cold_fmt, d, c["units"] * p.m, batch)
         fetched_tokens = min(c["units"], (p.k or c["units"]) * (2 * p.nbr + 1)) * p.m
         fetched = stream_nbytes(shape, cold_fmt, d, fetched_tokens, batch)
-        side = batch * (c["sinks"] + c["tail"] + c["units"] + shape.kv_heads * p.pin * 9)  # pins: int64 + flag
+        side = batch * (c["sinks"] + c["tail"] + c["units"] + shape.kv_heads * min(p.pin, c["units"]) * 9)  # pins: int64 + flag
         attended = c["sinks"] + c["tail"] + fetched_tokens
         return {"stored": hot + summ + side, "read": hot + summ + fetched, "cold": cold, "fetched": fetched,
                 "flops": 4 * batch * shape.heads * d * attended}  # fmt: skip
@@ -237,6 +248,8 @@ class RecallLayer(BaseLayer):
         if self.cold_valid is not None:
             self.cold_valid = torch.cat([self.cold_valid, valid], 1)
         self.n_blocks = upto
+        if self.spec.p.pin:
+            self._grow_pins(upto)
         self.trim(upto)
 
     def _summaries(self, upto: int, tail_k: torch.Tensor | None) -> torch.Tensor:
@@ -287,7 +300,7 @@ class RecallLayer(BaseLayer):
             scores = score_blocks(p.summary, query, self._summaries(nt, None), p.gqa)
             if p.pin:  # pinned blocks first: above every summary score
                 pins = torch.zeros(b, h, nt + 1, dtype=torch.bool, device=query.device)
-                for o in range(p.span):  # each pinned block and the span - 1 after it (those out of the window)
+                for o in range(min(p.span, nt)):  # each pinned block and the span - 1 after it (those out of the window)
                     pins.scatter_(2, torch.where(self.pin_ok, (self.pinned + o).clamp_max(nt), nt), True)
                 top = scores.abs().amax(-1, keepdim=True) + 1.0
                 scores = torch.where(pins[:, :, None, :nt], 2 * top + scores.abs(), scores)
@@ -343,6 +356,7 @@ class RecallLayer(BaseLayer):
             parts.append(block_lse(q, tail_k[:, :, :fresh], self.tail_valid[:, :fresh], m, scaling, softcap))
         lse = torch.cat(parts, -1)  # [b, h, n_next]
         top = lse.topk(min(self.spec.p.pin, n_next), dim=-1)
+        self._grow_pins(n_next)
         self.pinned.zero_()
         self.pin_ok.zero_()
         self.pinned[..., : top.indices.shape[-1]] = top.indices

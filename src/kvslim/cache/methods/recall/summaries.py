@@ -130,7 +130,7 @@ def select_blocks(
     sel = torch.zeros_like(visible).scatter_(-1, top.indices, torch.isfinite(top.values))
     if nbr > 0:
         base = sel.clone()
-        for o in range(1, nbr + 1):
+        for o in range(1, min(nbr, n - 1) + 1):  # a neighbour farther than n - 1 blocks is no block
             sel[..., o:] |= base[..., :-o]
             sel[..., :-o] |= base[..., o:]
         sel &= visible

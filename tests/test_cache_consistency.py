@@ -42,9 +42,9 @@ def _has_codec(recipe: str) -> bool:
 
 
 def _recorded_one_shot(model, recipe, ids):
-    """One-shot prefill of ``ids`` with every layer's calls recorded (:class:`kvslim.eval.share.Recording`)."""
+    """One-shot prefill of ``ids`` with every layer's calls recorded (:class:`kvslim.eval.harness.share.Recording`)."""
     from kvslim.cache.tap import TAP
-    from kvslim.eval.share import Recording
+    from kvslim.eval.harness.share import Recording
 
     with compressed(model, recipe) as cache, torch.inference_mode():
         rec = Recording(cache)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from kvslim.eval.batch import LOGPROB_TOLERANCE
-from kvslim.eval.runner import Grid, load_pair, run_grid
-from kvslim.eval.store import ResultStore
-from kvslim.eval.tiny import tiny_pair
+from kvslim.eval.harness.batch import LOGPROB_TOLERANCE
+from kvslim.eval.harness.runner import Grid, load_pair, run_grid
+from kvslim.eval.harness.store import ResultStore
+from kvslim.eval.harness.tiny import tiny_pair
 
 DOCS = Path(__file__).parent.parent / "docs" / "results.md"
 

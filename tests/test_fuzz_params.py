@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 
 from kvslim.cache import make_cache, predict_nbytes
 from kvslim.cache.method import ModelShape, methods
+from kvslim.cache.recipe import parse_recipe
 from kvslim.errors import KvslimError
-from kvslim.plan_recipe import price_recipe
-from kvslim.presets import get_preset
-from kvslim.recipe import parse_recipe
+from kvslim.plan.presets import get_preset
+from kvslim.plan.pricing import price_recipe
 
 
 def _load_plugins() -> None:  # the same modules test_method_contract loads (guarded by their module names)

@@ -7,12 +7,12 @@ Runs, for each model, length and task (passkey, natural-text needle), a grid ove
 ratios 1/2, 1/4, 1/8) and a few eviction + codec compositions, at the given depths and seeds, into resumable
 stores under ``results/niah-baseline/<model>/<task>/`` (rerunning skips finished cells). The context is compressed
 before the question is seen (question-agnostic, as a server caching a shared document must; ``--aware`` runs the
-question-aware variant into ``<task>-aware/``). Work goes cheapest first (by length), and ``--budget-min`` stops
-starting new cells after that many minutes, so a slow machine yields a complete small grid and a list of what is
-missing rather than nothing. A prompt's eviction recipes share one context prefill (the first one's forward pass,
+question-aware variant into ``<task>-aware/``). The grid runs as one campaign (:mod:`kvslim.eval.harness.campaign`):
+work goes cheapest first (by length), and ``--budget-min`` stops starting new cells after that many minutes, so a
+slow machine yields a complete small grid and a list of what is missing rather than nothing. A prompt's eviction recipes share one context prefill (the first one's forward pass,
 recorded and fed to the others with every layer's output checked equal bit for bit, :mod:`kvslim.eval.harness.share`; the
-records say ``shared_prefill``; ``--no-share-prefill`` runs each through the model). On Gemma 3 the chunk-invariant
-recipes prefill in calls of 512 tokens (``--prefill-chunk``; the records say ``prefill_chunk``). Then writes ``docs/baseline.md`` (tables + frontier plots in ``docs/img/``),
+records say ``shared_prefill``; ``--no-share-prefill`` runs each through the model). On models with sliding-window
+layers (Gemma 3; read from the model's config) the chunk-invariant recipes prefill in calls of 512 tokens (``--prefill-chunk``; the records say ``prefill_chunk``). Then writes ``docs/baseline.md`` (tables + frontier plots in ``docs/img/``),
 ``results/niah_baseline.json``, prints the tables and one final JSON line.
 
     python bench/niah_baseline.py                      # the issue's grid: SmolLM2 1k/2k/4k, Gemma 3 1k/4k/8k
@@ -28,22 +28,31 @@ import functools
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 GRID = {"smollm2-135m": [1000, 2000, 4000], "gemma3-270m": [1000, 4000, 8000]}
 TASKS = ("passkey", "needle")
-SLIDING = {"gemma3-270m"}  # models with sliding-window layers: chunked prefill is cheaper there (--prefill-chunk)
 DEPTHS = "0,0.25,0.5,0.75,1"
 QUANT_ONLY = ("full+tq4", "full+tq3", "full+kivi4", "full+fp8")
-EVICTION = ("streaming", "snapkv", "tova", "h2o", "knorm", "expattn")
 KEEP = ("0.5", "0.25", "0.125")
 COMPOSED = ("tova:keep=0.5+tq4", "tova:keep=0.25+tq4", "knorm:keep=0.5+kivi2", "snapkv:keep=0.5+fp8")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class OutOfTime(Exception):
-    pass
+@functools.cache
+def eviction() -> tuple[str, ...]:
+    """The field's eviction methods, in registry order: the registered methods of the ``evict`` family."""
+    from kvslim.cache.method import methods
+
+    return tuple(name for name, m in methods().items() if m.family == "evict")
+
+
+@functools.cache
+def sliding(model: str) -> bool:
+    """Whether ``model`` has sliding-window layers (its config's facts): chunked prefill is cheaper there."""
+    from kvslim.models import embedded_facts
+
+    return embedded_facts(model).has_sliding
 
 
 def presets() -> list[str]:
@@ -52,7 +61,7 @@ def presets() -> list[str]:
 
     quant = {canonical(q) for q in QUANT_ONLY}
     named = [p for p in PRESETS if canonical(p) not in quant]  # full-tq4 is full+tq4: one row
-    return [*named, *QUANT_ONLY, *(f"{m}:keep={r}" for r in KEEP for m in EVICTION), *COMPOSED]
+    return [*named, *QUANT_ONLY, *(f"{m}:keep={r}" for r in KEEP for m in eviction()), *COMPOSED]
 
 
 @functools.cache
@@ -80,40 +89,32 @@ def folder(model: str, task: str, aware: bool) -> Path:
     return ROOT / "results" / "niah-baseline" / model / (task + ("-aware" if aware else ""))
 
 
-def run(args: argparse.Namespace) -> None:
-    from kvslim.eval.harness.runner import Grid, load_pair, run_grid
-
-    deadline = time.monotonic() + args.budget_min * 60 if args.budget_min else None
-
-    def check_time(_rec: dict) -> None:
-        if deadline is not None and time.monotonic() > deadline:
-            raise OutOfTime
+def slices(args: argparse.Namespace) -> list:
+    """The campaign: one slice per (length, model, task), cheapest first (by length, then model, then task); on
+    models with sliding-window layers the chunk-invariant recipes prefill in ``--prefill-chunk`` calls."""
+    from kvslim.eval.harness.campaign import Slice
+    from kvslim.eval.harness.runner import Grid
 
     plan = sorted(((n, m, t) for m in args.models for n in GRID[m] for t in args.tasks if n in args.lengths_of(m)),
                   key=lambda x: (x[0], list(GRID).index(x[1]), x[2]))
-    pairs: dict[str, tuple] = {}
-    for length, model, task in plan:
-        if model not in pairs:
-            pairs.clear()  # one model in memory at a time
-            pairs[model] = load_pair(model)
-        grid = Grid(task=task, model=model, recipes=args.recipes, lengths=[length], depths=args.depths, seeds=args.seeds,
-                    options={"agnostic": not args.aware})
-        out = folder(model, task, args.aware)
-        print(f"== {model} {task} {length} tokens -> {out}", flush=True)
-        try:
-            chunk = args.prefill_chunk if model in SLIDING else 0
-            res = run_grid(grid, out, pair=pairs[model], threads=args.threads, progress=not args.quiet, on_record=check_time,
-                           share_prefill=not args.no_share_prefill, prefill_chunk=chunk, chunk_where_invariant=True)
-            print(f"   {res['ran']} run, {res['skipped']} done before", flush=True)
-        except OutOfTime:
-            print(f"   budget of {args.budget_min} min spent: stopping", flush=True)
-            return
+    return [Slice(Grid(task=task, model=model, recipes=args.recipes, lengths=[length], depths=args.depths,
+                       seeds=args.seeds, options={"agnostic": not args.aware}),
+                  folder(model, task, args.aware), run={"prefill_chunk": args.prefill_chunk if sliding(model) else 0})
+            for length, model, task in plan]
+
+
+def run(args: argparse.Namespace) -> None:
+    from kvslim.eval.harness.campaign import run_campaign
+
+    run_campaign(slices(args), budget_s=args.budget_min * 60, say=functools.partial(print, flush=True),
+                 threads=args.threads, progress=not args.quiet, share_prefill=not args.no_share_prefill,
+                 chunk_where_invariant=True)
 
 
 def family(recipe: str) -> str:
     """``baseline`` (the field's eviction methods), ``quant`` (full + a codec) or ``kvslim`` (kvslim's structures)."""
     head = recipe.partition("+")[0].partition(":")[0]
-    if head in EVICTION:
+    if head in eviction():
         return "baseline"
     return "reference" if recipe == "full" else "quant" if head == "full" else "kvslim"
 

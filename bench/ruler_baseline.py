@@ -3,9 +3,10 @@
 Runs the ``ruler`` suite (:mod:`kvslim.eval.harness.suite`) with ``--recipes`` (default ``full`` only) on SmolLM2 at
 1k/2k/4k and Gemma 3 270M at 1k/4k/8k/16k tokens, into resumable stores under
 ``results/ruler-baseline/<model>/<task>/`` (rerunning skips finished cells). Work goes model by model (SmolLM2
-first), cheapest length first, every task at a length before the next length; ``--budget-min`` stops starting
-cells after that many minutes. Then writes ``docs/ruler.md`` (per-task tables with 95 % Wilson intervals and cell
-counts, the suite average, and which tasks are informative) and ``results/ruler_baseline.json``.
+first), cheapest length first, every task at a length before the next length, as one campaign
+(:mod:`kvslim.eval.harness.campaign`); ``--budget-min`` stops starting cells after that many minutes. Then writes
+``docs/ruler.md`` (per-task tables with 95 % Wilson intervals and cell counts, the suite average, and which tasks
+are informative) and ``results/ruler_baseline.json``.
 
     python bench/ruler_baseline.py                            # the whole grid, 5 depths x 1 seed per cell group
     python bench/ruler_baseline.py --models smollm2-135m      # one model
@@ -19,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import platform
-import time
 from pathlib import Path
 
 GRID = {"smollm2-135m": [1000, 2000, 4000], "gemma3-270m": [1000, 4000, 8000, 16000]}
@@ -29,53 +30,24 @@ ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "results" / "ruler-baseline"
 
 
-class OutOfTime(Exception):
-    pass
+def slices(args: argparse.Namespace) -> list:
+    """The campaign: model by model (SmolLM2 first), cheapest length first, every task at a length before the next."""
+    from kvslim.eval.harness.campaign import Slice
+    from kvslim.eval.harness.suite import suite_grids
+
+    return [Slice(grid, STORE / model / grid.task) for model in args.models for length in args.lengths_of(model)
+            for grid in suite_grids("ruler", model=model, recipes=args.recipes, lengths=[length], depths=args.depths,
+                                    seeds=args.seeds, tasks=args.tasks)]
 
 
 def run(args: argparse.Namespace) -> None:
-    from kvslim.eval.harness.runner import load_pair, run_grid
-    from kvslim.eval.harness.store import StoreBusy
-    from kvslim.eval.harness.suite import suite_grids
+    from kvslim.eval.harness.campaign import run_campaign
 
-    deadline = time.monotonic() + args.budget_min * 60 if args.budget_min else None
-
-    def check_time(_rec: dict) -> None:
-        if deadline is not None and time.monotonic() > deadline:
-            raise OutOfTime
-
-    for model in args.models:
-        pair = load_pair(model)
-        # (length, grid) in order; a task folder another run is writing (two processes of this script share the
-        # grid, one core each) is put back at the end of the queue and retried once the rest is done or busy
-        queue = [(length, grid) for length in args.lengths_of(model)
-                 for grid in suite_grids("ruler", model=model, recipes=args.recipes, lengths=[length],
-                                         depths=args.depths, seeds=args.seeds, tasks=args.tasks)]
-        busy_round = 0
-        while queue:
-            length, grid = queue.pop(0)
-            out = STORE / model / grid.task
-            print(f"== {model} {grid.task} {length} tokens -> {out}", flush=True)
-            try:
-                res = run_grid(grid, out, pair=pair, threads=args.threads, progress=not args.quiet,
-                               on_record=check_time, prefill_chunk=args.prefill_chunk,
-                               **({"batch": args.batch} if args.batch > 1 else {}))
-                print(f"   {res['ran']} run, {res['skipped']} done before", flush=True)
-                busy_round = 0
-            except StoreBusy as e:
-                print(f"   busy ({e}): later", flush=True)
-                queue.append((length, grid))
-                busy_round += 1
-                if busy_round >= len(queue):  # every remaining folder is busy: wait for the other run
-                    if deadline is not None and time.monotonic() > deadline:
-                        print(f"   budget of {args.budget_min} min spent: stopping", flush=True)
-                        return
-                    time.sleep(30)
-                    busy_round = 0
-            except OutOfTime:
-                print(f"   budget of {args.budget_min} min spent: stopping", flush=True)
-                return
-        del pair
+    # a task folder another run is writing (two processes of this script share the grid, one core each) is retried
+    # once the rest of that model's slices is done or busy
+    run_campaign(slices(args), budget_s=args.budget_min * 60, busy="later", say=functools.partial(print, flush=True),
+                 threads=args.threads, progress=not args.quiet, prefill_chunk=args.prefill_chunk,
+                 **({"batch": args.batch} if args.batch > 1 else {}))
 
 
 def write_docs(args: argparse.Namespace) -> dict:

@@ -57,3 +57,14 @@ def test_architecture_page_lists_every_method():
     page = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
     listed = re.findall(r"^\| `(\w+)` \| ", page, flags=re.M)
     assert tuple(listed) == BUILTIN
+
+
+def test_method_families_are_declared_by_the_classes():
+    """Each method class declares its family (what the benchmarks read); it matches the package that holds it."""
+    from kvslim.cache.method import methods
+    from kvslim.cache.methods import BUILTIN, FAMILY
+
+    found = methods()
+    assert {n: found[n].family for n in BUILTIN} == {n: FAMILY.get(n, "") for n in BUILTIN}
+    for n in BUILTIN:
+        assert found[n].__module__.split(".")[3:-1] == ([FAMILY[n]] if n in FAMILY else [])

@@ -370,6 +370,12 @@ class ModelFacts:
             counts[k] = counts.get(k, 0) + 1
         return " + ".join(f"{n} {k}" for k, n in counts.items())
 
+    @property
+    def has_sliding(self) -> bool:
+        """Whether some layers attend over a sliding window (``sliding(W)``): there a prompt prefilled in chunks
+        costs far less than in one call."""
+        return any(k != "full" for k in self.layer_kinds)
+
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["layer_kinds"] = list(self.layer_kinds)

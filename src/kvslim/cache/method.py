@@ -126,6 +126,9 @@ class Method:
     chunk_invariant: ClassVar[bool] = True
     exactness: ClassVar[str] = "tokens"
     needs_rope: ClassVar[bool] = False
+    # the family package a method belongs to ("evict": the field's eviction baselines, "recall", "latent"; empty
+    # for a stand-alone method): benchmarks and reports read it instead of keeping lists of method names
+    family: ClassVar[str] = ""
     full_prefill: ClassVar[bool] = False
 
     def __init__(self, params: Params | None = None, codec: str = "none") -> None:

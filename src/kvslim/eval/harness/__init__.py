@@ -6,6 +6,7 @@
 * over the tasks, what runs a grid: :mod:`~kvslim.eval.harness.runner` (``Grid``, ``run_grid``),
   :mod:`~kvslim.eval.harness.executors` (local, Ray, batched), :mod:`~kvslim.eval.harness.caches` (cache
   factories per recipe), :mod:`~kvslim.eval.harness.loading` / :mod:`~kvslim.eval.harness.tiny` (models),
-  :mod:`~kvslim.eval.harness.store` (the resumable results store) and :mod:`~kvslim.eval.harness.suite` (the
-  RULER-style suites).
+  :mod:`~kvslim.eval.harness.store` (the resumable results store), :mod:`~kvslim.eval.harness.campaign` (many
+  grids in order under a time budget, resumable: the baselines' sweeps) and :mod:`~kvslim.eval.harness.suite` (the
+  RULER-style suites, run as a campaign).
 """

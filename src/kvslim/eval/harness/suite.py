@@ -3,8 +3,9 @@
 ``kvslim niah --suite ruler --out OUT`` runs every task of :data:`SUITES` ``["ruler"]`` (RULER's 13 tasks less its two
 question-answering ones, which need external data sets) as an ordinary grid into ``OUT/<task>/`` (its own
 ``config.json`` and ``results.jsonl``, so resume, ``--force``, the Ray executor and ``kvslim report OUT/<task>``
-work as for one task) and records the suite in ``OUT/suite.json``; ``kvslim report OUT`` then prints every task's
-table and the suite table (:mod:`kvslim.eval.reports.suite_report`).
+work as for one task; the tasks run as one campaign, :mod:`kvslim.eval.harness.campaign`) and records the suite in
+``OUT/suite.json``; ``kvslim report OUT`` then prints every task's table and the suite table
+(:mod:`kvslim.eval.reports.suite_report`).
 
 Tasks without a depth axis (cwe, fwe) would get one cell per seed and length; to give every task the same number
 of cells they run ``len(depths)`` seeds per given seed (seed ``s`` becomes ``s * 1000 + i``, ``i < len(depths)``).
@@ -18,7 +19,8 @@ from typing import Any
 
 from ...errors import InvalidInput
 from ..tasks.base import get_task
-from .runner import Grid, run_grid
+from .campaign import Slice, run_campaign
+from .runner import Grid
 
 __all__ = ["SUITES", "SUITE_FILE", "suite_grids", "run_suite", "read_suite"]
 
@@ -60,7 +62,9 @@ def read_suite(folder: str | Path) -> dict[str, Any] | None:
 
 
 def run_suite(grids: list[Grid], out: str | Path, *, suite: str = "ruler", **run_kwargs: Any) -> dict[str, Any]:
-    """Run each grid into ``out/<task>/`` (see :func:`kvslim.eval.harness.runner.run_grid` for ``run_kwargs``).
+    """Run each grid into ``out/<task>/``: a campaign of one slice per task (:func:`kvslim.eval.harness.campaign.
+    run_campaign`, which loads the model once for every task; see :func:`kvslim.eval.harness.runner.run_grid` for
+    ``run_kwargs``).
 
     Every grid is validated before the first one runs. Returns ``{"ran", "skipped", "total", "out", "tasks"}``.
     """
@@ -73,14 +77,6 @@ def run_suite(grids: list[Grid], out: str | Path, *, suite: str = "ruler", **run
     tasks = list(dict.fromkeys([*(old["tasks"] if old else []), *(g.task for g in grids)]))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SUITE_FILE).write_text(json.dumps({"suite": suite, "tasks": tasks}, indent=1) + "\n")
-    total = {"ran": 0, "skipped": 0, "total": 0, "out": str(folder), "tasks": {}}
-    if grids and run_kwargs.get("ray") is None and run_kwargs.get("pair") is None:
-        from .runner import load_pair
-
-        run_kwargs = {**run_kwargs, "pair": load_pair(grids[0].model)}  # load the model once for every task
-    for g in grids:
-        res = run_grid(g, folder / g.task, **run_kwargs)
-        total["tasks"][g.task] = res
-        for k in ("ran", "skipped", "total"):
-            total[k] += res[k]
-    return total
+    res = run_campaign([Slice(g, folder / g.task, label=g.task) for g in grids], **run_kwargs)
+    return {"ran": res.ran, "skipped": res.skipped, "total": res.total, "out": str(folder),
+            "tasks": {s.grid.task: r for s, r in res.done}}

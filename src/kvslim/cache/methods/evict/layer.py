@@ -145,6 +145,7 @@ class EvictMethod(Method):
     """Shared by the eviction methods: lossless at ``keep=1``, not chunk-invariant (scores depend on the calls),
     continuous policies refused with append-only formats (KIVI keys share scales per 32 tokens)."""
 
+    family = "evict"
     lossless = ({"keep": 1.0},)
     chunk_invariant = False
     full_prefill = True  # the first call attends in full, then compresses (EvictLayer.attend)

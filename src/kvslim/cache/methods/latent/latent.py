@@ -39,6 +39,7 @@ class LatentSpec(LayerSpec):
 @register
 class Latent(Method):
     name = "latent"
+    family = "latent"
     summary = "MLA-like low-rank keys/values on a basis calibrated on pydoc_data.topics"
     Params = LatentParams
     needs_rope = True

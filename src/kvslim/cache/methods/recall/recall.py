@@ -105,6 +105,7 @@ class RecallSpec(LayerSpec):
 @register
 class Recall(Method):
     name = "recall"
+    family = "recall"
     summary = "tiered: block summaries + window hot, exact tokens cold, top-k blocks fetched per query"
     Params = RecallParams
     lossless = ({"m": 4, "k": 0, "w": 16, "sinks": 2}, {"m": 4, "k": 0, "w": 16, "store": "disk", "prefill": "select"})

@@ -7,12 +7,13 @@ through ``kvslim.make_cache(model, recipe)``; a name the recipe grammar refuses 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import InvalidInput
 
-__all__ = ["FULL", "check_recipes", "cache_factory", "chunks_invariantly"]
+__all__ = ["FULL", "check_recipes", "cache_factory", "chunks_invariantly", "recipe_key", "stored_recipe_key"]
 
 FULL = "full"
 CacheFactories = Mapping[str, Callable[[Any], Any]]
@@ -64,3 +65,24 @@ def chunks_invariantly(recipe: str, extra: CacheFactories | None = None, chunk: 
     if recipe == FULL:
         return True
     return not (extra and recipe in extra) and chunk_invariant(recipe, chunk)
+
+
+def recipe_key(name: str, extra: CacheFactories | None = None) -> str:
+    """The one spelling a recipe is stored and reported under (``stream`` and ``window:w=256`` are one recipe, and
+    so are ``recall`` and ``recall:store=disk``): its :func:`kvslim.recipe.identity`; ``full`` and test factories
+    keep their names. Raises ``InvalidInput`` for a bad recipe."""
+    if name == FULL or (extra and name in extra):
+        return name
+    from ..recipe import identity
+
+    return identity(name)
+
+
+@functools.lru_cache(maxsize=4096)
+def stored_recipe_key(name: str) -> str:
+    """:func:`recipe_key` for a recipe read back from a store or of a cell (a name that does not parse, such as a
+    test factory's, is kept as it is)."""
+    try:
+        return recipe_key(name)
+    except Exception:
+        return name

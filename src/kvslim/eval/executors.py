@@ -70,7 +70,7 @@ def make_record(cell: Any, prompt: Prompt, res: dict[str, Any], seconds: float, 
     """A cell's record from the task's result (see :mod:`kvslim.eval.store` for the fields); a chunked prefill
     is noted as ``prefill_chunk``. ``recipe`` is the recipe's identity (:func:`kvslim.recipe.identity`); where its
     bytes lived (``store=disk``, ``dir=``), when not the default, is noted as ``placement``."""
-    from .runner import stored_recipe_key
+    from .caches import stored_recipe_key
 
     full16 = full16_nbytes(model.config, len(prompt))
     rec: dict[str, Any] = {

@@ -13,7 +13,6 @@ Order of work (nothing heavy happens before every check has passed):
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from ..errors import ContextTooLong, InvalidInput
 from ..paths import check_output_dir
 from ..units import check_int
 from .base import TASKS, get_task
-from .caches import FULL, CacheFactories, check_recipes, chunks_invariantly
+from .caches import FULL, CacheFactories, check_recipes, chunks_invariantly, recipe_key, stored_recipe_key
 from .executors import MAX_THREADS, Job, check_ray, make_executor
 from .loading import check_model_name, load_pair
 from .prompt import Prompt
@@ -105,17 +104,6 @@ def _whole(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and int(v) == v
 
 
-def recipe_key(name: str, extra: CacheFactories | None = None) -> str:
-    """The one spelling a recipe is stored and reported under (``stream`` and ``window:w=256`` are one recipe, and
-    so are ``recall`` and ``recall:store=disk``): its :func:`kvslim.recipe.identity`; ``full`` and test factories
-    keep their names. Raises ``InvalidInput`` for a bad recipe."""
-    if name == FULL or (extra and name in extra):
-        return name
-    from ..recipe import identity
-
-    return identity(name)
-
-
 def run_recipe(name: str, extra: CacheFactories | None = None) -> str:
     """The spelling a recipe is run under: its canonical form, placement parameters included (``store=disk`` must
     reach the cache); ``full`` and test factories keep their names."""
@@ -124,16 +112,6 @@ def run_recipe(name: str, extra: CacheFactories | None = None) -> str:
     from ..recipe import canonical
 
     return canonical(name)
-
-
-@functools.lru_cache(maxsize=4096)
-def stored_recipe_key(name: str) -> str:
-    """:func:`recipe_key` for a recipe read back from a store or of a cell (a name that does not parse, such as a
-    test factory's, is kept as it is)."""
-    try:
-        return recipe_key(name)
-    except Exception:
-        return name
 
 
 _OPTION_FLAGS = {"k": "--needles", "max_new_tokens": "--max-new-tokens", "eval_tokens": "--eval-tokens", "chat": "--chat"}

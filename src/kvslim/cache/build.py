@@ -69,9 +69,23 @@ class KvslimCache(Cache):
         return out
 
     def tier_nbytes(self) -> dict[str, int]:
-        """``{"hot": nbytes(), "cold": ..., "fetched": ...}`` summed over layers (one-tier methods: cold = fetched = 0)."""
+        """``{"hot": nbytes(), "cold": ..., "fetched": ...}`` summed over layers (one-tier methods: cold = fetched = 0).
+        After a fork (:meth:`fork`), ``cold`` counts the shared cold rows in the cache that was forked only, and
+        ``cold_shared`` (present when non-zero) is what this cache reads but another counts (:mod:`kvslim.cache.fork`)."""
         tiers = [layer.tier_nbytes() for layer in self.layers]
-        return {"hot": self.nbytes(), "cold": sum(t["cold"] for t in tiers), "fetched": sum(t["fetched"] for t in tiers)}
+        out = {"hot": self.nbytes(), "cold": sum(t["cold"] for t in tiers), "fetched": sum(t["fetched"] for t in tiers)}
+        shared = sum(s.shared_nbytes() for layer in self.layers for s in (getattr(layer, "cold_k", None),
+                     getattr(layer, "cold_v", None)) if callable(getattr(s, "shared_nbytes", None)))  # fmt: skip
+        if shared:
+            out["cold_shared"] = shared
+        return out
+
+    def fork(self) -> KvslimCache:
+        """A copy that continues on its own: hot tier copied, a tiered method's cold tier shared read-only
+        (:func:`kvslim.cache.fork.fork_cache`). Prefill a context once, fork it per question."""
+        from .fork import fork_cache
+
+        return fork_cache(self)
 
     def close(self) -> None:
         """Release what layers hold outside the process's tensors (a tiered method's cold files); the cache

@@ -38,3 +38,26 @@ def test_prompt_wholly_in_the_sinks(models, arch, opts):
         assert torch.equal(_greedy(model, ids, cache), ref)
     finally:
         cache.close()
+
+
+@pytest.mark.parametrize("store", ["ram", "disk"])
+def test_closed_cache_reports_no_cold_bytes_and_refuses_a_forward(models, store):
+    """After close(): tier_nbytes() said the cold bytes were still held and the next forward raised a bare
+    TypeError (ram) or a ColdTierError after the first layers had stored the token (disk)."""
+    from kvslim.errors import ColdTierError, InvalidInput
+
+    model = models["llama"]
+    cache = make_cache(model, f"recall:m=4,w=8,sinks=2,k=1,store={store}")
+    ids = _ids()
+    with torch.inference_mode():
+        model(input_ids=ids, cache=cache, use_cache=True)
+    assert cache.tier_nbytes()["cold"] > 0
+    seen = cache.get_seq_length()
+    cache.close()
+    assert cache.tier_nbytes()["cold"] == 0 and cache.tier_nbytes()["fetched"] == 0
+    with pytest.raises(InvalidInput, match="cache was closed"), torch.inference_mode():
+        model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+    assert [layer.get_seq_length() for layer in cache.layers] == [seen] * len(cache.layers)  # nothing stored
+    with pytest.raises(ColdTierError, match="released by cache.close"):  # a stream used directly: named, one line
+        cache.layers[0].cold_k.read(0, 1)
+    cache.close()  # twice: harmless

@@ -42,8 +42,12 @@ class KvslimCache(Cache):
         self.recipe = recipe
         self.shape = shape
         self.owner = owner  # the config facts it belongs to (kvslim.cache.guard)
+        self.closed = False
 
     def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+        if self.closed:  # before any layer stores anything: the cache stays as close() left it
+            raise InvalidInput("this cache was closed (cache.close() released its cold tier): it cannot be used "
+                               "any more; build a new one with kvslim.make_cache")  # fmt: skip
         check_update(self, key_states, layer_idx)  # another model or batch: one clear error, not a torch one
         tap = TAP.get()
         if tap is not None:
@@ -72,6 +76,8 @@ class KvslimCache(Cache):
         """``{"hot": nbytes(), "cold": ..., "fetched": ...}`` summed over layers (one-tier methods: cold = fetched = 0).
         After a fork (:meth:`fork`), ``cold`` counts the shared cold rows in the cache that was forked only, and
         ``cold_shared`` (present when non-zero) is what this cache reads but another counts (:mod:`kvslim.cache.fork`)."""
+        if self.closed:  # the cold tier was released: nothing is held there
+            return {"hot": self.nbytes(), "cold": 0, "fetched": 0}
         tiers = [layer.tier_nbytes() for layer in self.layers]
         out = {"hot": self.nbytes(), "cold": sum(t["cold"] for t in tiers), "fetched": sum(t["fetched"] for t in tiers)}
         shared = sum(s.shared_nbytes() for layer in self.layers for s in (getattr(layer, "cold_k", None),
@@ -88,8 +94,10 @@ class KvslimCache(Cache):
         return fork_cache(self)
 
     def close(self) -> None:
-        """Release what layers hold outside the process's tensors (a tiered method's cold files); the cache
-        cannot be used afterwards. Garbage collection does the same."""
+        """Release what layers hold outside the process's tensors (a tiered method's cold files: ``tier_nbytes()``
+        then reports 0 cold bytes); the cache cannot be used afterwards (a forward raises ``InvalidInput``).
+        Garbage collection does the same. Closing twice is harmless."""
+        self.closed = True
         for layer in self.layers:
             if callable(getattr(layer, "close", None)):
                 layer.close()

@@ -166,12 +166,14 @@ class ColdStream:
         self.read_bytes = 0
         self.rows: torch.Tensor | None = None  # ram: [cap, b, h, R] uint8
         self.file: _File | None = None
+        self.closed = False
         self._finalizer = None
         if tier.store == "disk":
             self.file = _File(tier.folder, name)
             self._finalizer = weakref.finalize(self, self.file.close)
 
     def __deepcopy__(self, memo: dict) -> ColdStream:
+        self._check()  # a closed stream holds nothing to copy
         tier = copy.deepcopy(self.tier, memo)
         new = tier.stream(self.name, copy.deepcopy(self.codec, memo), self.out_dtype, self.device)
         memo[id(self)] = new
@@ -251,6 +253,7 @@ class ColdStream:
 
     def append(self, x: torch.Tensor) -> None:
         """Store ``x [b, h, n, d]`` after the rows already held."""
+        self._check()
         if x.shape[2] == 0:
             return
         rows = self._to_rows(x)
@@ -275,7 +278,11 @@ class ColdStream:
             raise ColdTierError(f"cold file {f.path}: short write ({written} of {len(data)} bytes)")
 
     def _check(self) -> None:
-        """Refuse to read a file deleted or truncated under the live cache."""
+        """Refuse a closed stream, and a file deleted or truncated under the live cache."""
+        if self.closed:
+            where = f"cold file {self.file.path}" if self.file is not None else f"cold stream {self.name}"
+            raise ColdTierError(f"{where} was released by cache.close(): the cache cannot be used after close; "
+                                "build a new one")  # fmt: skip
         f = self.file
         if f is None:
             return
@@ -293,9 +300,9 @@ class ColdStream:
     def fetch(self, idx: torch.Tensor) -> torch.Tensor:
         """Decode rows ``idx [b, h, k]`` (token indices, per batch row and KV head) -> ``[b, h, k, d]``."""
         b, h, k = idx.shape
+        self._check()
         if self.n == 0 or k == 0:
             raise InvalidInput(f"cold stream {self.name}: nothing to fetch ({self.n} rows held, {k} asked)")
-        self._check()
         ic = idx.to("cpu", torch.long)
         if int(ic.max()) >= self.n or int(ic.min()) < 0:
             raise InvalidInput(f"cold stream {self.name}: row index out of range 0..{self.n - 1}")
@@ -310,9 +317,9 @@ class ColdStream:
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Decode every row of tokens ``[start, stop)`` -> ``[b, h, stop-start, d]``."""
+        self._check()
         if not 0 <= start <= stop <= self.n:
             raise InvalidInput(f"cold stream {self.name}: bad token range [{start}, {stop}) of {self.n}")
-        self._check()
         if self.file is None:
             rows = self.rows[start:stop]
         else:
@@ -341,6 +348,9 @@ class ColdStream:
         return self.cap * self.bh[0] * self.bh[1] * self.row_bytes
 
     def close(self) -> None:
+        """Release the rows (RAM) or the file (disk); the stream then holds nothing and refuses every use."""
         self.rows = None
+        self.n = self.cap = 0
+        self.closed = True
         if self._finalizer is not None:
             self._finalizer()

@@ -39,6 +39,11 @@ TASKS: dict[str, str] = {
     "cwe": "kvslim.eval.common_words:CommonWords",
     "fwe": "kvslim.eval.frequent_words:FrequentWords",
     "distractor": "kvslim.eval.niah_multikey:Distractor",
+    # reuse (issue 24): one context, several questions or a long answer (kvslim.eval.reuse)
+    "multi-turn": "kvslim.eval.multi_turn:MultiTurn",
+    "multi-request": "kvslim.eval.multi_request:MultiRequest",
+    "long-list": "kvslim.eval.long_list:LongList",
+    "long-copy": "kvslim.eval.long_copy:LongCopy",
 }
 
 

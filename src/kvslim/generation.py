@@ -152,9 +152,10 @@ def generate(
     n_prompt = int(ids.shape[1])
     past = 0
     if cache is not None:
-        from .cache.guard import check_model
+        from .cache.guard import check_consistent, check_model
 
         check_model(cache, model)
+        check_consistent(cache)  # any cache: one an exception left part-way through a forward is refused
         past = int(cache.get_seq_length())
         if past and not continue_cache:
             raise InvalidInput(

@@ -25,7 +25,7 @@ from ..formats import REGISTRY
 from ..recipe import LayerSpec, Recipe, parse_recipe
 from .attention import kvslim_name_for, select_kvslim_attention
 from .base import BaseLayer, LayerContext
-from .guard import check_update, owner_of
+from .guard import check_consistent, check_update, owner_of
 from .method import ModelShape
 from .rope import inv_freq_for_layer
 from .storage import make_storage_codec
@@ -49,6 +49,8 @@ class KvslimCache(Cache):
             raise InvalidInput("this cache was closed (cache.close() released its cold tier): it cannot be used "
                                "any more; build a new one with kvslim.make_cache")  # fmt: skip
         check_update(self, key_states, layer_idx)  # another model or batch: one clear error, not a torch one
+        if layer_idx == 0:  # a forward starts: every layer must have seen the same tokens (none torn by an exception)
+            check_consistent(self)
         tap = TAP.get()
         if tap is not None:
             tap.on_update(self, layer_idx, key_states, value_states, args, kwargs)

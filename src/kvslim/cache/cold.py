@@ -15,8 +15,9 @@ chunk). Bytes are counted, not estimated: ``nbytes()`` = rows stored x row bytes
 capacity held, ``fetched_bytes`` / ``read_bytes`` the row bytes gathered so far.
 
 Faults raise :class:`~kvslim.errors.ColdTierError` naming the file: the file deleted or truncated under a live
-cache (checked with ``fstat`` before every read), the disk full or a file-size limit hit while reserving or
-writing. A folder that is missing or not writable is refused up front with ``InvalidInput``. The default folder is
+cache (checked with ``fstat`` before every read), its bytes changed under a live cache (every row has a checksum,
+kept in process memory, 4 bytes per row, and checked on every fetch and read: bytes that happen to decode to finite
+values would otherwise give a wrong answer), the disk full or a file-size limit hit while reserving or writing. A folder that is missing or not writable is refused up front with ``InvalidInput``. The default folder is
 a fresh temporary one, removed when the tier is closed or collected (``weakref.finalize``); in a folder the user
 names only the tier's own files are removed.
 """
@@ -43,6 +44,27 @@ __all__ = ["COLD_STORES", "ColdStream", "ColdTier", "check_cold_codec", "check_f
 
 COLD_STORES = ("ram", "disk")
 _RESERVE_TOKENS = 256  # smallest growth step (tokens)
+_SUM_MOD = 2**31 - 1  # row checksums: a weighted byte sum modulo this prime
+_SUM_ROWS = 16384  # rows summed per pass (bounds the int64 work tensor)
+_SUM_WEIGHTS: dict[int, torch.Tensor] = {}
+
+
+def row_sums(rows: torch.Tensor) -> torch.Tensor:
+    """Checksums ``[...]`` (int32) of rows ``[..., R]`` uint8: ``sum_i w_i byte_i mod (2^31 - 1)`` with fixed random
+    weights in ``[1, 2^31 - 1)``. A change of any one byte always changes it (the modulus is prime); random bytes
+    match with probability about ``2^-31``."""
+    r = rows.shape[-1]
+    w = _SUM_WEIGHTS.get(r)
+    if w is None:
+        w = _SUM_WEIGHTS[r] = torch.randint(1, _SUM_MOD, (r,), generator=torch.Generator().manual_seed(r))
+    flat = rows.reshape(-1, r)
+    out = torch.empty(flat.shape[0], dtype=torch.int32)
+    exact = r < 2**14  # in float64 every product (< 2^39) and partial sum (< 2^53) is an exact integer, in any order
+    for a in range(0, flat.shape[0], _SUM_ROWS):
+        part = flat[a : a + _SUM_ROWS]
+        total = part.double() @ w.double() if exact else ((part.to(torch.int64) * w).sum(-1) % _SUM_MOD).double()
+        out[a : a + _SUM_ROWS] = torch.fmod(total, _SUM_MOD).to(torch.int32)
+    return out.reshape(rows.shape[:-1])
 
 
 def cold_codecs() -> tuple[str, ...]:
@@ -165,6 +187,7 @@ class ColdStream:
         self.fetched_bytes = 0
         self.read_bytes = 0
         self.rows: torch.Tensor | None = None  # ram: [cap, b, h, R] uint8
+        self.sums: torch.Tensor | None = None  # [cap, b, h] int32: the checksum of every row (row_sums)
         self.file: _File | None = None
         self.closed = False
         self._finalizer = None
@@ -186,6 +209,7 @@ class ColdStream:
                 new.rows[: self.n] = self.rows[: self.n]
             else:
                 new._write(np.ascontiguousarray(self.file.view[: self.n]).tobytes(), 0)
+            new.sums[: self.n] = self.sums[: self.n]
             new.n = self.n
         return new
 
@@ -225,6 +249,10 @@ class ColdStream:
             return
         cap = max(need, int(self.cap * 1.5), _RESERVE_TOKENS)
         b, h = self.bh
+        sums = torch.zeros(cap, b, h, dtype=torch.int32)
+        if self.sums is not None:
+            sums[: self.n] = self.sums[: self.n]
+        self.sums = sums
         if self.file is None:
             pin = self.device.type == "cuda"
             rows = torch.empty(cap, b, h, self.row_bytes, dtype=torch.uint8, pin_memory=pin)
@@ -266,6 +294,7 @@ class ColdStream:
             self.rows[self.n : self.n + n_new] = rows
         else:
             self._write(rows.numpy().tobytes(), self.n * rows[0].numel())
+        self.sums[self.n : self.n + n_new] = row_sums(rows)
         self.n += n_new
 
     def _write(self, data: bytes, offset: int) -> None:
@@ -312,6 +341,7 @@ class ColdStream:
             rows = self.rows[ic, bi, hi]  # [b, h, k, R]
         else:
             rows = torch.from_numpy(self.file.view[ic.numpy(), bi.numpy(), hi.numpy()])
+        self._verify(rows, self.sums[ic, bi, hi], ic)
         self.fetched_bytes += rows.numel()
         return self._from_rows(rows)
 
@@ -324,6 +354,8 @@ class ColdStream:
             rows = self.rows[start:stop]
         else:
             rows = torch.from_numpy(np.array(self.file.view[start:stop]))
+        tokens = torch.arange(start, stop)[:, None, None].expand(rows.shape[:3])
+        self._verify(rows, self.sums[start:stop], tokens)
         self.read_bytes += rows.numel()
         return self._from_rows(rows.permute(1, 2, 0, 3))
 
@@ -334,10 +366,19 @@ class ColdStream:
         x = self.read(0, self.n)
         self.read_bytes -= self.n * self.bh[0] * self.bh[1] * self.row_bytes
         x = fn(x)
-        self.n, self.cap, self.layout, self.rows = 0, 0, None, None
+        self.n, self.cap, self.layout, self.rows, self.sums = 0, 0, None, None, None
         if self.file is not None:
             os.ftruncate(self.file.fd, 0)
         self.append(x)
+
+    def _verify(self, rows: torch.Tensor, want: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Refuse rows ``[..., R]`` whose checksums differ from ``want`` (their token indices: ``tokens``)."""
+        bad = row_sums(rows) != want
+        if bool(bad.any()):
+            first = int(tokens[bad][0])
+            where = f"cold file {self.file.path}" if self.file is not None else f"cold stream {self.name} (RAM)"
+            raise ColdTierError(f"{where}: {int(bad.sum())} of {bad.numel()} rows read fail their checksum (first "
+                                f"at token {first}): its bytes were changed under the live cache; rebuild the cache")  # fmt: skip
 
     def nbytes(self) -> int:
         """Bytes of the rows stored (the cold tier's data)."""

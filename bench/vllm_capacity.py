@@ -11,7 +11,7 @@ the same fixed KV budget (``kv_cache_memory_bytes``, ``--capacity-mib``) and max
 parsed from vLLM's own startup line ("CPU KV cache size: N tokens, Maximum concurrency for 4,096 tokens per request:
 Cx"), and tokens per GiB = N / budget. Rows: ``stock-fp32`` (model and KV float32), ``stock-bf16`` (``--dtype
 bfloat16``: vLLM's KV in bf16), ``vllm-fp8`` (float32 model, ``--kv-cache-dtype fp8``), and ``kvslim-<fmt>`` (float32
-model, KV in kvslim format ``fmt``).
+model, KV in kvslim format ``fmt``; ``fmt@bfloat16``: the model in bf16).
 
 Throughput (``--requests N``): at the budget ``--budget-mib``, N requests of ``--prompt`` random-token prompts, each
 generating ``--gen`` tokens (ignore_eos, greedy), submitted at once. Reported per row: vLLM's maximum concurrency for
@@ -38,10 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x")
 
 
-def rows(formats: list[str]) -> list[tuple[str, dict]]:
+def rows(formats: list[str], stock: bool = True) -> list[tuple[str, dict]]:
     out = [("stock-fp32", {"dtype": "float32"}), ("stock-bf16", {"dtype": "bfloat16"}),
-           ("vllm-fp8", {"dtype": "float32", "kv_cache_dtype": "fp8"})]
-    out += [(f"kvslim-{f}", {"dtype": "float32", "format": f}) for f in formats]
+           ("vllm-fp8", {"dtype": "float32", "kv_cache_dtype": "fp8"})] if stock else []
+    for f in formats:  # "tq4" (float32 model) or "tq4@bfloat16" (the model in bf16, KV in tq4)
+        fmt, _, dtype = f.partition("@")
+        out.append((f"kvslim-{f}", {"dtype": dtype or "float32", "format": fmt}))
     return out
 
 
@@ -87,11 +89,12 @@ def running_at_once(stats: list[dict]) -> int:
     return best
 
 
-def throughput(model: str, budget: int, formats: list[str], n: int, prompt: int, gen: int, work: Path) -> list[dict]:
+def throughput(model: str, budget: int, formats: list[str], n: int, prompt: int, gen: int, work: Path,
+               stock: bool = True) -> list[dict]:
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 49000) for _ in range(prompt)] for _ in range(n)]
     found = []
-    for name, kw in rows(formats):
+    for name, kw in rows(formats, stock):
         spec = {"model": model, "kv_bytes": budget, "max_model_len": prompt + gen, "max_num_seqs": n,
                 "max_num_batched_tokens": 512, "prompt_token_ids": prompts, "max_tokens": gen, "ignore_eos": True,
                 "prefix_caching": False, "stats": True, **kw}
@@ -119,6 +122,8 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=256)
     ap.add_argument("--budget-mib", type=int, default=128, help="KV budget of the throughput rows (MiB)")
     ap.add_argument("--throughput-formats", default="tq4,tq3", help="kvslim formats of the throughput rows")
+    ap.add_argument("--no-capacity", action="store_true", help="only the throughput rows")
+    ap.add_argument("--no-stock", action="store_true", help="throughput rows of the kvslim formats only")
     ap.add_argument("--out", default=str(ROOT / "results" / "vllm_capacity.json"))
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
@@ -130,19 +135,20 @@ def main() -> None:
     formats = [f.strip() for f in a.formats.split(",") if f.strip()]
     result: dict = {"model": model, "capacity_budget_bytes": a.capacity_mib << 20}
     with tempfile.TemporaryDirectory(prefix="kvslim-vllm-bench-") as tmp:
-        print(f"capacity at {a.capacity_mib} MiB of KV, max_model_len 4096:", flush=True)
-        cap = capacity(model, a.capacity_mib << 20, formats, Path(tmp))
-        result["capacity"] = cap
-        print("\n| row | KV tokens | tokens per GiB | x stock fp32 | x vLLM fp8 | max concurrency @4096 |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for r in cap:
-            print(f"| {r['row']} | {r['kv_tokens']:,} | {r['tokens_per_gib']:,.0f} | {r['x_fp32']:.2f} | "
-                  f"{r['x_vllm_fp8']:.2f} | {r['max_concurrency_4096']:.2f} |")
+        if not a.no_capacity:
+            print(f"capacity at {a.capacity_mib} MiB of KV, max_model_len 4096:", flush=True)
+            cap = capacity(model, a.capacity_mib << 20, formats, Path(tmp))
+            result["capacity"] = cap
+            print("\n| row | KV tokens | tokens per GiB | x stock fp32 | x vLLM fp8 | max concurrency @4096 |")
+            print("|---|---:|---:|---:|---:|---:|")
+            for r in cap:
+                print(f"| {r['row']} | {r['kv_tokens']:,} | {r['tokens_per_gib']:,.0f} | {r['x_fp32']:.2f} | "
+                      f"{r['x_vllm_fp8']:.2f} | {r['max_concurrency_4096']:.2f} |")
         if a.requests:
             tf = [f.strip() for f in a.throughput_formats.split(",") if f.strip()]
             print(f"\nthroughput at {a.budget_mib} MiB: {a.requests} requests x {a.prompt} prompt + {a.gen} "
                   "generated tokens:", flush=True)
-            tp = throughput(model, a.budget_mib << 20, tf, a.requests, a.prompt, a.gen, Path(tmp))
+            tp = throughput(model, a.budget_mib << 20, tf, a.requests, a.prompt, a.gen, Path(tmp), not a.no_stock)
             result["throughput"] = {"budget_bytes": a.budget_mib << 20, "requests": a.requests,
                                     "prompt": a.prompt, "gen": a.gen, "rows": tp}
             print("\n| row | KV tokens | max concurrency | running at once | preemptions | end-to-end s | "

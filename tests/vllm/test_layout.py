@@ -56,9 +56,10 @@ def _reference(q, k, v, q_pos, scale):
 @pytest.mark.parametrize("fmt, from_codes", [(f, False) for f in ("fp32", "bf16", "fp8", "int8", "tq4", "tq3", "tq2.5",
                                                                    "tq3.5")]
                          + [(f, True) for f in ("fp8", "tq4", "tq3", "tq2.5", "tq3.5")])
-def test_paged_attention_equals_decode_then_sdpa(fmt, from_codes):
+def test_paged_attention_equals_decode_then_sdpa(fmt, from_codes, monkeypatch):
     """Three requests in one step: a decode (1 query), a chunked-prefill continuation (5 queries after 37 cached
     tokens, as after a prefix-cache hit) and a first chunk (9 queries); slots scattered over shuffled blocks."""
+    monkeypatch.setattr("kvslim.vllm.layout.FROM_CODES_MAX_QUERIES", 4)  # the 9-query chunk decodes, the rest not
     torch.manual_seed(0)
     hq, hkv, bs, nblocks = 6, 2, 16, 24
     layout = RowLayout(fmt, D)

@@ -18,8 +18,12 @@ Faults raise :class:`~kvslim.errors.ColdTierError` naming the file: the file del
 cache (checked with ``fstat`` before every read), its bytes changed under a live cache (every row has a checksum,
 kept in process memory, 4 bytes per row, and checked on every fetch and read: bytes that happen to decode to finite
 values would otherwise give a wrong answer), the disk full or a file-size limit hit while reserving or writing. A folder that is missing or not writable is refused up front with ``InvalidInput``. The default folder is
-a fresh temporary one, removed when the tier is closed or collected (``weakref.finalize``); in a folder the user
-names only the tier's own files are removed.
+a fresh temporary one, ``$TMPDIR/kvslim-cold-<pid>-<random>`` (``tempfile.gettempdir()``), removed when the tier is
+closed or collected (``weakref.finalize``); in a folder the user names only the tier's own files
+(``<layer>.<k|v>-<pid>-<random>.cold``) are removed. A process killed outright (``kill -9``) removes nothing, so the
+first disk tier of every process removes what dead processes left: ``kvslim-cold-<pid>-*`` folders in the temporary
+folder, and ``*-<pid>-*.cold`` files in the user's folder, whose ``<pid>`` is no running process
+(:func:`remove_stale`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import torch
 from ..errors import ColdTierError, InvalidInput
 from .storage import make_storage_codec
 
-__all__ = ["COLD_STORES", "ColdStream", "ColdTier", "check_cold_codec", "check_folder", "cold_codecs"]
+__all__ = ["COLD_STORES", "ColdStream", "ColdTier", "check_cold_codec", "check_folder", "cold_codecs", "remove_stale"]
 
 COLD_STORES = ("ram", "disk")
 _RESERVE_TOKENS = 256  # smallest growth step (tokens)
@@ -100,6 +104,70 @@ def check_folder(folder: Path) -> Path:
     return folder
 
 
+_PREFIX = "kvslim-cold-"
+_CLEANED: set[str] = set()  # folders this process has swept for dead processes' leftovers
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _pid_of(name: str, prefix: str) -> int | None:
+    """The pid in ``<prefix><pid>-<random>...`` (None for names without one, e.g. from older kvslim versions)."""
+    if not name.startswith(prefix):
+        return None
+    head = name[len(prefix):].split("-", 1)[0]
+    return int(head) if head.isdigit() and "-" in name[len(prefix):] else None
+
+
+def remove_stale(folder: str | Path | None = None) -> list[Path]:
+    """Remove cold leftovers of processes that are no longer running: ``kvslim-cold-<pid>-*`` folders in the
+    temporary folder (``folder`` None), or ``*-<pid>-*.cold`` files in a user's ``folder``. Returns what was removed.
+    Names without a pid (older kvslim versions) and other users' entries are left alone. The pid is checked in this
+    machine's process table: a temporary folder shared with another machine or container is not swept safely."""
+    removed: list[Path] = []
+    base = Path(folder) if folder is not None else Path(tempfile.gettempdir())
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for e in entries:
+        if folder is None:
+            pid = _pid_of(e.name, _PREFIX) if e.is_dir(follow_symlinks=False) else None
+        else:
+            stem = e.name.rsplit(".", 1)[0]
+            parts = stem.split("-")
+            pid = int(parts[-2]) if e.name.endswith(".cold") and len(parts) >= 3 and parts[-2].isdigit() else None
+        if pid is None or _alive(pid):
+            continue
+        try:
+            if e.stat(follow_symlinks=False).st_uid != os.getuid():  # only this user's leftovers
+                continue
+        except OSError:
+            continue
+        try:
+            shutil.rmtree(e.path) if folder is None else os.unlink(e.path)
+            removed.append(Path(e.path))
+        except OSError:  # another process removed it first, or it is not ours to remove
+            pass
+    return removed
+
+
+def _sweep_once(folder: Path | None) -> None:
+    key = str(folder) if folder is not None else ""
+    if key not in _CLEANED:
+        _CLEANED.add(key)
+        remove_stale(folder)
+
+
 class ColdTier:
     """The cold storage of one cache: ``store`` ``ram`` or ``disk``; ``folder`` (disk) the user's folder or None."""
 
@@ -114,10 +182,12 @@ class ColdTier:
         self._finalizer = None
         if store == "disk":
             if folder is None:
-                self.folder = Path(tempfile.mkdtemp(prefix="kvslim-cold-"))
+                _sweep_once(None)
+                self.folder = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-"))
                 self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
             else:
                 self.folder = check_folder(Path(folder))
+                _sweep_once(self.folder)
 
     def __deepcopy__(self, memo: dict) -> ColdTier:
         """A copy with its own files (in a new temporary folder, or beside these in the user's folder)."""
@@ -148,7 +218,7 @@ class _File:
 
     def __init__(self, folder: Path, stem: str) -> None:
         try:  # a unique name: several caches may share the user's folder
-            self.fd, name = tempfile.mkstemp(dir=folder, prefix=f"{stem}-", suffix=".cold")
+            self.fd, name = tempfile.mkstemp(dir=folder, prefix=f"{stem}-{os.getpid()}-", suffix=".cold")
         except OSError as e:
             raise ColdTierError(f"cannot create a cold file in {folder} ({e.strerror})") from None
         self.path = Path(name)

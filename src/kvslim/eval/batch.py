@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .base import score_answer
-from .engine import eos_ids, prefill_chunks
+from .engine import close_cache, eos_ids, prefill_chunks
 from .prompt import Prompt
 
 __all__ = ["LOGPROB_TOLERANCE", "run_retrieval_batch", "batches", "row_nbytes"]
@@ -82,7 +82,11 @@ def _teacher(model: Any, cache: Any, last: Any, targets: list[list[int]]) -> lis
     width = max(len(t) for t in targets) - 1
     if width > 0:
         rows = [(t[:-1] + [t[-1]] * (width - len(t) + 1)) if t else [0] * width for t in targets]
-        logits = _forward(model, rows, copy.deepcopy(cache), keep=width)  # [B, width, V]
+        copied = copy.deepcopy(cache)
+        try:
+            logits = _forward(model, rows, copied, keep=width)  # [B, width, V]
+        finally:  # a tiered copy's cold files go now, not at collection
+            close_cache(copied)
         lp = torch.log_softmax(logits, -1)
         for i, t in enumerate(targets):
             n = len(t) - 1

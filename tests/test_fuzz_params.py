@@ -238,3 +238,17 @@ def test_pooling_in_groups_equals_pooling_at_once(tiny_models, monkeypatch):
     monkeypatch.setattr(blocks, "_POOL_BYTES", 1)
     grouped, _ = _logits(model, "blocks:m=4,w=8,sinks=2,overlap=3,k=2")
     assert torch.equal(one, grouped)
+
+
+@pytest.mark.parametrize("name", ["window", "blocks", "heavy", "v4", "recall"])
+@pytest.mark.parametrize("huge", [2**63 - 1, 2**62 + 1])
+def test_windows_beyond_any_sequence_do_not_wrap_around(tiny_models, name, huge):
+    """w near 2^63 with a few sinks made the column rule's t - w + 1 - sinks wrap around in int64 and hide every
+    token (a silently wrong answer, found by comparing with a window longer than the prompt): now the same
+    computation as w=1000, bit-identical; likewise sinks near 2^63."""
+    model = tiny_models["llama"]
+    want, _ = _logits(model, f"{name}:w=1000,sinks=3")
+    assert torch.equal(_logits(model, f"{name}:w={huge},sinks=3")[0], want)
+    want, _ = _logits(model, f"{name}:w=5,sinks=1000")
+    assert torch.equal(_logits(model, f"{name}:w={huge},sinks={huge}")[0], want)
+    assert torch.equal(_logits(model, f"{name}:w=5,sinks={huge}")[0], want)

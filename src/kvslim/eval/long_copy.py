@@ -2,7 +2,8 @@
 
 A passage of ``words`` random dictionary words (sentences of 6-10 words; the dictionary is
 :func:`kvslim.eval.values.vocabulary`, so nothing is downloaded and no model knows it by heart) sits at the grid's
-depth in Python's documentation between two markers; the question asks to copy it. The answer (about 1.5-2.5 tokens
+depth in Python's documentation between two markers; the question asks to copy it, and the answer is primed with
+the opening marker (so even a small model starts copying rather than restating the question). The answer (about 1.5-2.5 tokens
 per word: well over a 128-token window for the default 100 words) needs a moving part of the passage at every
 decode step while its own first tokens leave the window: a cache that keeps only the window of generated tokens,
 or that chose its blocks at the prompt, loses its place. Scored by the longest common subsequence of words
@@ -26,7 +27,7 @@ __all__ = ["LongCopy", "passage", "copy_score", "words_of"]
 
 INSTRUCTION = "The following document contains a marked passage. Read it carefully: I will ask you to copy it.\n\n"
 QUESTION = "Copy the marked passage word for word, from its first word to its last."
-PRIMER = "The marked passage is:"
+PRIMER = "Here the marked passage begins:"  # the marker before the passage: the answer continues from it
 _WORD = re.compile(r"[a-z]+")
 
 

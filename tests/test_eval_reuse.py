@@ -205,3 +205,14 @@ def test_bad_options_are_refused():
         with pytest.raises(InvalidInput):
             get_task(name, **kw)
     assert torch.is_tensor(torch.zeros(1))
+
+
+def test_the_reuse_suite_runs_every_task_with_shared_options():
+    from kvslim.eval.suite import SUITES, suite_grids
+
+    assert SUITES["reuse"] == tuple(REUSE)
+    grids = suite_grids("reuse", model="tiny-llama", recipes=["full"], lengths=[700], depths=[0.25, 0.75], seeds=[0],
+                        options={"agnostic": True, "k": 2})  # fmt: skip
+    assert [g.task for g in grids] == REUSE and all(g.seeds == [0] and g.depths == [0.25, 0.75] for g in grids)
+    assert all(g.options["agnostic"] is True for g in grids)
+    assert [g.options.get("k") for g in grids] == [2, 2, 2, None]  # long-copy has no k

@@ -247,14 +247,15 @@ def test_huge_overlap_pools_only_tokens_seen(tiny_models, name):
 
 
 def test_pooling_in_groups_equals_pooling_at_once(tiny_models, monkeypatch):
-    """The group size bounds memory only: entries pooled one block at a time equal those pooled in one group."""
+    """The group size bounds memory only: entries pooled one block at a time equal those pooled in one group (up to
+    float rounding: no codec here, and elementwise kernels may round a tensor's tail elements differently by size)."""
     import kvslim.cache.methods.blocks as blocks
 
     model = tiny_models["llama"]
     one, _ = _logits(model, "blocks:m=4,w=8,sinks=2,overlap=3,k=2")
     monkeypatch.setattr(blocks, "_POOL_BYTES", 1)
     grouped, _ = _logits(model, "blocks:m=4,w=8,sinks=2,overlap=3,k=2")
-    assert torch.equal(one, grouped)
+    torch.testing.assert_close(grouped, one, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["window", "blocks", "heavy", "v4", "recall"])

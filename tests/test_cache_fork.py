@@ -165,3 +165,23 @@ def test_generate_continues_forks_of_a_prefilled_context(recipe):
         kvslim.generate(model, tok, "Why?", cache=cache.fork(), context=doc + " More.", continue_cache=True)
     with pytest.raises(kvslim.InvalidInput, match="empty cache"):
         kvslim.prefill(model, tok, doc, cache=cache)
+
+
+def test_the_last_cache_to_close_releases_the_shared_cold_files(models, tmp_path):
+    """store=disk: the frozen rows' files stay while a fork reads them and go with the last close()."""
+    model = models["llama"]
+    parent = _prefilled(model, f"{LOSSLESS_RECALL},store=disk")
+    first = parent.layers[0].cold_k
+    folder = first.tier.folder
+    a, b = parent.fork(), parent.fork()
+    frozen = [s for s, _n, _c in parent.layers[0].cold_k.parts]
+    assert frozen == [first] and first.fork_readers == 3 and folder.is_dir()
+    parent.close()
+    a.close()
+    assert not first.closed and folder.is_dir()
+    got = _run(model, b, QA, steps=3)  # still readable by the last fork
+    fresh = _prefilled(model, LOSSLESS_RECALL)
+    assert torch.equal(got[1], _run(model, fresh, QA, steps=3)[1])
+    b.close()
+    assert first.closed and not folder.exists()  # the temporary folder went with the last reader
+    b.close()  # twice: harmless

@@ -216,3 +216,20 @@ def test_the_reuse_suite_runs_every_task_with_shared_options():
     assert [g.task for g in grids] == REUSE and all(g.seeds == [0] and g.depths == [0.25, 0.75] for g in grids)
     assert all(g.options["agnostic"] is True for g in grids)
     assert [g.options.get("k") for g in grids] == [2, 2, 2, None]  # long-copy has no k
+
+
+def test_multi_request_leaves_no_cold_files(tmp_path, pair):
+    """store=disk: the parent, the forks and the frozen rows they shared are all released when the cell ends."""
+    import gc
+    import os
+    import tempfile
+    from pathlib import Path
+
+    def mine():
+        return {p for p in Path(tempfile.gettempdir()).glob(f"kvslim-cold-{os.getpid()}-*")}
+
+    before = mine()
+    run_grid(Grid(task="multi-request", model="tiny-llama", recipes=[f"{RECALL},store=disk"], lengths=[600],
+                  depths=[0.5], seeds=[0], options={"k": 3}), tmp_path, pair=pair, progress=False)  # fmt: skip
+    assert mine() - before == set()  # without garbage collection: close() released them
+    gc.collect()

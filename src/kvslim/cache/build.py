@@ -103,6 +103,9 @@ class KvslimCache(Cache):
         for layer in self.layers:
             if callable(getattr(layer, "close", None)):
                 layer.close()
+        from .fork import release_shared
+
+        release_shared(self)  # a fork's shared cold rows: released by the last cache reading them
 
     def layer_labels(self) -> list[str]:
         return [layer.spec.label for layer in self.layers]

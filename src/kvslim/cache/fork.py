@@ -19,8 +19,10 @@ What is copied and what is shared
     rewired to a wrapper too), and a wrapper calls none of the three on a part: ``append`` goes to its own stream,
     ``select_batch`` (batch reordering, e.g. beam search) first copies every row into a private stream, and
     ``close`` closes only its own stream;
-  - a frozen stream lives as long as a cache reads it (each wrapper references it) and its files and temporary
-    folder go with the last one (the cold tier's finalizers).
+  - a frozen stream lives as long as a cache reads it: each wrapper counts as a reader, and the last reader's
+    ``close()`` (``cache.close()``) releases it, with its cold tier's files and temporary folder once none of that
+    tier's streams is read any more; a cache dropped without ``close()`` releases it at garbage collection (the
+    cold tier's finalizers).
 
   Forking a fork freezes the fork's own stream in turn, so a family of forks is a tree of frozen parts.
 
@@ -45,7 +47,7 @@ import torch
 
 from .cold import ColdStream, ColdTier
 
-__all__ = ["SharedColdStream", "fork_cache", "family_nbytes", "cold_streams"]
+__all__ = ["SharedColdStream", "fork_cache", "family_nbytes", "cold_streams", "release_shared"]
 
 
 class SharedColdStream:
@@ -59,9 +61,12 @@ class SharedColdStream:
 
     def __init__(self, parts: list[tuple[ColdStream, int, bool]], own: ColdStream) -> None:
         self.parts = [(s, int(n), bool(c)) for s, n, c in parts if n > 0]
+        for s, _n, _c in self.parts:  # readers of each frozen stream: the last one to close releases it
+            s.__dict__["fork_readers"] = s.__dict__.get("fork_readers", 0) + 1
         self.own = own
         self.fetched_bytes = 0
         self.read_bytes = 0
+        self.closed = False
 
     # ---- what the layer reads --------------------------------------------------------------------------------
     @property
@@ -129,7 +134,7 @@ class SharedColdStream:
         self.own = old.tier.stream(old.name, old.codec, old.out_dtype, old.device)
         old.tier.streams.remove(old)
         old.close()
-        self.parts = []
+        self._release_parts()
         self.own.append(x)
 
     # ---- bytes -----------------------------------------------------------------------------------------------
@@ -145,8 +150,22 @@ class SharedColdStream:
         return self.own.reserved_nbytes()
 
     def close(self) -> None:
-        """Release this cache's own rows; frozen parts go with the last cache that reads them."""
+        """Release this cache's own rows, and each frozen part this cache is the last to read (its cold tier, files
+        and temporary folder too once none of that tier's streams is read any more). Closing twice is harmless."""
         self.own.close()
+        if not self.closed:
+            self.closed = True
+            self._release_parts()
+
+    def _release_parts(self) -> None:
+        for s, _n, _c in self.parts:
+            s.fork_readers -= 1
+            if s.fork_readers == 0:
+                s.close()
+                tier = s.tier
+                if all(t.closed or not t.__dict__.get("fork_readers") for t in tier.streams):  # none read any more
+                    tier.close()
+        self.parts = []
 
     def __deepcopy__(self, memo: dict) -> SharedColdStream:
         """A deep copy shares the frozen parts (never written), uncounted, and copies the own rows."""
@@ -183,6 +202,7 @@ def fork_cache(cache: Any) -> Any:
         return copy.deepcopy(cache)
     memo: dict[int, Any] = {}
     tiers: dict[int, tuple[ColdTier, ColdTier]] = {}  # id(the cache's current tier) -> (parent's new, fork's)
+    old_tiers: dict[int, ColdTier] = {}
     for layer in layers:
         old_tier: ColdTier = layer.ctx.extras["tier"]
         if id(old_tier) not in tiers:
@@ -196,12 +216,28 @@ def fork_cache(cache: Any) -> Any:
             mine = SharedColdStream(parts, parent_tier.stream(base.name, base.codec, base.out_dtype, base.device))
             theirs = SharedColdStream([(p, n, False) for p, n, _c in parts],
                                       child_tier.stream(base.name, base.codec, base.out_dtype, base.device))
+            if isinstance(s, SharedColdStream):  # the new wrappers read its parts now
+                s._release_parts()
             setattr(layer, role, mine)
             memo[id(mine)] = theirs
+        old_tiers[id(old_tier)] = old_tier
         layer.ctx.extras["tier"] = parent_tier
+    for t in old_tiers.values():  # a tier whose streams hold no rows is read by nobody: release it now
+        if all(not st.__dict__.get("fork_readers") for st in t.streams):
+            t.close()
     for parent_tier, child_tier in tiers.values():
         memo[id(parent_tier)] = child_tier
     return copy.deepcopy(cache, memo)
+
+
+def release_shared(cache: Any) -> None:
+    """Close every :class:`SharedColdStream` of ``cache`` (its own rows, and the frozen parts it is the last to
+    read): :meth:`KvslimCache.close <kvslim.cache.build.KvslimCache.close>` calls it."""
+    for layer in getattr(cache, "layers", []):
+        for role in ("cold_k", "cold_v"):
+            s = getattr(layer, role, None)
+            if isinstance(s, SharedColdStream):
+                s.close()
 
 
 def cold_streams(cache: Any) -> list[tuple[ColdStream, int]]:

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..errors import InvalidInput
 from .base import score_answer
-from .engine import Prefilled, eos_ids, greedy, prefill, prefill_chunks, teacher_logprob
+from .engine import Prefilled, close_cache, eos_ids, greedy, prefill, prefill_chunks, teacher_logprob
 from .haystack import encode, pydoc_sentences
 from .needles import PHRASINGS, count_in, haystack_text, needle_depths
 from .prompt import Prompt, assemble, frame_for
@@ -220,6 +220,8 @@ def run_requests(model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callabl
             fetched = max(fetched or 0, pre.fetched_bytes)
     first.fetched_bytes = fetched
     fam = family_nbytes(caches)
+    for c in caches[1:] if base is not None else []:  # the forks made here (the harness closes what it made)
+        close_cache(c)
     return {**_cell(results, kv_bytes, first), "requests_hot_bytes": fam["hot"], "requests_cold_bytes": fam["cold"]}
 
 

@@ -103,3 +103,15 @@ def test_changed_cold_bytes_fail_their_checksum_naming_the_file(models, store, f
             assert where in str(err.value) and "\n" not in str(err.value)
     finally:
         cache.close()
+
+
+def test_cli_generate_with_more_sinks_than_prompt_tokens(tiny_model_dir):
+    """The issue's command on the tiny model: ``kvslim generate "..." -n 4 -r 'recall:sinks=40'`` (was a TypeError
+    traceback)."""
+    from typer.testing import CliRunner
+
+    from kvslim.cli import app
+
+    res = CliRunner().invoke(app, ["generate", "--model", str(tiny_model_dir), "-n", "4", "--no-chat",
+                                   "-r", "recall:sinks=40", "w3 w4"])  # fmt: skip
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output

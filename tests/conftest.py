@@ -16,7 +16,7 @@ WORDS = ["<unk>", "<pad>", "<eos>"] + [f"w{i}" for i in range(125)]
 LOSSY_MODULES = {
     "test_cache_consistency", "test_cache_from_codes", "test_cache_attend_fast", "test_cache_recall",
     "test_cache_summaries", "test_eval_prefill_chunk", "test_eval_batch", "test_eval_share", "test_quant_codecs",
-    "test_quant_tq", "test_method_contract",
+    "test_quant_tq", "test_method_contract", "test_cache_fork", "test_eval_reuse",
 }  # fmt: skip
 
 

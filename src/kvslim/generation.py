@@ -20,7 +20,7 @@ from typing import Any
 from .errors import ContextTooLong, InvalidInput
 from .memory import cache_nbytes
 
-__all__ = ["GenerateResult", "encode_prompt", "encode_split", "check_context", "generate"]
+__all__ = ["GenerateResult", "encode_prompt", "encode_split", "check_context", "generate", "prefill"]
 
 
 @dataclass
@@ -135,7 +135,9 @@ def generate(
     refused unless ``continue_cache=True``: then ``prompt`` continues the context the cache holds (its tokens are
     appended after the cached ones). A kvslim cache built for another model is refused too. ``context``: a document
     prefilled into the cache on its own before ``prompt`` (the question) is seen; a compressing cache then compresses
-    it question-agnostically (see the module docstring).
+    it question-agnostically (see the module docstring). ``context`` with ``continue_cache=True`` and a cache that
+    already holds it (:func:`prefill`, or a fork of such a cache: ``cache.fork()``) feeds only the question: the
+    cache must hold exactly the context's tokens.
     """
     import torch
     from transformers import DynamicCache
@@ -150,15 +152,22 @@ def generate(
     n_prompt = int(ids.shape[1])
     past = 0
     if cache is not None:
-        from .cache.guard import check_model
+        from .cache.guard import check_consistent, check_model
 
         check_model(cache, model)
+        check_consistent(cache)  # any cache: one an exception left part-way through a forward is refused
         past = int(cache.get_seq_length())
         if past and not continue_cache:
             raise InvalidInput(
                 f"the cache already holds {past} tokens of an earlier context: pass a fresh cache, or "
                 "continue_cache=True to continue that context"
             )
+    held = bool(split and past)  # the cache holds the context already (prefill / a fork): only the question is fed
+    if held and past != split:
+        raise InvalidInput(f"the cache holds {past} tokens but the context is {split} tokens: with context= a "
+                           "continued cache must hold exactly that context (kvslim.prefill, or a fork of its cache)")
+    if held:
+        past, split = 0, 0
     what = f"the prompt ({n_prompt} tokens) plus {max_new_tokens} new tokens" + (f" after {past} cached" if past else "")
     check_context(past + n_prompt + max_new_tokens, model, what=what)
     if past:  # the cached positions are never fed again; any id stands for them in generate's input
@@ -199,3 +208,27 @@ def generate(
         kv_cold_bytes=tiers.get("cold", 0),
         kv_fetched_last_step=tiers.get("fetched", 0),
     )
+
+
+def prefill(model: Any, tokenizer: Any, context: str, *, cache: Any = None, chat: bool | None = None) -> Any:
+    """Feed ``context`` alone into ``cache`` (default: a fresh ``DynamicCache``) and return the cache: the tokens
+    ``generate(..., prompt, context=context)`` feeds before its question (the chat template's head and the
+    context), so a compressing cache compresses it question-agnostically. Then ask it several questions, each in
+    a fork: ``generate(model, tokenizer, question, cache=cache.fork(), context=context, continue_cache=True)``
+    gives what ``generate(model, tokenizer, question, cache=fresh, context=context)`` gives."""
+    import torch
+    from transformers import DynamicCache
+
+    ids, split = encode_split(tokenizer, context, "?", chat)  # the question part is not fed
+    if cache is not None:
+        from .cache.guard import check_model
+
+        check_model(cache, model)
+        if int(cache.get_seq_length()):
+            raise InvalidInput("prefill needs an empty cache: this one already holds tokens")
+    check_context(split, model, what=f"the context ({split} tokens)")
+    if cache is None:
+        cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=ids[:, :split].to(model.device), cache=cache, use_cache=True, logits_to_keep=1)
+    return cache

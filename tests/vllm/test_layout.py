@@ -56,16 +56,18 @@ def _reference(q, k, v, q_pos, scale):
 @pytest.mark.parametrize("fmt, from_codes", [(f, False) for f in ("fp32", "bf16", "fp8", "int8", "tq4", "tq3", "tq2.5",
                                                                    "tq3.5")]
                          + [(f, True) for f in ("fp8", "tq4", "tq3", "tq2.5", "tq3.5")])
-def test_paged_attention_equals_decode_then_sdpa(fmt, from_codes):
-    """Three requests in one step: a decode (1 query), a chunked-prefill continuation (5 queries after 37 cached
-    tokens, as after a prefix-cache hit) and a first chunk (9 queries); slots scattered over shuffled blocks."""
+def test_paged_attention_equals_decode_then_sdpa(fmt, from_codes, monkeypatch):
+    """Five requests in one step: three decodes (1 query; from the codes they run as one batch), a chunked-prefill
+    continuation (5 queries after 37 cached tokens, as after a prefix-cache hit) and a first chunk (9 queries);
+    slots scattered over shuffled blocks."""
+    monkeypatch.setattr("kvslim.vllm.layout.FROM_CODES_MAX_QUERIES", 4)  # the 9-query chunk decodes, the rest not
     torch.manual_seed(0)
     hq, hkv, bs, nblocks = 6, 2, 16, 24
     layout = RowLayout(fmt, D)
     cache = torch.zeros(nblocks, hkv, bs, 2 * layout.row_bytes, dtype=torch.uint8)
-    lens, news = [50, 42, 9], [1, 5, 9]
+    lens, news = [50, 42, 9, 20, 3], [1, 5, 9, 1, 1]
     perm = torch.randperm(nblocks)
-    table = torch.zeros(3, 4, dtype=torch.int32)
+    table = torch.zeros(len(lens), 4, dtype=torch.int32)
     at = 0
     for i, n in enumerate(lens):
         need = -(-n // bs)
@@ -86,8 +88,8 @@ def test_paged_attention_equals_decode_then_sdpa(fmt, from_codes):
     sm = torch.cat([slots(i, n - news[i], n) for i, n in enumerate(lens)] + [torch.tensor([-1])])
     write_slots(cache, layout, k_new, v_new, sm)
 
-    qsl = torch.tensor([0, 1, 6, 15])
-    q = torch.randn(15, hq, D)
+    qsl = torch.tensor([0, 1, 6, 15, 16, 17])
+    q = torch.randn(17, hq, D)
     out = paged_attention(q, cache, layout, table, torch.tensor(lens), qsl, scale=D ** -0.5, from_codes=from_codes)
     codec = layout.codec
     for i, n in enumerate(lens):

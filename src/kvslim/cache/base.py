@@ -52,6 +52,7 @@ from .storage import Store, append_pair, exact_codec, make_storage_codec
 __all__ = ["BaseLayer", "Chunk", "LayerContext", "LayerSpec", "Segment", "View", "grouped_attention", "stream_nbytes"]
 
 _QUERY_CHUNK = 1024
+_NO_SEQUENCE = 2**61  # more tokens than any sequence holds
 
 
 @dataclass(frozen=True)
@@ -299,7 +300,10 @@ class BaseLayer(CacheLayerMixin):
         w = self.spec.window
         if w is None:
             return torch.zeros_like(t)
-        return torch.div(t - w + 1 - self.spec.sinks, self.m, rounding_mode="floor").clamp_min(0)
+        # in int64 tensors: a window or sink count beyond any sequence (both up to 2^63 - 1) is cut to 2^61, which
+        # changes nothing a column can reach and keeps t - w + 1 - sinks from wrapping around (it hid every token)
+        w, sinks = min(w, _NO_SEQUENCE), min(self.spec.sinks, _NO_SEQUENCE)
+        return torch.div(t - w + 1 - sinks, self.m, rounding_mode="floor").clamp_min(0)
 
     # ---- storing ---------------------------------------------------------------------------------------------
     def encode(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ from ..errors import InvalidInput
 from ..formats import REGISTRY
 from .attention import kvslim_name_for, select_kvslim_attention
 from .base import BaseLayer, LayerContext
-from .guard import check_update, owner_of
+from .guard import check_consistent, check_update, owner_of
 from .method import ModelShape
 from .recipe import LayerSpec, Recipe, parse_recipe
 from .rope import inv_freq_for_layer
@@ -42,9 +42,15 @@ class KvslimCache(Cache):
         self.recipe = recipe
         self.shape = shape
         self.owner = owner  # the config facts it belongs to (kvslim.cache.guard)
+        self.closed = False
 
     def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+        if self.closed:  # before any layer stores anything: the cache stays as close() left it
+            raise InvalidInput("this cache was closed (cache.close() released its cold tier): it cannot be used "
+                               "any more; build a new one with kvslim.make_cache")  # fmt: skip
         check_update(self, key_states, layer_idx)  # another model or batch: one clear error, not a torch one
+        if layer_idx == 0:  # a forward starts: every layer must have seen the same tokens (none torn by an exception)
+            check_consistent(self)
         tap = TAP.get()
         if tap is not None:
             tap.on_update(self, layer_idx, key_states, value_states, args, kwargs)
@@ -69,16 +75,37 @@ class KvslimCache(Cache):
         return out
 
     def tier_nbytes(self) -> dict[str, int]:
-        """``{"hot": nbytes(), "cold": ..., "fetched": ...}`` summed over layers (one-tier methods: cold = fetched = 0)."""
+        """``{"hot": nbytes(), "cold": ..., "fetched": ...}`` summed over layers (one-tier methods: cold = fetched = 0).
+        After a fork (:meth:`fork`), ``cold`` counts the shared cold rows in the cache that was forked only, and
+        ``cold_shared`` (present when non-zero) is what this cache reads but another counts (:mod:`kvslim.cache.fork`)."""
+        if self.closed:  # the cold tier was released: nothing is held there
+            return {"hot": self.nbytes(), "cold": 0, "fetched": 0}
         tiers = [layer.tier_nbytes() for layer in self.layers]
-        return {"hot": self.nbytes(), "cold": sum(t["cold"] for t in tiers), "fetched": sum(t["fetched"] for t in tiers)}
+        out = {"hot": self.nbytes(), "cold": sum(t["cold"] for t in tiers), "fetched": sum(t["fetched"] for t in tiers)}
+        shared = sum(s.shared_nbytes() for layer in self.layers for s in (getattr(layer, "cold_k", None),
+                     getattr(layer, "cold_v", None)) if callable(getattr(s, "shared_nbytes", None)))  # fmt: skip
+        if shared:
+            out["cold_shared"] = shared
+        return out
+
+    def fork(self) -> KvslimCache:
+        """A copy that continues on its own: hot tier copied, a tiered method's cold tier shared read-only
+        (:func:`kvslim.cache.fork.fork_cache`). Prefill a context once, fork it per question."""
+        from .fork import fork_cache
+
+        return fork_cache(self)
 
     def close(self) -> None:
-        """Release what layers hold outside the process's tensors (a tiered method's cold files); the cache
-        cannot be used afterwards. Garbage collection does the same."""
+        """Release what layers hold outside the process's tensors (a tiered method's cold files: ``tier_nbytes()``
+        then reports 0 cold bytes); the cache cannot be used afterwards (a forward raises ``InvalidInput``).
+        Garbage collection does the same. Closing twice is harmless."""
+        self.closed = True
         for layer in self.layers:
             if callable(getattr(layer, "close", None)):
                 layer.close()
+        from .fork import release_shared
+
+        release_shared(self)  # a fork's shared cold rows: released by the last cache reading them
 
     def layer_labels(self) -> list[str]:
         return [layer.spec.label for layer in self.layers]

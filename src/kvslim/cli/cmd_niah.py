@@ -129,8 +129,9 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("smollm2-135m", "--model", "-m", help="Embedded model name, local HF folder or .gguf file."),
         task: str | None = typer.Option(None, "--task", "-t", help="passkey (default), needle, multi-needle, fidelity, "
                                         "distractor, or a RULER task: niah_single_1..3, niah_multikey_1..3, "
-                                        "niah_multivalue, niah_multiquery, vt, cwe, fwe. Not with --suite."),
-        suite: str | None = typer.Option(None, "--suite", help="Run a whole suite instead of --task: `ruler` (its tasks "
+                                        "niah_multivalue, niah_multiquery, vt, cwe, fwe; reuse: multi-turn, multi-request, long-list, long-copy "
+                                        "(docs/reuse.md). Not with --suite."),
+        suite: str | None = typer.Option(None, "--suite", help="Run a whole suite instead of --task: `ruler` or `reuse` (its tasks "
                                          "into OUT/<task>/; `kvslim report OUT` prints the RULER table)."),
         suite_tasks: str | None = typer.Option(None, "--suite-tasks", help="With --suite: only these tasks (comma-separated)."),
         opts: list[str] | None = typer.Option(None, "--opt", help="A task option KEY=VALUE (repeatable), e.g. --opt "

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInput
-from ..hf_config import read
+from ..hf_config import check_layers, read
 from .spec import ArchSpec, GQALayer, IndexerSpec, MLALayer, MLPSpec, V4Layer
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "from_config", "spec_from_config"]
@@ -64,6 +64,7 @@ def _check_fields(config: dict[str, Any], model_type: str) -> None:
         v = text.get(k, config.get(k))
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise InvalidInput(f"this {model_type} config has {k} = {v!r}: it must be a positive whole number")
+    check_layers(text.get("num_hidden_layers", config.get("num_hidden_layers")), f"this {model_type} config")
     missing = [k for k in _CORE_FIELDS if k not in text and k not in config]
     if "num_hidden_layers" in missing:
         raise InvalidInput(
@@ -93,6 +94,9 @@ def _name(cfg: Any, default: str) -> str:
 def _gqa_spec(cfg: Any) -> ArchSpec:
     f = read(cfg)
     n, heads, kv, head_dim, window = f.n_layers, f.heads, f.kv_heads, f.head_dim, f.sliding_window
+    if heads < 1 or kv < 1 or heads % kv:
+        raise InvalidInput(f"this {cfg.model_type} config has {heads} query heads over {kv} KV heads: grouped-query "
+                           "attention needs num_attention_heads to be a multiple of num_key_value_heads")  # fmt: skip
     layers = []
     for t in f.layer_types:
         if t == "sliding_attention":
@@ -167,9 +171,13 @@ def spec_from_config(config: Any) -> ArchSpec:
                            f"({type(exc).__name__}: {_first_line(exc)})") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """The error's message on one line: its lines joined (transformers' validation errors put the reason on the
+    lines after a heading that ends with ':'), cut at ``limit`` characters."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if not text:
+        return type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
 def from_config(config: Any) -> ArchSpec:

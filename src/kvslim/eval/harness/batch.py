@@ -26,7 +26,7 @@ import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .engine import eos_ids, prefill_chunks, score_answer
+from .engine import close_cache, eos_ids, prefill_chunks, score_answer
 
 if TYPE_CHECKING:
     from ..tasks.prompt import Prompt
@@ -83,7 +83,11 @@ def _teacher(model: Any, cache: Any, last: Any, targets: list[list[int]]) -> lis
     width = max(len(t) for t in targets) - 1
     if width > 0:
         rows = [(t[:-1] + [t[-1]] * (width - len(t) + 1)) if t else [0] * width for t in targets]
-        logits = _forward(model, rows, copy.deepcopy(cache), keep=width)  # [B, width, V]
+        copied = copy.deepcopy(cache)
+        try:
+            logits = _forward(model, rows, copied, keep=width)  # [B, width, V]
+        finally:  # a tiered copy's cold files go now, not at collection
+            close_cache(copied)
         lp = torch.log_softmax(logits, -1)
         for i, t in enumerate(targets):
             n = len(t) - 1

@@ -115,6 +115,12 @@ def prefill(model: Any, ids: list[int], cache: Any, split: int = 0) -> Prefilled
     return Prefilled(cache, logits, cache_nbytes(cache), len(ids), None if tiers is None else tiers["cold"], replayed)
 
 
+def close_cache(cache: Any) -> None:
+    """Release what ``cache`` holds outside its tensors (a tiered cache's cold files), if it can."""
+    if callable(getattr(cache, "close", None)):
+        cache.close()
+
+
 def teacher_logprob(model: Any, pre: Prefilled, target: list[int]) -> float:
     """Sum of ``log p(target[i] | prompt, target[:i])`` under teacher forcing, in nats.
 
@@ -128,10 +134,12 @@ def teacher_logprob(model: Any, pre: Prefilled, target: list[int]) -> float:
         total = float(torch.log_softmax(pre.last_logits, -1)[target[0]])
         if len(target) > 1:
             cache = copy.deepcopy(pre.cache)
-            logits = _forward(model, target[:-1], cache, keep=len(target) - 1)  # [n-1, V]
+            try:
+                logits = _forward(model, target[:-1], cache, keep=len(target) - 1)  # [n-1, V]
+            finally:  # a tiered copy's cold files (store=disk: a temporary folder) go now, not at collection
+                close_cache(cache)
             lp = torch.log_softmax(logits, -1)
             total += float(lp[torch.arange(len(target) - 1), torch.tensor(target[1:])].sum())
-            del cache
     return total
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,16 +52,30 @@ class Job:
         return self.prefill_chunk
 
 
-def run_cell(job: Job, task: Any, model: Any, tokenizer: Any, cell: Any, prompt: Prompt) -> dict[str, Any]:
-    """Run one cell and return its record (see :mod:`kvslim.eval.harness.store` for the fields)."""
-    make = job.factory(cell.recipe)
+@contextmanager
+def closing_caches(make: Callable[[Any], Any], model: Any) -> Iterator[Callable[[], Any]]:
+    """``fresh()`` -> a new cache of ``make``; every cache made is closed when the block ends (a cell's end), so a
+    tiered cache's cold files and temporary folder go with its cell, not with the process (``store=disk``)."""
+    made: list[Any] = []
 
     def fresh() -> Any:
-        return make(model)
+        made.append(make(model))
+        return made[-1]
 
+    try:
+        yield fresh
+    finally:
+        for cache in made:
+            if callable(getattr(cache, "close", None)):
+                cache.close()
+
+
+def run_cell(job: Job, task: Any, model: Any, tokenizer: Any, cell: Any, prompt: Prompt) -> dict[str, Any]:
+    """Run one cell and return its record (see :mod:`kvslim.eval.store` for the fields); its caches are closed
+    when it ends."""
     chunk = job.chunk_for(cell.recipe)
     t0 = time.perf_counter()
-    with chunked_prefill(chunk):
+    with chunked_prefill(chunk), closing_caches(job.factory(cell.recipe), model) as fresh:
         res = task.run(model, tokenizer, prompt, fresh, cell.recipe)
     return make_record(cell, prompt, res, time.perf_counter() - t0, model, chunk)
 
@@ -120,14 +135,9 @@ class LocalExecutor:
 def run_cells_batched(job: Job, task: Any, model: Any, tokenizer: Any, group: list[tuple[Any, Prompt]]
                       ) -> list[dict[str, Any]]:
     """Run cells of one recipe and one length together; each record's ``seconds`` is the batch's time / B."""
-    make = job.factory(group[0][0].recipe)
-
-    def fresh() -> Any:
-        return make(model)
-
     chunk = job.chunk_for(group[0][0].recipe)
     t0 = time.perf_counter()
-    with chunked_prefill(chunk):
+    with chunked_prefill(chunk), closing_caches(job.factory(group[0][0].recipe), model) as fresh:
         results = task.run_batch(model, tokenizer, [p for _, p in group], fresh, group[0][0].recipe)
     seconds = (time.perf_counter() - t0) / len(group)
     return [make_record(c, p, r, seconds, model, chunk) for (c, p), r in zip(group, results, strict=True)]

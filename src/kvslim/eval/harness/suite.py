@@ -27,6 +27,7 @@ __all__ = ["SUITES", "SUITE_FILE", "suite_grids", "run_suite", "read_suite"]
 SUITES: dict[str, tuple[str, ...]] = {
     "ruler": ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
               "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe"),
+    "reuse": ("multi-turn", "multi-request", "long-list", "long-copy"),  # issue 24: docs/reuse.md
 }
 SUITE_FILE = "suite.json"
 

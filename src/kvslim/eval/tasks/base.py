@@ -39,6 +39,11 @@ TASKS: dict[str, str] = {
     "cwe": "kvslim.eval.tasks.common_words:CommonWords",
     "fwe": "kvslim.eval.tasks.frequent_words:FrequentWords",
     "distractor": "kvslim.eval.tasks.niah_multikey:Distractor",
+    # reuse (issue 24): one context, several questions or a long answer (kvslim.eval.tasks.reuse)
+    "multi-turn": "kvslim.eval.tasks.multi_turn:MultiTurn",
+    "multi-request": "kvslim.eval.tasks.multi_request:MultiRequest",
+    "long-list": "kvslim.eval.tasks.long_list:LongList",
+    "long-copy": "kvslim.eval.tasks.long_copy:LongCopy",
 }
 
 

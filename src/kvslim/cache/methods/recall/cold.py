@@ -15,10 +15,15 @@ chunk). Bytes are counted, not estimated: ``nbytes()`` = rows stored x row bytes
 capacity held, ``fetched_bytes`` / ``read_bytes`` the row bytes gathered so far.
 
 Faults raise :class:`~kvslim.errors.ColdTierError` naming the file: the file deleted or truncated under a live
-cache (checked with ``fstat`` before every read), the disk full or a file-size limit hit while reserving or
-writing. A folder that is missing or not writable is refused up front with ``InvalidInput``. The default folder is
-a fresh temporary one, removed when the tier is closed or collected (``weakref.finalize``); in a folder the user
-names only the tier's own files are removed.
+cache (checked with ``fstat`` before every read), its bytes changed under a live cache (every row has a checksum,
+kept in process memory, 4 bytes per row, and checked on every fetch and read: bytes that happen to decode to finite
+values would otherwise give a wrong answer), the disk full or a file-size limit hit while reserving or writing. A folder that is missing or not writable is refused up front with ``InvalidInput``. The default folder is
+a fresh temporary one, ``$TMPDIR/kvslim-cold-<pid>-<random>`` (``tempfile.gettempdir()``), removed when the tier is
+closed or collected (``weakref.finalize``); in a folder the user names only the tier's own files
+(``<layer>.<k|v>-<pid>-<random>.cold``) are removed. A process killed outright (``kill -9``) removes nothing, so the
+first disk tier of every process removes what dead processes left: ``kvslim-cold-<pid>-*`` folders in the temporary
+folder, and ``*-<pid>-*.cold`` files in the user's folder, whose ``<pid>`` is no running process
+(:func:`remove_stale`).
 """
 
 from __future__ import annotations
@@ -39,10 +44,31 @@ import torch
 from ....errors import ColdTierError, InvalidInput
 from ...storage import make_storage_codec
 
-__all__ = ["COLD_STORES", "ColdStream", "ColdTier", "check_cold_codec", "check_folder", "cold_codecs"]
+__all__ = ["COLD_STORES", "ColdStream", "ColdTier", "check_cold_codec", "check_folder", "cold_codecs", "remove_stale"]
 
 COLD_STORES = ("ram", "disk")
 _RESERVE_TOKENS = 256  # smallest growth step (tokens)
+_SUM_MOD = 2**31 - 1  # row checksums: a weighted byte sum modulo this prime
+_SUM_ROWS = 16384  # rows summed per pass (bounds the int64 work tensor)
+_SUM_WEIGHTS: dict[int, torch.Tensor] = {}
+
+
+def row_sums(rows: torch.Tensor) -> torch.Tensor:
+    """Checksums ``[...]`` (int32) of rows ``[..., R]`` uint8: ``sum_i w_i byte_i mod (2^31 - 1)`` with fixed random
+    weights in ``[1, 2^31 - 1)``. A change of any one byte always changes it (the modulus is prime); random bytes
+    match with probability about ``2^-31``."""
+    r = rows.shape[-1]
+    w = _SUM_WEIGHTS.get(r)
+    if w is None:
+        w = _SUM_WEIGHTS[r] = torch.randint(1, _SUM_MOD, (r,), generator=torch.Generator().manual_seed(r))
+    flat = rows.reshape(-1, r)
+    out = torch.empty(flat.shape[0], dtype=torch.int32)
+    exact = r < 2**14  # in float64 every product (< 2^39) and partial sum (< 2^53) is an exact integer, in any order
+    for a in range(0, flat.shape[0], _SUM_ROWS):
+        part = flat[a : a + _SUM_ROWS]
+        total = part.double() @ w.double() if exact else ((part.to(torch.int64) * w).sum(-1) % _SUM_MOD).double()
+        out[a : a + _SUM_ROWS] = torch.fmod(total, _SUM_MOD).to(torch.int32)
+    return out.reshape(rows.shape[:-1])
 
 
 def cold_codecs() -> tuple[str, ...]:
@@ -78,6 +104,70 @@ def check_folder(folder: Path) -> Path:
     return folder
 
 
+_PREFIX = "kvslim-cold-"
+_CLEANED: set[str] = set()  # folders this process has swept for dead processes' leftovers
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _pid_of(name: str, prefix: str) -> int | None:
+    """The pid in ``<prefix><pid>-<random>...`` (None for names without one, e.g. from older kvslim versions)."""
+    if not name.startswith(prefix):
+        return None
+    head = name[len(prefix):].split("-", 1)[0]
+    return int(head) if head.isdigit() and "-" in name[len(prefix):] else None
+
+
+def remove_stale(folder: str | Path | None = None) -> list[Path]:
+    """Remove cold leftovers of processes that are no longer running: ``kvslim-cold-<pid>-*`` folders in the
+    temporary folder (``folder`` None), or ``*-<pid>-*.cold`` files in a user's ``folder``. Returns what was removed.
+    Names without a pid (older kvslim versions) and other users' entries are left alone. The pid is checked in this
+    machine's process table: a temporary folder shared with another machine or container is not swept safely."""
+    removed: list[Path] = []
+    base = Path(folder) if folder is not None else Path(tempfile.gettempdir())
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for e in entries:
+        if folder is None:
+            pid = _pid_of(e.name, _PREFIX) if e.is_dir(follow_symlinks=False) else None
+        else:
+            stem = e.name.rsplit(".", 1)[0]
+            parts = stem.split("-")
+            pid = int(parts[-2]) if e.name.endswith(".cold") and len(parts) >= 3 and parts[-2].isdigit() else None
+        if pid is None or _alive(pid):
+            continue
+        try:
+            if e.stat(follow_symlinks=False).st_uid != os.getuid():  # only this user's leftovers
+                continue
+        except OSError:
+            continue
+        try:
+            shutil.rmtree(e.path) if folder is None else os.unlink(e.path)
+            removed.append(Path(e.path))
+        except OSError:  # another process removed it first, or it is not ours to remove
+            pass
+    return removed
+
+
+def _sweep_once(folder: Path | None) -> None:
+    key = str(folder) if folder is not None else ""
+    if key not in _CLEANED:
+        _CLEANED.add(key)
+        remove_stale(folder)
+
+
 class ColdTier:
     """The cold storage of one cache: ``store`` ``ram`` or ``disk``; ``folder`` (disk) the user's folder or None."""
 
@@ -92,10 +182,12 @@ class ColdTier:
         self._finalizer = None
         if store == "disk":
             if folder is None:
-                self.folder = Path(tempfile.mkdtemp(prefix="kvslim-cold-"))
+                _sweep_once(None)
+                self.folder = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-"))
                 self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
             else:
                 self.folder = check_folder(Path(folder))
+                _sweep_once(self.folder)
 
     def __deepcopy__(self, memo: dict) -> ColdTier:
         """A copy with its own files (in a new temporary folder, or beside these in the user's folder)."""
@@ -126,7 +218,7 @@ class _File:
 
     def __init__(self, folder: Path, stem: str) -> None:
         try:  # a unique name: several caches may share the user's folder
-            self.fd, name = tempfile.mkstemp(dir=folder, prefix=f"{stem}-", suffix=".cold")
+            self.fd, name = tempfile.mkstemp(dir=folder, prefix=f"{stem}-{os.getpid()}-", suffix=".cold")
         except OSError as e:
             raise ColdTierError(f"cannot create a cold file in {folder} ({e.strerror})") from None
         self.path = Path(name)
@@ -165,13 +257,16 @@ class ColdStream:
         self.fetched_bytes = 0
         self.read_bytes = 0
         self.rows: torch.Tensor | None = None  # ram: [cap, b, h, R] uint8
+        self.sums: torch.Tensor | None = None  # [cap, b, h] int32: the checksum of every row (row_sums)
         self.file: _File | None = None
+        self.closed = False
         self._finalizer = None
         if tier.store == "disk":
             self.file = _File(tier.folder, name)
             self._finalizer = weakref.finalize(self, self.file.close)
 
     def __deepcopy__(self, memo: dict) -> ColdStream:
+        self._check()  # a closed stream holds nothing to copy
         tier = copy.deepcopy(self.tier, memo)
         new = tier.stream(self.name, copy.deepcopy(self.codec, memo), self.out_dtype, self.device)
         memo[id(self)] = new
@@ -184,6 +279,7 @@ class ColdStream:
                 new.rows[: self.n] = self.rows[: self.n]
             else:
                 new._write(np.ascontiguousarray(self.file.view[: self.n]).tobytes(), 0)
+            new.sums[: self.n] = self.sums[: self.n]
             new.n = self.n
         return new
 
@@ -223,6 +319,10 @@ class ColdStream:
             return
         cap = max(need, int(self.cap * 1.5), _RESERVE_TOKENS)
         b, h = self.bh
+        sums = torch.zeros(cap, b, h, dtype=torch.int32)
+        if self.sums is not None:
+            sums[: self.n] = self.sums[: self.n]
+        self.sums = sums
         if self.file is None:
             pin = self.device.type == "cuda"
             rows = torch.empty(cap, b, h, self.row_bytes, dtype=torch.uint8, pin_memory=pin)
@@ -251,6 +351,7 @@ class ColdStream:
 
     def append(self, x: torch.Tensor) -> None:
         """Store ``x [b, h, n, d]`` after the rows already held."""
+        self._check()
         if x.shape[2] == 0:
             return
         rows = self._to_rows(x)
@@ -263,6 +364,7 @@ class ColdStream:
             self.rows[self.n : self.n + n_new] = rows
         else:
             self._write(rows.numpy().tobytes(), self.n * rows[0].numel())
+        self.sums[self.n : self.n + n_new] = row_sums(rows)
         self.n += n_new
 
     def _write(self, data: bytes, offset: int) -> None:
@@ -275,7 +377,11 @@ class ColdStream:
             raise ColdTierError(f"cold file {f.path}: short write ({written} of {len(data)} bytes)")
 
     def _check(self) -> None:
-        """Refuse to read a file deleted or truncated under the live cache."""
+        """Refuse a closed stream, and a file deleted or truncated under the live cache."""
+        if self.closed:
+            where = f"cold file {self.file.path}" if self.file is not None else f"cold stream {self.name}"
+            raise ColdTierError(f"{where} was released by cache.close(): the cache cannot be used after close; "
+                                "build a new one")  # fmt: skip
         f = self.file
         if f is None:
             return
@@ -293,9 +399,9 @@ class ColdStream:
     def fetch(self, idx: torch.Tensor) -> torch.Tensor:
         """Decode rows ``idx [b, h, k]`` (token indices, per batch row and KV head) -> ``[b, h, k, d]``."""
         b, h, k = idx.shape
+        self._check()
         if self.n == 0 or k == 0:
             raise InvalidInput(f"cold stream {self.name}: nothing to fetch ({self.n} rows held, {k} asked)")
-        self._check()
         ic = idx.to("cpu", torch.long)
         if int(ic.max()) >= self.n or int(ic.min()) < 0:
             raise InvalidInput(f"cold stream {self.name}: row index out of range 0..{self.n - 1}")
@@ -305,18 +411,21 @@ class ColdStream:
             rows = self.rows[ic, bi, hi]  # [b, h, k, R]
         else:
             rows = torch.from_numpy(self.file.view[ic.numpy(), bi.numpy(), hi.numpy()])
+        self._verify(rows, self.sums[ic, bi, hi], ic)
         self.fetched_bytes += rows.numel()
         return self._from_rows(rows)
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Decode every row of tokens ``[start, stop)`` -> ``[b, h, stop-start, d]``."""
+        self._check()
         if not 0 <= start <= stop <= self.n:
             raise InvalidInput(f"cold stream {self.name}: bad token range [{start}, {stop}) of {self.n}")
-        self._check()
         if self.file is None:
             rows = self.rows[start:stop]
         else:
             rows = torch.from_numpy(np.array(self.file.view[start:stop]))
+        tokens = torch.arange(start, stop)[:, None, None].expand(rows.shape[:3])
+        self._verify(rows, self.sums[start:stop], tokens)
         self.read_bytes += rows.numel()
         return self._from_rows(rows.permute(1, 2, 0, 3))
 
@@ -327,10 +436,19 @@ class ColdStream:
         x = self.read(0, self.n)
         self.read_bytes -= self.n * self.bh[0] * self.bh[1] * self.row_bytes
         x = fn(x)
-        self.n, self.cap, self.layout, self.rows = 0, 0, None, None
+        self.n, self.cap, self.layout, self.rows, self.sums = 0, 0, None, None, None
         if self.file is not None:
             os.ftruncate(self.file.fd, 0)
         self.append(x)
+
+    def _verify(self, rows: torch.Tensor, want: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Refuse rows ``[..., R]`` whose checksums differ from ``want`` (their token indices: ``tokens``)."""
+        bad = row_sums(rows) != want
+        if bool(bad.any()):
+            first = int(tokens[bad][0])
+            where = f"cold file {self.file.path}" if self.file is not None else f"cold stream {self.name} (RAM)"
+            raise ColdTierError(f"{where}: {int(bad.sum())} of {bad.numel()} rows read fail their checksum (first "
+                                f"at token {first}): its bytes were changed under the live cache; rebuild the cache")  # fmt: skip
 
     def nbytes(self) -> int:
         """Bytes of the rows stored (the cold tier's data)."""
@@ -341,6 +459,9 @@ class ColdStream:
         return self.cap * self.bh[0] * self.bh[1] * self.row_bytes
 
     def close(self) -> None:
+        """Release the rows (RAM) or the file (disk); the stream then holds nothing and refuses every use."""
         self.rows = None
+        self.n = self.cap = 0
+        self.closed = True
         if self._finalizer is not None:
             self._finalizer()

@@ -58,7 +58,7 @@ class RecallParams(Params):
     w: int = window_param(128)
     sinks: int = sinks_param()
     summary: str = param("bbox", "block summary: mean | bbox (Quest min/max bound) | reps (r keys)", choices=SUMMARIES)
-    r: int = param(2, "reps: representative keys per block", lo=1)
+    r: int = param(2, "reps: representative keys per block (at most m)", lo=1)
     nbr: int = param(0, "neighbour blocks fetched on each side of a selected block", lo=0)
     pin: int = param(0, "blocks per KV head pinned by the last prefill query's exact attention (of the k fetched)", lo=0)
     span: int = param(1, "blocks pinned from each pinned block on (2: it and the next, where a key's value may lie)",

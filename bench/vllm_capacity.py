@@ -1,0 +1,167 @@
+"""KV capacity (and, optionally, throughput at a fixed KV budget) on vLLM's own engine: stock fp32, stock bf16 and
+vLLM's fp8 KV against kvslim's formats through the plugin (``kvslim.vllm``), side by side in one run.
+
+Run it with the vLLM environment (``make vllm``)::
+
+    .venv-vllm/bin/python bench/vllm_capacity.py                       # capacity only (a few minutes)
+    .venv-vllm/bin/python bench/vllm_capacity.py --requests 16 --prompt 2048 --gen 256 --budget-mib 128
+
+Capacity: every configuration starts an engine on SmolLM2-135M (float32 safetensors folder, see docs/vllm.md) with
+the same fixed KV budget (``kv_cache_memory_bytes``, ``--capacity-mib``) and max_model_len 4096; the figures are
+parsed from vLLM's own startup line ("CPU KV cache size: N tokens, Maximum concurrency for 4,096 tokens per request:
+Cx"), and tokens per GiB = N / budget. Rows: ``stock-fp32`` (model and KV float32), ``stock-bf16`` (``--dtype
+bfloat16``: vLLM's KV in bf16), ``vllm-fp8`` (float32 model, ``--kv-cache-dtype fp8``), and ``kvslim-<fmt>`` (float32
+model, KV in kvslim format ``fmt``; ``fmt@bfloat16``: the model in bf16).
+
+Throughput (``--requests N``): at the budget ``--budget-mib``, N requests of ``--prompt`` random-token prompts, each
+generating ``--gen`` tokens (ignore_eos, greedy), submitted at once. Reported per row: vLLM's maximum concurrency for
+``prompt + gen`` tokens per request (kv tokens / (prompt + gen)), the requests actually running at once (the most
+[scheduled, last token] intervals of vLLM's per-request stats that overlap), preemptions, the end-to-end seconds
+and generated tokens per second from the first request's first token to the last request's last token (decode
+time, prefills of later requests interleaved in it). One engine thread per row (``OMP_NUM_THREADS=1``).
+Prints a table and one JSON line; writes ``results/vllm_capacity.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LINE = re.compile(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x")
+
+
+def rows(formats: list[str], stock: bool = True) -> list[tuple[str, dict]]:
+    out = [("stock-fp32", {"dtype": "float32"}), ("stock-bf16", {"dtype": "bfloat16"}),
+           ("vllm-fp8", {"dtype": "float32", "kv_cache_dtype": "fp8"})] if stock else []
+    for f in formats:  # "tq4" (float32 model) or "tq4@bfloat16" (the model in bf16, KV in tq4)
+        fmt, _, dtype = f.partition("@")
+        out.append((f"kvslim-{f}", {"dtype": dtype or "float32", "format": fmt}))
+    return out
+
+
+def run(spec: dict, name: str, work: Path) -> tuple[dict, str]:
+    spec_file, out_file = work / f"{name}.json", work / f"{name}.out.json"
+    spec_file.write_text(json.dumps(spec))
+    env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="nobind", TOKENIZERS_PARALLELISM="false")
+    env.pop("KVSLIM_VLLM_FORMAT", None)
+    r = subprocess.run([sys.executable, "-m", "kvslim.vllm.run", str(spec_file), str(out_file)], env=env,
+                       capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        raise SystemExit(f"{name}: engine failed\n{r.stderr[-3000:]}")
+    return json.loads(out_file.read_text()), r.stdout + r.stderr
+
+
+def capacity(model: str, budget: int, formats: list[str], work: Path) -> list[dict]:
+    found = []
+    for name, kw in rows(formats):
+        res, log = run({"model": model, "kv_bytes": budget, "max_model_len": 4096, **kw}, name, work)
+        m = LINE.search(log)
+        if m is None:
+            raise SystemExit(f"{name}: no 'KV cache size' line in vLLM's log")
+        tokens = int(m.group(1).replace(",", ""))
+        found.append({"row": name, "kv_tokens": tokens, "tokens_per_gib": tokens / (budget / (1 << 30)),
+                      "max_concurrency_4096": float(m.group(3)), "startup_s": round(res["started_s"], 1)})
+        print(f"  {name}: {m.group(0)}", flush=True)
+    base = {r["row"]: r["kv_tokens"] for r in found}
+    for r in found:
+        r["x_fp32"] = r["kv_tokens"] / base["stock-fp32"]
+        r["x_vllm_fp8"] = r["kv_tokens"] / base["vllm-fp8"]
+    return found
+
+
+def running_at_once(stats: list[dict]) -> int:
+    events = []
+    for s in stats:
+        if s.get("scheduled_ts") and s.get("last_token_ts"):
+            events += [(s["scheduled_ts"], 1), (s["last_token_ts"], -1)]
+    best = cur = 0
+    for _, d in sorted(events, key=lambda e: (e[0], e[1])):
+        cur += d
+        best = max(best, cur)
+    return best
+
+
+def throughput(model: str, budget: int, formats: list[str], n: int, prompt: int, gen: int, work: Path,
+               stock: bool = True) -> list[dict]:
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, 49000) for _ in range(prompt)] for _ in range(n)]
+    found = []
+    for name, kw in rows(formats, stock):
+        spec = {"model": model, "kv_bytes": budget, "max_model_len": prompt + gen, "max_num_seqs": n,
+                "max_num_batched_tokens": 512, "prompt_token_ids": prompts, "max_tokens": gen, "ignore_eos": True,
+                "prefix_caching": False, "stats": True, **kw}
+        res, log = run(spec, f"tp-{name}", work)
+        st = res["stats"][0]
+        firsts = [s["first_token_ts"] for s in st if s.get("first_token_ts")]
+        lasts = [s["last_token_ts"] for s in st if s.get("last_token_ts")]
+        generated = sum(len(t) for t in res["tokens"][0])
+        span = max(lasts) - min(firsts)
+        row = {"row": name, "kv_tokens": res["kv_tokens"], "max_concurrency": res["kv_tokens"] / (prompt + gen),
+               "running_at_once": running_at_once(st), "preemptions": sum(s.get("num_preemptions") or 0 for s in st),
+               "e2e_s": res["seconds"][0], "gen_tok_s": (generated - len(st)) / span if span > 0 else None}
+        found.append(row)
+        print(f"  {name}: {json.dumps(row)}", flush=True)
+    return found
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="safetensors folder (default: kvslim's SmolLM2-135M folder)")
+    ap.add_argument("--formats", default="bf16,fp8,int8,tq4,tq3.5,tq3,tq2.5", help="kvslim formats, comma-separated")
+    ap.add_argument("--capacity-mib", type=int, default=256, help="KV budget of the capacity rows (MiB)")
+    ap.add_argument("--requests", type=int, default=0, help="throughput rows: requests submitted at once (0: skip)")
+    ap.add_argument("--prompt", type=int, default=2048)
+    ap.add_argument("--gen", type=int, default=256)
+    ap.add_argument("--budget-mib", type=int, default=128, help="KV budget of the throughput rows (MiB)")
+    ap.add_argument("--throughput-formats", default="tq4,tq3", help="kvslim formats of the throughput rows")
+    ap.add_argument("--no-capacity", action="store_true", help="only the throughput rows")
+    ap.add_argument("--no-stock", action="store_true", help="throughput rows of the kvslim formats only")
+    ap.add_argument("--out", default=str(ROOT / "results" / "vllm_capacity.json"))
+    a = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    from kvslim.vllm.run import find_model_folder
+
+    model = a.model or str(find_model_folder() or "")
+    if not model:
+        raise SystemExit("no SmolLM2 folder: run `.venv/bin/python -m kvslim.vllm.run --model-folder` once")
+    formats = [f.strip() for f in a.formats.split(",") if f.strip()]
+    result: dict = {"model": model, "capacity_budget_bytes": a.capacity_mib << 20}
+    with tempfile.TemporaryDirectory(prefix="kvslim-vllm-bench-") as tmp:
+        if not a.no_capacity:
+            print(f"capacity at {a.capacity_mib} MiB of KV, max_model_len 4096:", flush=True)
+            cap = capacity(model, a.capacity_mib << 20, formats, Path(tmp))
+            result["capacity"] = cap
+            print("\n| row | KV tokens | tokens per GiB | x stock fp32 | x vLLM fp8 | max concurrency @4096 |")
+            print("|---|---:|---:|---:|---:|---:|")
+            for r in cap:
+                print(f"| {r['row']} | {r['kv_tokens']:,} | {r['tokens_per_gib']:,.0f} | {r['x_fp32']:.2f} | "
+                      f"{r['x_vllm_fp8']:.2f} | {r['max_concurrency_4096']:.2f} |")
+        if a.requests:
+            tf = [f.strip() for f in a.throughput_formats.split(",") if f.strip()]
+            print(f"\nthroughput at {a.budget_mib} MiB: {a.requests} requests x {a.prompt} prompt + {a.gen} "
+                  "generated tokens:", flush=True)
+            tp = throughput(model, a.budget_mib << 20, tf, a.requests, a.prompt, a.gen, Path(tmp), not a.no_stock)
+            result["throughput"] = {"budget_bytes": a.budget_mib << 20, "requests": a.requests,
+                                    "prompt": a.prompt, "gen": a.gen, "rows": tp}
+            print("\n| row | KV tokens | max concurrency | running at once | preemptions | end-to-end s | "
+                  "generated tok/s |")
+            print("|---|---:|---:|---:|---:|---:|---:|")
+            for r in tp:
+                g = f"{r['gen_tok_s']:.1f}" if r["gen_tok_s"] else "-"
+                print(f"| {r['row']} | {r['kv_tokens']:,} | {r['max_concurrency']:.2f} | {r['running_at_once']} | "
+                      f"{r['preemptions']} | {r['e2e_s']:.1f} | {g} |")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -152,7 +152,7 @@ def test_forking_other_caches_deep_copies(models):
 
 @pytest.mark.parametrize("recipe", ["full", LOSSLESS_RECALL, LOSSY_RECALL])
 def test_generate_continues_forks_of_a_prefilled_context(recipe):
-    from kvslim.eval.tiny import tiny_pair
+    from kvslim.eval.harness.tiny import tiny_pair
 
     model, tok = tiny_pair("tiny-llama")
     doc = "The pass key is 48213. " + "The grass is green. " * 12

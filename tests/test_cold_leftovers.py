@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kvslim.cache.cold import ColdTier, remove_stale
+from kvslim.cache.methods.recall.cold import ColdTier, remove_stale
 
 
 @pytest.fixture
@@ -29,8 +29,8 @@ def _cold_folders(base: Path) -> list[str]:
 
 
 def test_each_niah_cell_removes_its_cold_folder_when_it_ends(tmpdir_only, tmp_path_factory):
-    from kvslim.eval.runner import Grid, run_grid
-    from kvslim.eval.tiny import tiny_pair
+    from kvslim.eval.harness.runner import Grid, run_grid
+    from kvslim.eval.harness.tiny import tiny_pair
 
     seen: list[list[str]] = []
     grid = Grid(task="passkey", model="tiny-llama", recipes=["recall:m=4,k=2,w=16,sinks=2,store=disk"],
@@ -44,7 +44,7 @@ def test_each_niah_cell_removes_its_cold_folder_when_it_ends(tmpdir_only, tmp_pa
 
 
 def test_folders_of_a_killed_process_are_removed_by_the_next(tmpdir_only):
-    code = ("import time; from kvslim.cache.cold import ColdTier; t = ColdTier('disk'); "
+    code = ("import time; from kvslim.cache.methods.recall.cold import ColdTier; t = ColdTier('disk'); "
             "s = t.stream('layer0.k', None, None, 'cpu'); print(t.folder, flush=True); time.sleep(120)")  # fmt: skip
     env = {**os.environ, "TMPDIR": str(tmpdir_only)}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
@@ -59,7 +59,7 @@ def test_folders_of_a_killed_process_are_removed_by_the_next(tmpdir_only):
     assert folder.is_dir()
     older = tmpdir_only / "kvslim-cold-abcd1234"  # an older kvslim's name (no pid): left alone
     older.mkdir()
-    subprocess.run([sys.executable, "-c", "from kvslim.cache.cold import ColdTier; ColdTier('disk').close()"],
+    subprocess.run([sys.executable, "-c", "from kvslim.cache.methods.recall.cold import ColdTier; ColdTier('disk').close()"],
                    env=env, check=True)  # fmt: skip
     assert not folder.exists() and older.is_dir()
     assert _cold_folders(tmpdir_only) == ["kvslim-cold-abcd1234"]

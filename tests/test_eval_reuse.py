@@ -11,12 +11,12 @@ import torch
 from typer.testing import CliRunner
 
 from kvslim.cache import make_cache
-from kvslim.eval import reuse
-from kvslim.eval.base import TASKS, get_task
-from kvslim.eval.long_copy import copy_score, score_copy, words_of
-from kvslim.eval.long_list import score_list
-from kvslim.eval.runner import Grid, run_grid
-from kvslim.eval.tiny import tiny_pair, tiny_tokenizer
+from kvslim.eval.harness.runner import Grid, run_grid
+from kvslim.eval.harness.tiny import tiny_pair, tiny_tokenizer
+from kvslim.eval.tasks import reuse
+from kvslim.eval.tasks.base import TASKS, get_task
+from kvslim.eval.tasks.long_copy import copy_score, score_copy, words_of
+from kvslim.eval.tasks.long_list import score_list
 
 REUSE = ["multi-turn", "multi-request", "long-list", "long-copy"]
 SMALL = {"multi-turn": {"k": 3}, "multi-request": {"k": 3}, "long-list": {"k": 3}, "long-copy": {"words": 12}}
@@ -165,8 +165,8 @@ def test_fork_free_full_cache_agrees_agnostic_and_aware(pair):
 
 @pytest.mark.parametrize("name", REUSE)
 def test_one_grid_cell_end_to_end(tmp_path, pair, name):
-    from kvslim.eval.report import summarize
-    from kvslim.eval.stats import wilson
+    from kvslim.eval.reports.report import summarize
+    from kvslim.eval.reports.stats import wilson
 
     res = run_grid(Grid(task=name, model="tiny-llama", recipes=[RECALL], lengths=[700], depths=[0.5], seeds=[0],
                         options=SMALL[name]), tmp_path, pair=pair, progress=False)  # fmt: skip
@@ -208,7 +208,7 @@ def test_bad_options_are_refused():
 
 
 def test_the_reuse_suite_runs_every_task_with_shared_options():
-    from kvslim.eval.suite import SUITES, suite_grids
+    from kvslim.eval.harness.suite import SUITES, suite_grids
 
     assert SUITES["reuse"] == tuple(REUSE)
     grids = suite_grids("reuse", model="tiny-llama", recipes=["full"], lengths=[700], depths=[0.25, 0.75], seeds=[0],

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from kvslim.cli import app
 from kvslim.errors import InvalidInput
 from kvslim.hf_config import MAX_LAYERS
-from kvslim.spec_hf import spec_from_config
+from kvslim.plan.spec_hf import spec_from_config
 
 BASE = dict(model_type="llama", num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, vocab_size=128, intermediate_size=128, max_position_embeddings=2048)  # fmt: skip

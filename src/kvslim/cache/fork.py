@@ -14,7 +14,7 @@ What is copied and what is shared
   streams as read-only parts (rows ``0 .. n``) followed by a fresh stream of its own (in a new cold tier of that
   cache), where its later rows go. Nothing needs copy-on-write because nothing writes a frozen row:
 
-  - a :class:`~kvslim.cache.cold.ColdStream` changes its rows only through ``append`` (after the rows it holds),
+  - a :class:`~kvslim.cache.methods.recall.cold.ColdStream` changes its rows only through ``append`` (after the rows it holds),
     ``select_batch`` and ``close``; after the fork no cache holds a frozen stream as its own (the parent's layers are
     rewired to a wrapper too), and a wrapper calls none of the three on a part: ``append`` goes to its own stream,
     ``select_batch`` (batch reordering, e.g. beam search) first copies every row into a private stream, and
@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from .cold import ColdStream, ColdTier
+from .methods.recall.cold import ColdStream, ColdTier
 
 __all__ = ["SharedColdStream", "fork_cache", "family_nbytes", "cold_streams", "release_shared"]
 
@@ -55,7 +55,7 @@ class SharedColdStream:
     rows ``0 .. rows`` of ``stream``, counted in this cache's bytes when ``counted``), then the rows of ``own``.
 
     It offers what :class:`~kvslim.cache.methods.recall.RecallLayer` uses of a
-    :class:`~kvslim.cache.cold.ColdStream`: ``append``, ``fetch``, ``read``, ``select_batch``, ``nbytes``,
+    :class:`~kvslim.cache.methods.recall.cold.ColdStream`: ``append``, ``fetch``, ``read``, ``select_batch``, ``nbytes``,
     ``fetched_bytes`` / ``read_bytes`` counters, ``n`` and ``close``. Row indices are global (part after part).
     """
 

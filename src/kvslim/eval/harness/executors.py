@@ -71,7 +71,7 @@ def closing_caches(make: Callable[[Any], Any], model: Any) -> Iterator[Callable[
 
 
 def run_cell(job: Job, task: Any, model: Any, tokenizer: Any, cell: Any, prompt: Prompt) -> dict[str, Any]:
-    """Run one cell and return its record (see :mod:`kvslim.eval.store` for the fields); its caches are closed
+    """Run one cell and return its record (see :mod:`kvslim.eval.harness.store` for the fields); its caches are closed
     when it ends."""
     chunk = job.chunk_for(cell.recipe)
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Long output, copying: repeat a passage of the context word for word, an answer longer than the exact window.
 
 A passage of ``words`` random dictionary words (sentences of 6-10 words; the dictionary is
-:func:`kvslim.eval.values.vocabulary`, so nothing is downloaded and no model knows it by heart) sits at the grid's
+:func:`kvslim.eval.tasks.values.vocabulary`, so nothing is downloaded and no model knows it by heart) sits at the grid's
 depth in Python's documentation between two markers; the question asks to copy it, and the answer is primed with
 the opening marker (so even a small model starts copying rather than restating the question). The answer (about 1.5-2.5 tokens
 per word: well over a 128-token window for the default 100 words) needs a moving part of the passage at every
@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InvalidInput
+from ...errors import InvalidInput
 from .base import Task, run_retrieval, task_rng
 from .haystack import encode, pydoc_sentences
 from .prompt import Prompt, assemble

@@ -1,7 +1,7 @@
 """Multi-turn retrieval: several questions about different needles of one haystack, in one conversation.
 
 ``k`` keyed needles ("One of the special magic numbers for <key> is: <value>.", RULER's wording) sit in Python's
-documentation, the first at the grid's depth and the others at random depths (:func:`kvslim.eval.reuse.keyed_prompt`).
+documentation, the first at the grid's depth and the others at random depths (:func:`kvslim.eval.tasks.reuse.keyed_prompt`).
 Turn 0 asks for the needle at ``depth``; each answer is decoded into the cache (greedy) and the next question is
 appended after it as a new user turn, so the cache is reused across turns as a chat server reuses it (SCBench's
 multi-turn mode). Scored per turn: a turn is answered when its value is in its greedy answer; the cell's ``score``

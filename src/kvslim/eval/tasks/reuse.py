@@ -27,9 +27,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..errors import InvalidInput
-from .base import score_answer
-from .engine import Prefilled, close_cache, eos_ids, greedy, prefill, prefill_chunks, teacher_logprob
+from ...errors import InvalidInput
+from ..harness.engine import (
+    Prefilled,
+    close_cache,
+    eos_ids,
+    greedy,
+    prefill,
+    prefill_chunks,
+    score_answer,
+    teacher_logprob,
+)
 from .haystack import encode, pydoc_sentences
 from .needles import PHRASINGS, count_in, haystack_text, needle_depths
 from .prompt import Prompt, assemble, frame_for
@@ -132,7 +140,7 @@ def _feed(model: Any, cache: Any, ids: list[int]) -> Any:
     """Append ``ids`` to ``cache`` (in calls of at most the prefill chunk); the logits after the last one."""
     import torch
 
-    from .engine import _forward
+    from ..harness.engine import _forward
 
     with torch.inference_mode():
         for a, b in prefill_chunks(0, len(ids)):
@@ -181,7 +189,7 @@ def run_conversation(model: Any, tokenizer: Any, prompt: Prompt, make_cache: Cal
             pre.last_logits = _feed(model, pre.cache, pending + turn.ids)
         res, pending = _answer(model, tokenizer, pre, turn, stop)
         results.append(res)
-    from ..memory import cache_nbytes
+    from ...memory import cache_nbytes
 
     return {**_cell(results, kv_bytes, pre), "kv_bytes_last": cache_nbytes(pre.cache),
             **({"shared_prefill": True} if pre.shared else {})}  # fmt: skip
@@ -193,8 +201,8 @@ def run_requests(model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callabl
     asked one question; else each question in a fresh cache prefilled with context + question in one call.
     ``kv_bytes``: request 0's hot tier after its question; ``requests_hot_bytes`` / ``requests_cold_bytes``: every
     request's cache together after its answer (a shared cold row counted once: :func:`kvslim.cache.fork.family_nbytes`)."""
-    from ..cache.fork import family_nbytes, fork_cache
-    from ..memory import cache_nbytes, cache_tiers
+    from ...cache.fork import family_nbytes, fork_cache
+    from ...memory import cache_nbytes, cache_tiers
 
     turns: list[Turn] = prompt.meta["turns"]
     stop = eos_ids(tokenizer, model)

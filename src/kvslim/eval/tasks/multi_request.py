@@ -1,6 +1,6 @@
 """Multi-request retrieval: one context prefilled once without a question, forked, each fork asked another question.
 
-The prompt is the multi-turn task's haystack (``k`` keyed needles, :func:`kvslim.eval.reuse.keyed_prompt`), but each
+The prompt is the multi-turn task's haystack (``k`` keyed needles, :func:`kvslim.eval.tasks.reuse.keyed_prompt`), but each
 question follows the context directly, as a separate request sharing the prefix (SCBench's multi-request mode, what
 a server with prefix caching does). With ``agnostic`` (the default) the context is prefilled once alone, so a
 compressing cache compresses it without any question, and each request continues a fork of that cache

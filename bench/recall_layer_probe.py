@@ -34,7 +34,7 @@ def main() -> None:
     from kvslim.cache import make_cache
     from kvslim.cache.methods.recall.recall import RecallLayer, RecallParams
     from kvslim.errors import InvalidInput
-    from kvslim.eval.harness.engine import chunked_prefill, eos_ids, greedy, prefill
+    from kvslim.eval.harness.engine import PrefillPlan, eos_ids, greedy, prefill
     from kvslim.eval.harness.loading import load_pair
     from kvslim.eval.tasks.base import get_task
 
@@ -69,8 +69,7 @@ def main() -> None:
             if not hit:
                 raise SystemExit(f"error: layer {layer} is not tiered; tiered: {[x.ctx.index for x in tiered]}")
             hit[0].spec = dataclasses.replace(hit[0].spec, p=dataclasses.replace(hit[0].spec.p, **kw))
-        with chunked_prefill(args.chunk) if args.chunk else torch.inference_mode():
-            pre = prefill(model, p.ids, cache)
+        pre = prefill(model, p.ids, cache, plan=PrefillPlan(chunk=args.chunk))
         out = greedy(model, pre, p.max_new_tokens, eos_ids(tok, model))
         print(f"{text}: {tok.decode(out, skip_special_tokens=True)[:24]!r}")
         asked = [(pos, ids) for pos, ids in zip(p.needle_positions, p.needle_ids, strict=True)

@@ -56,9 +56,9 @@ def test_agnostic_task_option_reaches_the_prefill(pair):
                 calls.append(key_states.shape[2])
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
-    res = task.run(model, tok, p, lambda: Spy(config=model.config), "full")
+    res = task.run(model, tok, p, lambda: Spy(config=model.config))
     assert calls[:2] == [p.question_start, 400 - p.question_start]
-    aware = get_task("passkey").run(model, tok, p, lambda: DynamicCache(config=model.config), "full")
+    aware = get_task("passkey").run(model, tok, p, lambda: DynamicCache(config=model.config))
     assert res["answer"] == aware["answer"]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvslim.errors import InvalidInput
-from kvslim.eval.harness.engine import chunked_prefill, prefill, prefill_chunks
+from kvslim.eval.harness.engine import PrefillPlan, prefill, prefill_chunks
 from kvslim.eval.harness.runner import Grid, run_grid
 from kvslim.eval.harness.store import ResultStore
 from kvslim.eval.harness.tiny import tiny_pair
@@ -17,10 +17,9 @@ def records(out):
 
 def test_prefill_chunks_cover_the_range_once():
     assert prefill_chunks(0, 10) == [(0, 10)]  # unset: one call
-    with chunked_prefill(4):
-        assert prefill_chunks(0, 10) == [(0, 4), (4, 8), (8, 10)]
-        assert prefill_chunks(3, 7) == [(3, 7)]
-        assert prefill_chunks(5, 5 + 12) == [(5, 9), (9, 13), (13, 17)]
+    assert prefill_chunks(0, 10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert prefill_chunks(3, 7, 4) == [(3, 7)]
+    assert PrefillPlan(chunk=4).calls(5, 5 + 12) == [(5, 9), (9, 13), (13, 17)]
     assert prefill_chunks(0, 10) == [(0, 10)]  # reset after the block
 
 
@@ -35,8 +34,7 @@ def test_prefill_calls_the_model_per_chunk():
         one = prefill(model, ids, DynamicCache(config=model.config))
         assert calls == [100]
         calls.clear()
-        with chunked_prefill(32):
-            many = prefill(model, ids, DynamicCache(config=model.config), split=70)
+        many = prefill(model, ids, DynamicCache(config=model.config), split=70, plan=PrefillPlan(chunk=32))
         assert calls == [32, 32, 6, 30]  # the context in chunks, then the question: no chunk crosses the split
         assert many.n_tokens == one.n_tokens == 100
         assert (many.last_logits - one.last_logits).abs().max() < 1e-4
@@ -110,14 +108,11 @@ def test_chunk_where_invariant_chunks_only_those_recipes(tmp_path):
 
 def test_no_prefill_call_holds_a_lone_last_token():
     # issue 25, 3.5: a chunk size leaving a one-token last call gave recall's dense prefill a decode step
-    with chunked_prefill(4):
-        assert prefill_chunks(0, 9) == [(0, 4), (4, 9)]  # the lone 9th token joins the call before it
-        assert prefill_chunks(0, 5) == [(0, 5)]
-        assert prefill_chunks(3, 8) == [(3, 8)]
-    with chunked_prefill(799):
-        assert prefill_chunks(0, 800) == [(0, 800)]
-    with chunked_prefill(1):  # every call one token: nothing to merge (refused for recipes that mind, below)
-        assert prefill_chunks(0, 3) == [(0, 1), (1, 2), (2, 3)]
+    assert prefill_chunks(0, 9, 4) == [(0, 4), (4, 9)]  # the lone 9th token joins the call before it
+    assert prefill_chunks(0, 5, 4) == [(0, 5)]
+    assert prefill_chunks(3, 8, 4) == [(3, 8)]
+    assert prefill_chunks(0, 800, 799) == [(0, 800)]
+    assert prefill_chunks(0, 3, 1) == [(0, 1), (1, 2), (2, 3)]  # every call one token: nothing to merge (refused for recipes that mind, below)
 
 
 RECALL_DENSE = "recall:m=4,k=2,w=16,sinks=2+fp8"
@@ -155,3 +150,18 @@ def test_one_token_chunks_refused_for_recall_dense_only(tmp_path):
     run_grid(g, tmp_path / "mixed", pair=pair, progress=False, prefill_chunk=1, chunk_where_invariant=True)
     recs = {r["recipe"]: r for r in ResultStore(tmp_path / "mixed").records()}
     assert recs["full"]["prefill_chunk"] == 1 and "prefill_chunk" not in recs["recall:k=2,m=4,sinks=2,w=16+fp8"]
+
+
+def test_the_plan_is_decided_per_recipe_and_travels_in_signatures():
+    from pathlib import Path
+
+    import kvslim.eval
+    from kvslim.eval.harness.caches import prefill_plan
+
+    assert prefill_plan("window:w=64", None, 64, where_invariant=True).chunk == 64
+    assert prefill_plan("snapkv:keep=0.5", None, 64, where_invariant=True).chunk == 0  # one call instead
+    assert prefill_plan(RECALL_DENSE, None, 1, where_invariant=True).chunk == 0
+    assert prefill_plan("window:w=64", None, 64).chunk == 64
+    # no ambient channel: the harness, the tasks and the reports set or read no ContextVar
+    root = Path(kvslim.eval.__file__).parent
+    assert not [p for p in root.rglob("*.py") if "ContextVar" in p.read_text()]

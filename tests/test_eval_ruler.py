@@ -179,7 +179,7 @@ def test_a_cell_scores_recall_beside_success_and_logprob(task):
     model, tok = tiny_pair("tiny-llama")
     t = get_task(task)
     p = t.build(tok, 1500, 0.5, 0)
-    res = t.run(model, tok, p, lambda: cache_factory("full")(model), "full")
+    res = t.run(model, tok, p, lambda: cache_factory("full")(model))
     assert res["score"] == res["retrieved"] == score_answer(res["answer"], p.answers)[1]
     assert res["success"] is (res["retrieved"] == 1.0) and res["logprob"] < 0
 

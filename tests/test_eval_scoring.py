@@ -67,7 +67,7 @@ def test_retrieval_task_scores_a_cell(pair):
     model, tok = pair
     task = get_task("passkey")
     p = task.build(tok, 400, 0.5, 0)
-    res = task.run(model, tok, p, lambda: full(model), "full")
+    res = task.run(model, tok, p, lambda: full(model))
     assert set(res) >= {"success", "score", "answer", "kv_bytes", "logprob", "retrieved"}
     assert res["score"] < 0 and res["success"] is (p.answers[0] in res["answer"])
 
@@ -76,9 +76,9 @@ def test_fidelity_is_zero_for_full_and_positive_for_a_lossy_cache(pair):
     model, tok = pair
     task = get_task("fidelity", eval_tokens=16)
     p = task.build(tok, 300, 0.0, 0)
-    ref = task.run(model, tok, p, lambda: full(model), "full")
+    ref = task.run(model, tok, p, lambda: full(model))
     assert ref["score"] == pytest.approx(0.0, abs=1e-6) and ref["ppl"] == pytest.approx(ref["ppl_full"])
-    lossy = task.run(model, tok, p, lambda: window_double(32)(model), "window")
+    lossy = task.run(model, tok, p, lambda: window_double(32)(model))
     assert lossy["score"] > 1e-4 and lossy["kv_bytes"] < ref["kv_bytes"]
     assert lossy["ppl_full"] == pytest.approx(ref["ppl_full"])
 
@@ -97,6 +97,6 @@ def test_multi_needle_score_is_the_fraction_retrieved(pair):
     model, tok = pair
     task = get_task("multi-needle", k=2)
     p = task.build(tok, 600, 0.2, 0)
-    res = task.run(model, tok, p, lambda: full(model), "full")
+    res = task.run(model, tok, p, lambda: full(model))
     assert res["score"] == res["retrieved"] == score_answer(res["answer"], p.answers)[1]
     assert res["logprob"] < 0 and p.max_new_tokens == 24

@@ -8,9 +8,9 @@ import torch
 
 from kvslim import make_cache
 from kvslim.cache.methods.evict.layer import EvictLayer
-from kvslim.cache.recipe import full_prefill
+from kvslim.cache.recipe import shares_context_prefill
 from kvslim.cache.tap import TAP
-from kvslim.eval.harness.engine import greedy, prefill, teacher_logprob
+from kvslim.eval.harness.engine import PrefillPlan, greedy, prefill, teacher_logprob
 from kvslim.eval.harness.runner import Grid, run_grid
 from kvslim.eval.harness.share import shared_prefill
 from kvslim.eval.harness.store import ResultStore
@@ -50,8 +50,8 @@ def _stored(cache):
     return out
 
 
-def _run(model, p, recipe):
-    pre = prefill(model, p.ids, make_cache(model, recipe), split=p.question_start)
+def _run(model, p, recipe, sh=None):
+    pre = prefill(model, p.ids, make_cache(model, recipe), split=p.question_start, plan=PrefillPlan(shared=sh))
     stored = _stored(pre.cache)
     lp = teacher_logprob(model, pre, p.answer_ids)
     return pre, stored, lp, greedy(model, pre, 8, set())
@@ -67,15 +67,15 @@ def _same(a, b):
 
 
 def test_which_recipes_share():
-    assert all(full_prefill(r) for r in EVICT)
-    assert not any(full_prefill(r) for r in ["full", *OTHER])
+    assert all(shares_context_prefill(r) for r in EVICT)
+    assert not any(shares_context_prefill(r) for r in ["full", *OTHER])
 
 
 def test_replayed_caches_equal_a_forward_pass_bit_for_bit(setup):
     arch, model, _tok, p = setup
     ref = {r: _run(model, p, r) for r in EVICT + OTHER}
     with shared_prefill() as sh:
-        got = {r: _run(model, p, r) for r in EVICT + OTHER}
+        got = {r: _run(model, p, r, sh) for r in EVICT + OTHER}
     for r in EVICT + OTHER:
         _same(ref[r], got[r])
     shared = {r for r in EVICT + OTHER if got[r][0].shared}
@@ -97,7 +97,7 @@ def test_a_replay_whose_output_differs_falls_back(setup):
     ref = _run(model, p, "tova:keep=0.25")
     ref_h2o = _run(model, p, "h2o:keep=0.5") if arch == "tiny-gemma3" else None
     with shared_prefill() as sh:
-        _run(model, p, "snapkv:keep=0.5")  # recorded
+        _run(model, p, "snapkv:keep=0.5", sh)  # recorded
         layers = sh.recording.cache.layers
         # an eviction layer's plain first call is absorbed (its output is sdpa of the recorded inputs, not read);
         # any other layer (Gemma 3's local windows) attends again and is compared
@@ -107,11 +107,11 @@ def test_a_replay_whose_output_differs_falls_back(setup):
             return
         with torch.inference_mode():
             local[-1][-1].view(-1)[0] += 1e-3  # the last local layer's recorded output is no longer a forward's
-        got = _run(model, p, "tova:keep=0.25")
+        got = _run(model, p, "tova:keep=0.25", sh)
         assert not got[0].shared and sh.replayed == 0
         _same(ref, got)  # ran through the model, on an untouched copy of the cache
         assert len(sh.failed) == 1 and str(sh.recording.cache.recipe) == "tova:keep=0.25"  # its forward, recorded
-        again = _run(model, p, "h2o:keep=0.5")
+        again = _run(model, p, "h2o:keep=0.5", sh)
         assert again[0].shared and sh.replayed == 1  # fed from tova's recording, not the tampered one
         _same(ref_h2o, again)
     assert TAP.get() is None
@@ -120,7 +120,7 @@ def test_a_replay_whose_output_differs_falls_back(setup):
 def test_absorb_takes_a_plain_first_call_only(setup):
     _arch, model, _tok, p = setup
     with shared_prefill() as sh:
-        _run(model, p, "snapkv:keep=0.5")
+        _run(model, p, "snapkv:keep=0.5", sh)
         ev = next(e for e in sh.recording.events if e[0] == "attend" and isinstance(
             sh.recording.cache.layers[e[1]], EvictLayer))
         layer = sh.recording.cache.layers[ev[1]]  # filled: no longer a first call
@@ -136,12 +136,13 @@ def test_another_context_or_question_aware_prefill_is_not_shared(setup):
     _arch, model, tok, p = setup
     other = get_task("passkey").build(tok, 600, 0.25, 0)
     with shared_prefill() as sh:
-        _run(model, p, "snapkv:keep=0.5")
-        pre = prefill(model, other.ids, make_cache(model, "tova:keep=0.5"), split=other.question_start)
+        _run(model, p, "snapkv:keep=0.5", sh)
+        plan = PrefillPlan(shared=sh)
+        pre = prefill(model, other.ids, make_cache(model, "tova:keep=0.5"), split=other.question_start, plan=plan)
         assert not pre.shared  # a new context: recorded, not replayed
-        pre = prefill(model, other.ids, make_cache(model, "h2o:keep=0.5"))
+        pre = prefill(model, other.ids, make_cache(model, "h2o:keep=0.5"), plan=plan)
         assert not pre.shared  # the whole prompt in one call (question-aware)
-        pre = prefill(model, other.ids, make_cache(model, "knorm:keep=0.5"), split=other.question_start)
+        pre = prefill(model, other.ids, make_cache(model, "knorm:keep=0.5"), split=other.question_start, plan=plan)
         assert pre.shared
         assert sh.replayed == 1
 
@@ -187,3 +188,21 @@ def test_grid_records_are_the_same_shared_or_not(tmp_path):
         a, b = dict(a), b
         a.pop("seconds"), b.pop("seconds")
         assert a == b, k
+
+
+def test_the_plan_gives_the_pool_to_recipes_that_declare_the_capability():
+    from transformers import DynamicCache
+
+    from kvslim.cache.base import BaseLayer
+    from kvslim.eval.harness.caches import prefill_plan
+    from kvslim.eval.harness.share import Shared
+
+    assert EvictLayer.shares_context_prefill and not BaseLayer.shares_context_prefill
+    model, _ = tiny_pair("tiny-llama")
+    pool = Shared()
+    for r in EVICT:
+        assert prefill_plan(r, make_cache(model, r), shared=pool).shared is pool
+    for r in OTHER:
+        assert prefill_plan(r, make_cache(model, r), shared=pool).shared is None
+    assert prefill_plan("full", DynamicCache(config=model.config), shared=pool).shared is None
+    assert prefill_plan(EVICT[0], make_cache(model, EVICT[0])).shared is None  # no pool: nothing shared

@@ -98,7 +98,10 @@ class BaseLayer(CacheLayerMixin):
     ``from_codes`` (an instance may set it False to attend over decoded vectors at every step: the reference the
     from-codes path is tested against), ``wants_probs`` (attention probabilities go to :meth:`observe`), ``m`` /
     ``overlap`` (tokens per unit leaving the window and
-    extra earlier tokens a unit keeps, see the column rule).
+    extra earlier tokens a unit keeps, see the column rule), ``shares_context_prefill`` (a fresh layer's first call
+    without padding or softcap outputs sdpa of the call's own inputs whatever its parameters, so it can take
+    another such layer's recorded output instead of recomputing it: the class then has ``plain_first_call(valid_new,
+    softcap)`` and ``absorb(query, positions, valid_new, scaling, softcap, out)``; :mod:`kvslim.eval.harness.share`).
     """
 
     is_compileable = False
@@ -106,6 +109,7 @@ class BaseLayer(CacheLayerMixin):
     supports_early_init = False
     needs_positions: ClassVar[bool] = False
     codes_tail: ClassVar[bool] = True
+    shares_context_prefill: ClassVar[bool] = False
     from_codes: bool = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -56,6 +56,12 @@ class KvslimCache(Cache):
             tap.on_update(self, layer_idx, key_states, value_states, args, kwargs)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    @property
+    def shares_context_prefill(self) -> bool:
+        """Whether this cache's context prefill may be replayed from another's recording (its method declares it:
+        :attr:`kvslim.cache.method.Method.shares_context_prefill`; :mod:`kvslim.eval.harness.share`)."""
+        return bool(self.recipe.method.shares_context_prefill)
+
     def nbytes(self) -> int:
         """Bytes held by every layer (packed K/V, side tensors, latent bases) plus each codec's constants once."""
         return sum(self.layer_nbytes())

@@ -113,9 +113,10 @@ class Method:
     sets under which the method is lossless below ``LOSSLESS_CONTEXT`` tokens), ``examples`` (small lossy settings
     for the tiny test models), ``chunk_invariant`` (one-shot == chunked == token-by-token prefill), ``exactness``
     (``"tokens"``: the lossless set is token-identical to ``DynamicCache``; ``"float"``: equal up to float rounding);
-    ``needs_rope`` (pools or projects pre-RoPE keys); ``full_prefill`` (a first forward call attends over every
-    new token at model precision whatever the parameters, and compresses only after it: two such recipes compute
-    the same prefill, which :mod:`kvslim.eval.harness.share` uses, checking every layer's output).
+    ``needs_rope`` (pools or projects pre-RoPE keys); ``shares_context_prefill`` (a first forward call attends over
+    every new token at model precision whatever the parameters, and compresses only after it: two such recipes
+    compute the same context prefill, so the harness records it once and replays it into the others
+    (:mod:`kvslim.eval.harness.share`, checking every layer's output); its layer class declares the same flag).
     """
 
     name: ClassVar[str] = ""
@@ -129,7 +130,7 @@ class Method:
     # the family package a method belongs to ("evict": the field's eviction baselines, "recall", "latent"; empty
     # for a stand-alone method): benchmarks and reports read it instead of keeping lists of method names
     family: ClassVar[str] = ""
-    full_prefill: ClassVar[bool] = False
+    shares_context_prefill: ClassVar[bool] = False
 
     def __init__(self, params: Params | None = None, codec: str = "none") -> None:
         self.params = params if params is not None else self.Params()

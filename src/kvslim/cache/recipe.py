@@ -240,11 +240,11 @@ def chunk_invariant(text: str | Recipe, chunk: int = 0) -> bool:
     return r.codec == "none" or REGISTRY[r.codec].chunk_invariant
 
 
-def full_prefill(text: str | Recipe) -> bool:
+def shares_context_prefill(text: str | Recipe) -> bool:
     """Whether a cache of this recipe attends over the whole first call at model precision and compresses only
-    after it (its method's ``full_prefill``: the eviction baselines), so that its prefill computes what any other
-    such recipe's computes (:mod:`kvslim.eval.harness.share`)."""
-    return bool(parse_recipe(text).method.full_prefill)
+    after it (its method declares ``shares_context_prefill``: the eviction baselines), so that its context prefill
+    computes what any other such recipe's computes and may be replayed from it (:mod:`kvslim.eval.harness.share`)."""
+    return bool(parse_recipe(text).method.shares_context_prefill)
 
 
 def canonical(text: str | Recipe) -> str:

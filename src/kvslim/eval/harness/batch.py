@@ -26,7 +26,7 @@ import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .engine import close_cache, eos_ids, prefill_chunks, score_answer
+from .engine import ONE_CALL, PrefillPlan, close_cache, eos_ids, score_answer
 
 if TYPE_CHECKING:
     from ..tasks.prompt import Prompt
@@ -46,8 +46,10 @@ def _forward(model: Any, rows: list[list[int]], cache: Any, keep: int) -> Any:
     return out.logits.float()  # [B, keep, V]
 
 
-def run_retrieval_batch(model: Any, tokenizer: Any, prompts: list[Prompt], make_cache: Callable[[], Any]) -> list[dict[str, Any]]:
-    """:func:`kvslim.eval.tasks.base.run_retrieval` for every prompt (all of one length), in batched passes."""
+def run_retrieval_batch(model: Any, tokenizer: Any, prompts: list[Prompt], make_cache: Callable[[], Any],
+                        plan: PrefillPlan = ONE_CALL) -> list[dict[str, Any]]:
+    """:func:`kvslim.eval.tasks.base.run_retrieval` for every prompt (all of one length), in batched passes; the
+    prefill in calls of ``plan.chunk`` tokens (a batch never shares a prefill: ``plan.shared`` is not read)."""
     import torch
 
     from ...memory import cache_tiers
@@ -57,7 +59,7 @@ def run_retrieval_batch(model: Any, tokenizer: Any, prompts: list[Prompt], make_
     b = len(prompts)
     cache = make_cache()
     with torch.inference_mode():
-        for a, z in prefill_chunks(0, len(prompts[0])):  # one call, or calls of --prefill-chunk tokens
+        for a, z in plan.calls(0, len(prompts[0])):  # one call, or calls of --prefill-chunk tokens
             last = _forward(model, [p.ids[a:z] for p in prompts], cache, keep=1)[:, -1]  # [B, V]
         kv_bytes = row_nbytes(cache, b)
         tiers = cache_tiers(cache)

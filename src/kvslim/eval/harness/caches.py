@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...errors import InvalidInput
+from .engine import PrefillPlan
 
-__all__ = ["FULL", "check_recipes", "cache_factory", "chunks_invariantly", "recipe_key", "run_recipe",
-           "stored_recipe_key"]
+if TYPE_CHECKING:
+    from .share import Shared
+
+__all__ = ["FULL", "check_recipes", "cache_factory", "chunks_invariantly", "prefill_plan", "recipe_key",
+           "run_recipe", "stored_recipe_key"]
 
 FULL = "full"
 CacheFactories = Mapping[str, Callable[[Any], Any]]
@@ -66,6 +70,22 @@ def chunks_invariantly(recipe: str, extra: CacheFactories | None = None, chunk: 
     if recipe == FULL:
         return True
     return not (extra and recipe in extra) and chunk_invariant(recipe, chunk)
+
+
+def prefill_plan(recipe: str, cache: Any, chunk: int = 0, where_invariant: bool = False,
+                 extra: CacheFactories | None = None, shared: Shared | None = None) -> PrefillPlan:
+    """``recipe``'s :class:`~kvslim.eval.harness.engine.PrefillPlan`, decided once per grid run from an empty
+    ``cache`` of it.
+
+    ``chunk`` tokens per prefill call (``--prefill-chunk``): given as asked (the runner refused the grid if the
+    recipe is not chunk-invariant), or, with ``where_invariant``, only to a recipe that is
+    (:func:`chunks_invariantly`), the others prefilling in one call. ``shared`` (a pool of recorded context
+    prefills): given only where the cache declares ``shares_context_prefill`` (its method's capability: the
+    eviction family)."""
+    if where_invariant and not chunks_invariantly(recipe, extra, chunk):
+        chunk = 0
+    share = shared if shared is not None and getattr(cache, "shares_context_prefill", False) else None
+    return PrefillPlan(int(chunk), share)
 
 
 def recipe_key(name: str, extra: CacheFactories | None = None) -> str:

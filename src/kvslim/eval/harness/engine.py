@@ -10,43 +10,54 @@ Shapes: ``ids`` is a list of ``T`` token ids (batch 1); logits are float32 ``[V]
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
-from contextvars import ContextVar
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["Prefilled", "prefill", "prefill_chunks", "chunked_prefill", "teacher_logprob", "greedy", "eos_ids",
-           "score_answer"]
+if TYPE_CHECKING:
+    from .share import Shared
 
-#: tokens per prefill call (0: the whole prompt, or each side of the question split, in one call); set for a run by
-#: :func:`chunked_prefill` (the harness's ``--prefill-chunk``)
-PREFILL_CHUNK: ContextVar[int] = ContextVar("kvslim_prefill_chunk", default=0)
+__all__ = ["PrefillPlan", "ONE_CALL", "Prefilled", "prefill", "prefill_chunks", "teacher_logprob", "greedy",
+           "eos_ids", "score_answer"]
 
 
-@contextlib.contextmanager
-def chunked_prefill(chunk: int) -> Iterator[None]:
-    """Within the block, :func:`prefill` (and the batched harness) feed prompts in calls of at most ``chunk`` tokens.
+@dataclass(frozen=True)
+class PrefillPlan:
+    """How one recipe's prompts are prefilled, decided once per recipe by the grid runner
+    (:func:`kvslim.eval.harness.caches.prefill_plan`) and passed down to :func:`prefill` through the executors and
+    the tasks' ``run``.
 
-    For the plain ``DynamicCache`` this changes nothing but float rounding, and on models with sliding-window layers
-    (Gemma 3) it is much cheaper: one call over T tokens scores every local layer's T x T block through a mask,
-    chunks of C score C x (window + C). An eviction cache, though, would see C-token calls and compress after each
-    one, so the harness allows it only for chunk-invariant recipes (:func:`kvslim.cache.recipe.chunk_invariant`).
+    ``chunk``: tokens per prefill call (0: the whole prompt, or each side of the question split, in one call); the
+    harness's ``--prefill-chunk``, given only to chunk-invariant recipes. For the plain ``DynamicCache`` it changes
+    nothing but float rounding, and on models with sliding-window layers (Gemma 3) it is much cheaper: one call over
+    T tokens scores every local layer's T x T block through a mask, chunks of C score C x (window + C). An eviction
+    cache, though, would see C-token calls and compress after each one, so the harness allows it only for
+    chunk-invariant recipes (:func:`kvslim.cache.recipe.chunk_invariant`).
+
+    ``shared``: the pool of recorded context prefills (:class:`kvslim.eval.harness.share.Shared`) this recipe's
+    question-agnostic context is replayed from or recorded into, given only to recipes whose cache declares it may
+    share one (``shares_context_prefill``); None: every prefill runs the model.
     """
-    token = PREFILL_CHUNK.set(int(chunk))
-    try:
-        yield
-    finally:
-        PREFILL_CHUNK.reset(token)
+
+    chunk: int = 0
+    shared: Shared | None = None
+
+    def calls(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """The prefill calls covering ``[start, stop)`` under this plan (:func:`prefill_chunks`)."""
+        return prefill_chunks(start, stop, self.chunk)
 
 
-def prefill_chunks(start: int, stop: int) -> list[tuple[int, int]]:
-    """``[(a, b), ...]`` covering ``[start, stop)`` in calls of at most the current chunk (one call if unset).
+#: the plan of a prefill nobody planned: one call per side of the question split, nothing shared
+ONE_CALL = PrefillPlan()
+
+
+def prefill_chunks(start: int, stop: int, chunk: int = 0) -> list[tuple[int, int]]:
+    """``[(a, b), ...]`` covering ``[start, stop)`` in calls of at most ``chunk`` tokens (one call if 0).
 
     No call is left holding a single token where the range has more: a one-token remainder joins the call before it
     (that call then holds chunk + 1 tokens). A one-token forward is a decode step for some caches (recall's dense
     prefill selects blocks in it), so a lone last token would compute something else than one call does."""
-    n = PREFILL_CHUNK.get()
+    n = int(chunk)
     if n <= 0 or stop - start <= n:
         return [(start, stop)]
     out = [(a, min(a + n, stop)) for a in range(start, stop, n)]
@@ -88,28 +99,28 @@ def _forward(model: Any, ids: list[int], cache: Any, keep: int = 1) -> Any:
     return out.logits[0].float()  # [keep, V]
 
 
-def prefill(model: Any, ids: list[int], cache: Any, split: int = 0) -> Prefilled:
+def prefill(model: Any, ids: list[int], cache: Any, split: int = 0, plan: PrefillPlan = ONE_CALL) -> Prefilled:
     """Run the prompt through ``model`` into ``cache``; measure the bytes held afterwards.
 
     ``split = 0``: one call (a compressing cache compresses after the whole prompt: question-aware). ``0 < split <
     len(ids)``: ``ids[:split]`` (the context) in a first call, the rest (the question) in a second, so the cache
-    compresses the context before it sees the question (question-agnostic). Inside :func:`chunked_prefill`, each
-    of those calls is cut into calls of at most the chunk.
+    compresses the context before it sees the question (question-agnostic). ``plan``: with a ``chunk``, each of
+    those calls is cut into calls of at most the chunk; with a ``shared`` pool, a context fed in one call is
+    replayed from (or recorded into) the pool (:mod:`kvslim.eval.harness.share`).
     """
     import torch
 
     from ...memory import cache_nbytes, cache_tiers
-    from .share import SHARED
 
     if not 0 <= split < len(ids):
         raise ValueError(f"split {split} outside [0, {len(ids)})")
-    context = prefill_chunks(0, split) if split else []
-    shared, replayed = SHARED.get(), False
+    context = plan.calls(0, split) if split else []
+    shared, replayed = plan.shared, False
     with torch.inference_mode():
         if shared is not None and len(context) == 1:  # the context alone, in one call: shareable (kvslim.eval.harness.share)
             cache, replayed = shared.prefill_context(model, ids[:split], cache, lambda c: _forward(model, ids[:split], c))
             context = []
-        for a, b in context + prefill_chunks(split, len(ids)):
+        for a, b in context + plan.calls(split, len(ids)):
             logits = _forward(model, ids[a:b], cache, keep=1)[-1]
     tiers = cache_tiers(cache)
     return Prefilled(cache, logits, cache_nbytes(cache), len(ids), None if tiers is None else tiers["cold"], replayed)

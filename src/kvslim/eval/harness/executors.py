@@ -20,8 +20,8 @@ from ...errors import InvalidInput
 from ...hf_config import full16_nbytes
 from ..tasks.base import get_task
 from ..tasks.prompt import Prompt
-from .caches import cache_factory, chunks_invariantly, stored_recipe_key
-from .engine import chunked_prefill
+from .caches import cache_factory, stored_recipe_key
+from .engine import ONE_CALL, PrefillPlan
 
 __all__ = ["Job", "run_cell", "make_record", "run_cells_batched", "LocalExecutor", "RayExecutor", "make_executor",
            "check_ray", "MAX_THREADS", "MAX_WORKERS"]
@@ -32,24 +32,22 @@ MAX_WORKERS = 4096
 
 @dataclass
 class Job:
-    """Everything a worker needs besides the cells: the task, its options, the model name, extra cache factories."""
+    """Everything a worker needs besides the cells: the task, its options, the model name, extra cache factories,
+    and each recipe's prefill plan (decided once per recipe by :func:`kvslim.eval.harness.runner.run_grid`)."""
 
     task: str
     options: dict[str, Any]
     model: str
     factories: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
     threads: int = 0  # torch threads in each worker (0: the worker's default)
-    prefill_chunk: int = 0  # tokens per prefill call (0: one call); chunk-invariant recipes only (engine.chunked_prefill)
-    chunk_where_invariant: bool = False  # other recipes then prefill in one call (else the grid was refused)
+    plans: dict[str, PrefillPlan] = field(default_factory=dict)  # recipe -> its plan (absent: one call, not shared)
 
     def factory(self, recipe: str) -> Callable[[Any], Any]:
         return cache_factory(recipe, self.factories)
 
-    def chunk_for(self, recipe: str) -> int:
-        """Tokens per prefill call for ``recipe``'s cells (0: one call)."""
-        if self.chunk_where_invariant and not chunks_invariantly(recipe, self.factories, self.prefill_chunk):
-            return 0
-        return self.prefill_chunk
+    def plan(self, recipe: str) -> PrefillPlan:
+        """How ``recipe``'s cells prefill (:class:`~kvslim.eval.harness.engine.PrefillPlan`)."""
+        return self.plans.get(recipe, ONE_CALL)
 
 
 @contextmanager
@@ -73,11 +71,11 @@ def closing_caches(make: Callable[[Any], Any], model: Any) -> Iterator[Callable[
 def run_cell(job: Job, task: Any, model: Any, tokenizer: Any, cell: Any, prompt: Prompt) -> dict[str, Any]:
     """Run one cell and return its record (see :mod:`kvslim.eval.harness.store` for the fields); its caches are closed
     when it ends."""
-    chunk = job.chunk_for(cell.recipe)
+    plan = job.plan(cell.recipe)
     t0 = time.perf_counter()
-    with chunked_prefill(chunk), closing_caches(job.factory(cell.recipe), model) as fresh:
-        res = task.run(model, tokenizer, prompt, fresh, cell.recipe)
-    return make_record(cell, prompt, res, time.perf_counter() - t0, model, chunk)
+    with closing_caches(job.factory(cell.recipe), model) as fresh:
+        res = task.run(model, tokenizer, prompt, fresh, plan)
+    return make_record(cell, prompt, res, time.perf_counter() - t0, model, plan.chunk)
 
 
 def make_record(cell: Any, prompt: Prompt, res: dict[str, Any], seconds: float, model: Any,
@@ -135,12 +133,12 @@ class LocalExecutor:
 def run_cells_batched(job: Job, task: Any, model: Any, tokenizer: Any, group: list[tuple[Any, Prompt]]
                       ) -> list[dict[str, Any]]:
     """Run cells of one recipe and one length together; each record's ``seconds`` is the batch's time / B."""
-    chunk = job.chunk_for(group[0][0].recipe)
+    plan = job.plan(group[0][0].recipe)
     t0 = time.perf_counter()
-    with chunked_prefill(chunk), closing_caches(job.factory(group[0][0].recipe), model) as fresh:
-        results = task.run_batch(model, tokenizer, [p for _, p in group], fresh, group[0][0].recipe)
+    with closing_caches(job.factory(group[0][0].recipe), model) as fresh:
+        results = task.run_batch(model, tokenizer, [p for _, p in group], fresh, plan)
     seconds = (time.perf_counter() - t0) / len(group)
-    return [make_record(c, p, r, seconds, model, chunk) for (c, p), r in zip(group, results, strict=True)]
+    return [make_record(c, p, r, seconds, model, plan.chunk) for (c, p), r in zip(group, results, strict=True)]
 
 
 class _Worker:

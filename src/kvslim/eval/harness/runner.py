@@ -28,13 +28,14 @@ from .caches import (
     CacheFactories,
     check_recipes,
     chunks_invariantly,
+    prefill_plan,
     recipe_key,
     run_recipe,
     stored_recipe_key,
 )
 from .executors import MAX_THREADS, Job, check_ray, make_executor
 from .loading import check_model_name, load_pair
-from .share import shared_prefill
+from .share import Shared
 from .store import FORMAT, ResultStore, cell_key
 
 __all__ = ["Grid", "Cell", "run_grid", "load_pair", "check_model_name", "check_options", "recipe_key"]
@@ -207,13 +208,16 @@ def run_grid(
             cache is chunk-invariant (``full``, and :func:`kvslim.cache.recipe.chunk_invariant`), where it changes
             nothing but float rounding; an eviction method would compress after every chunk. Much faster on long
             prompts for models with sliding-window layers; each record notes it as ``prefill_chunk``. See
-            :func:`kvslim.eval.harness.engine.chunked_prefill`.
+            :class:`kvslim.eval.harness.engine.PrefillPlan`.
         chunk_where_invariant: with ``prefill_chunk``, chunk the recipes that are chunk-invariant and prefill the
             others (eviction methods, KIVI) in one call, instead of refusing the grid.
         share_prefill: with the local executor, a question-agnostic prompt's context is run through the model once
             for all its eviction recipes and fed to each from the recording, every layer's output checked equal bit
             for bit (:mod:`kvslim.eval.harness.share`); the records are the same, those fed so say ``shared_prefill`` (and
             their ``seconds`` are the replay's, not a prefill's).
+
+    Each recipe's :class:`~kvslim.eval.harness.engine.PrefillPlan` (its chunk, and the shared pool where its
+    cache declares ``shares_context_prefill``) is decided here, once, and travels in the ``Job`` to every cell.
 
     Raises ``InvalidInput`` before anything is written for a bad grid, option, output folder or Ray address, and
     when another run holds the folder.
@@ -235,10 +239,11 @@ def run_grid(
         torch.set_num_threads(threads)
     model, tokenizer = pair if pair is not None else load_pair(grid.model)
     prompts = build_prompts(grid, tokenizer, _max_context(model))
-    job = Job(grid.task, grid.options, grid.model, dict(factories or {}), threads, prefill_chunk,
-              chunk_where_invariant)
+    job = Job(grid.task, grid.options, grid.model, dict(factories or {}), threads)
+    pool = Shared() if share_prefill and ray is None and batch == 1 else None
     for recipe in grid.recipes:  # a recipe the model cannot take fails here, before any cell runs
-        job.factory(recipe)(model)
+        job.plans[recipe] = prefill_plan(recipe, job.factory(recipe)(model), prefill_chunk, chunk_where_invariant,
+                                         factories, pool)
     store.lock()  # one writer per folder (the first thing written): a second run on it is refused here
     try:
         store.claim(grid.config(), force=force)
@@ -250,14 +255,15 @@ def run_grid(
         cells = list(plan_cells(grid))
         todo = [(c, prompts[(c.length, c.depth, c.seed)]) for c in cells if c.key not in done]
         executor = make_executor(ray, workers=workers, pair=(model, tokenizer), batch=batch)
-        with _progress(progress, len(cells), len(cells) - len(todo), grid) as advance, \
-                shared_prefill(share_prefill and ray is None and batch == 1):
+        with _progress(progress, len(cells), len(cells) - len(todo), grid) as advance:
             for record in executor.run(job, todo):
                 store.append(record)
                 if on_record:
                     on_record(record)
                 advance(record)
     finally:
+        if pool is not None:
+            pool.clear()  # the last recording's memory
         store.unlock()
     return {"ran": len(todo), "skipped": len(cells) - len(todo), "total": len(cells), "out": str(store.results)}
 

@@ -1,21 +1,24 @@
 """One context prefill for every eviction recipe of a prompt: record one cache's prefill, feed it to the others.
 
-In a question-agnostic grid every recipe first prefills the same context. An eviction cache (a recipe with
-:func:`kvslim.cache.recipe.full_prefill`: StreamingLLM, SnapKV, TOVA, H2O, key-norm, Expected Attention) attends over
-that whole first call at model precision and compresses only afterwards, so all of them run the same model
-computation and differ only in what they keep. Inside :func:`shared_prefill`, :func:`kvslim.eval.harness.engine.prefill`
-therefore:
+In a question-agnostic grid every recipe first prefills the same context. An eviction cache (a recipe whose method
+declares ``shares_context_prefill``, :func:`kvslim.cache.recipe.shares_context_prefill`: StreamingLLM, SnapKV, TOVA,
+H2O, key-norm, Expected Attention) attends over that whole first call at model precision and compresses only
+afterwards, so all of them run the same model computation and differ only in what they keep. Given a
+:class:`Shared` pool in its plan (``PrefillPlan.shared``, which the grid runner gives to the recipes that declare the
+capability), :func:`kvslim.eval.harness.engine.prefill` therefore:
 
 * records, from the first such cache that prefills a context alone in one call, what each of its layers was given
   (``update``: the new post-RoPE keys and values; ``attend``: the queries, positions, padding, scale and softcap)
   and what each returned (:mod:`kvslim.cache.tap`);
 * feeds the next such cache on the same model and context those calls layer by layer (``cache.update`` then the
   layer's attention, in the order the model made them) instead of running the model, and makes sure every layer's
-  output equals the recorded one bit for bit. An eviction layer's first call without padding or softcap outputs
-  ``scaled_dot_product_attention`` of the call's own inputs, whatever the policy or codec
-  (:meth:`~kvslim.cache.methods.evict.layer.EvictLayer.plain_first_call`); both caches being fresh, the recorded layer took that
-  same path on the same inputs, so the output is equal by construction and the layer only scores, selects and
-  stores (:meth:`~kvslim.cache.methods.evict.layer.EvictLayer.absorb`). Every other layer (Gemma 3's local windows) attends
+  output equals the recorded one bit for bit. A layer class that declares ``shares_context_prefill`` (the eviction
+  layer) outputs, on a first call without padding or softcap, ``scaled_dot_product_attention`` of the call's own
+  inputs, whatever the policy or codec (its ``plain_first_call``,
+  :meth:`~kvslim.cache.methods.evict.layer.EvictLayer.plain_first_call`); both caches being fresh and both layers
+  declaring it, the recorded layer took that same path on the same inputs, so the output is equal by construction
+  and the layer only scores, selects and stores (its ``absorb``,
+  :meth:`~kvslim.cache.methods.evict.layer.EvictLayer.absorb`). Every other layer (Gemma 3's local windows) attends
   again and its output is compared with the recorded one (``torch.equal``).
 
 Equal outputs at every layer mean the model, run on this cache, would have computed exactly the recorded inputs
@@ -28,6 +31,10 @@ recipe recorded) is not tried again. A replayed prefill is reported
 (:attr:`Prefilled.shared`), and the records of the harness say ``shared_prefill``; nothing else about them changes.
 
 One recording (the last context) is held at a time: on SmolLM2 at 4k tokens about 0.8 GB, on Gemma 3 at 8k 1.5 GB.
+
+The pool travels explicitly (in the plan, through the task's ``run``, to ``prefill``). Only the recording itself
+listens through :data:`kvslim.cache.tap.TAP`: the calls it records are made by transformers' forward, inside the
+model, where no kvslim signature runs between ``prefill`` and the cache layers (see that module).
 """
 
 from __future__ import annotations
@@ -35,10 +42,9 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
-from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["Recording", "Shared", "shared_prefill", "SHARED"]
+__all__ = ["Recording", "Shared", "shared_prefill"]
 
 
 class Recording:
@@ -66,7 +72,6 @@ class Recording:
         differs from the recorded one (``cache`` is then part-filled: throw it away)."""
         import torch
 
-        from ...cache.methods.evict.layer import EvictLayer
         from ...cache.registry import layer_for
 
         if len(cache.layers) != len(self.cache.layers):
@@ -81,10 +86,11 @@ class Recording:
                 else:
                     _, i, q, pos, valid, scaling, softcap, out = ev
                     layer = cache.layers[i]
-                    if (isinstance(layer, EvictLayer) and isinstance(self.cache.layers[i], EvictLayer)
+                    if (layer.shares_context_prefill and self.cache.layers[i].shares_context_prefill
                             and layer.plain_first_call(valid, softcap)):  # fmt: skip
-                        # both fresh (prefill_context): the recorded layer took the same plain first call, whose
-                        # output is sdpa of these very inputs: equal by construction, not recomputed
+                        # both fresh (prefill_context) and both declaring the capability: the recorded layer took
+                        # the same plain first call, whose output is sdpa of these very inputs: equal by
+                        # construction, not recomputed
                         layer.absorb(q.clone(), pos, valid, scaling, softcap, out)
                         continue
                     got = layer.attend(q.clone(), pos, valid, scaling, softcap)
@@ -94,7 +100,8 @@ class Recording:
 
 
 class Shared:
-    """What :func:`shared_prefill` holds: the last context's recording and the recipes whose replay failed."""
+    """A pool of shared context prefills, one per grid run (``PrefillPlan.shared``): the last context's recording
+    and the recipes whose replay failed."""
 
     def __init__(self) -> None:
         self.key: tuple | None = None
@@ -106,12 +113,10 @@ class Shared:
         """Put ``ids`` (a context, one call) into ``cache``: by replay when this context was recorded and the
         recipe can share it, else with ``forward(cache)`` (recorded when the recipe can be shared). Returns the
         cache that holds it (a copy of ``cache`` when a replay failed) and whether it was replayed."""
-        from ...cache.build import KvslimCache
-        from ...cache.recipe import full_prefill
         from ...cache.tap import TAP
 
-        if not isinstance(cache, KvslimCache) or not full_prefill(cache.recipe) or cache.get_seq_length():
-            forward(cache)  # not an eviction cache, or not fresh: run the model
+        if not getattr(cache, "shares_context_prefill", False) or cache.get_seq_length():
+            forward(cache)  # a cache that does not declare the capability, or not fresh: run the model
             return cache, False
         key = (id(model), tuple(ids))
         name = (id(model), str(cache.recipe), str(self.recording.cache.recipe) if self.recording else "")
@@ -134,22 +139,21 @@ class Shared:
         self.key, self.recording = key, rec
         return cache, False
 
-
-#: the active :class:`Shared` (None: every prefill runs the model)
-SHARED: ContextVar[Shared | None] = ContextVar("kvslim_shared_prefill", default=None)
+    def clear(self) -> None:
+        """Drop the recording (its memory); the pool can be used again."""
+        self.key = self.recording = None
 
 
 @contextlib.contextmanager
 def shared_prefill(enabled: bool = True) -> Iterator[Shared | None]:
-    """Within the block, question-agnostic prefills of eviction recipes share one context prefill per prompt (see
-    the module). ``enabled=False`` is a no-op (every prefill runs the model)."""
+    """A :class:`Shared` pool for the block, its recording dropped at the end (None when not ``enabled``). Nothing
+    is set for the block: the pool shares only where it is passed, in a plan (``prefill(..., plan=PrefillPlan(
+    shared=pool))``)."""
     if not enabled:
         yield None
         return
     shared = Shared()
-    token = SHARED.set(shared)
     try:
         yield shared
     finally:
-        SHARED.reset(token)
-        shared.key = shared.recording = None
+        shared.clear()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ...errors import InvalidInput
-from ..harness.engine import eos_ids, greedy, prefill, score_answer, teacher_logprob
+from ..harness.engine import ONE_CALL, PrefillPlan, eos_ids, greedy, prefill, score_answer, teacher_logprob
 from .prompt import Prompt
 
 __all__ = ["Task", "RecallTask", "TASKS", "get_task", "task_rng", "run_retrieval", "score_answer"]
@@ -60,20 +60,22 @@ class Task:
     def build(self, tokenizer: Any, length: int, depth: float, seed: int) -> Prompt:
         raise NotImplementedError
 
-    def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callable[[], Any], recipe: str) -> dict[str, Any]:
-        """Score one cell; returns at least ``success``, ``score``, ``answer``, ``kv_bytes``."""
+    def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callable[[], Any],
+            plan: PrefillPlan = ONE_CALL) -> dict[str, Any]:
+        """Score one cell, prefilling as ``plan`` says (:class:`~kvslim.eval.harness.engine.PrefillPlan`, the
+        recipe's, decided by the grid runner); returns at least ``success``, ``score``, ``answer``, ``kv_bytes``."""
         raise NotImplementedError
 
     batchable: bool = False  # True: run_batch gives what run would, for prompts of one length (kvslim.eval.harness.batch)
 
     def run_batch(self, model: Any, tokenizer: Any, prompts: list[Prompt], make_cache: Callable[[], Any],
-                  recipe: str) -> list[dict[str, Any]]:
+                  plan: PrefillPlan = ONE_CALL) -> list[dict[str, Any]]:
         """Score several cells of one recipe and length in batched passes (only when ``batchable``)."""
         from ..harness.batch import run_retrieval_batch
 
         if not self.batchable:
             raise NotImplementedError(f"task {self.name} has no batched run")
-        return [self.finish(r) for r in run_retrieval_batch(model, tokenizer, prompts, make_cache)]
+        return [self.finish(r) for r in run_retrieval_batch(model, tokenizer, prompts, make_cache, plan)]
 
     def finish(self, res: dict[str, Any]) -> dict[str, Any]:
         """What the task adds to :func:`run_retrieval`'s result (batched runs call it per cell)."""
@@ -99,7 +101,8 @@ def get_task(name: str, **options: Any) -> Task:
 
 
 def run_retrieval(
-    model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callable[[], Any], agnostic: bool = False
+    model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callable[[], Any], agnostic: bool = False,
+    plan: PrefillPlan = ONE_CALL,
 ) -> dict[str, Any]:
     """Prefill, graded score (log-prob of ``prompt.answer_ids``), greedy answer; success = every answer string found.
     A tiered cache adds ``cold_bytes`` and ``fetched_bytes`` (:class:`~kvslim.eval.harness.engine.Prefilled`).
@@ -109,9 +112,10 @@ def run_retrieval(
     context (``prompt.ids[:prompt.question_start]``) is prefilled alone before the question, so a compressing cache
     compresses it without knowing the question; otherwise the whole prompt is one prefill (question-aware).
     ``shared_prefill`` (True, only when it happened): the context came from another recipe's recorded prefill
-    (:mod:`kvslim.eval.harness.share`).
+    (:mod:`kvslim.eval.harness.share`, when ``plan.shared`` holds a pool). ``plan``: how the prefill is fed
+    (:class:`~kvslim.eval.harness.engine.PrefillPlan`).
     """
-    pre = prefill(model, prompt.ids, make_cache(), split=prompt.question_start if agnostic else 0)
+    pre = prefill(model, prompt.ids, make_cache(), split=prompt.question_start if agnostic else 0, plan=plan)
     logprob = teacher_logprob(model, pre, prompt.answer_ids)
     out = greedy(model, pre, prompt.max_new_tokens, eos_ids(tokenizer, model))
     answer = tokenizer.decode(out, skip_special_tokens=True).strip()
@@ -134,8 +138,9 @@ class RecallTask(Task):
 
     batchable = True
 
-    def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callable[[], Any], recipe: str) -> dict[str, Any]:
-        return self.finish(run_retrieval(model, tokenizer, prompt, make_cache))
+    def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callable[[], Any],
+            plan: PrefillPlan = ONE_CALL) -> dict[str, Any]:
+        return self.finish(run_retrieval(model, tokenizer, prompt, make_cache, plan=plan))
 
     def finish(self, res: dict[str, Any]) -> dict[str, Any]:
         res["score"] = res["retrieved"]

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..harness.engine import _forward, prefill
+from ..harness.engine import ONE_CALL, PrefillPlan, _forward, prefill
 from .base import Task, task_rng
 from .haystack import pydoc_sentences, tokens_starting_at
 from .prompt import Prompt, frame_for
@@ -26,11 +26,13 @@ from .prompt import Prompt, frame_for
 __all__ = ["Fidelity", "next_token_logprobs"]
 
 
-def next_token_logprobs(model: Any, ids: list[int], targets: list[int], cache: Any) -> tuple[Any, int]:
-    """Log-softmax ``[len(targets), V]`` of the distributions predicting each target, and the bytes after prefill."""
+def next_token_logprobs(model: Any, ids: list[int], targets: list[int], cache: Any,
+                        plan: PrefillPlan = ONE_CALL) -> tuple[Any, int]:
+    """Log-softmax ``[len(targets), V]`` of the distributions predicting each target, and the bytes after prefill
+    (fed as ``plan`` says)."""
     import torch
 
-    pre = prefill(model, ids, cache)
+    pre = prefill(model, ids, cache, plan=plan)
     rows = [torch.log_softmax(pre.last_logits, -1)]
     with torch.inference_mode():
         for tok in targets[:-1]:
@@ -61,22 +63,23 @@ class Fidelity(Task):
         return Prompt(ids[:length], [], [], len(bos), length - len(bos), answers=[], answer_ids=ids[length:],
                       max_new_tokens=self.eval_tokens)
 
-    def _reference(self, model: Any, prompt: Prompt) -> Any:
+    def _reference(self, model: Any, prompt: Prompt, plan: PrefillPlan = ONE_CALL) -> Any:
+        """The uncompressed distributions, computed once per prompt (prefilled as the first cell's ``plan`` says)."""
         from transformers import DynamicCache
 
         key = (id(model), prompt.hash)
         if key not in self._refs:
-            lp, _ = next_token_logprobs(model, prompt.ids, prompt.answer_ids, DynamicCache(config=model.config))
+            lp, _ = next_token_logprobs(model, prompt.ids, prompt.answer_ids, DynamicCache(config=model.config), plan)
             self._refs[key] = lp
             while len(self._refs) > 2:
                 self._refs.popitem(last=False)
         return self._refs[key]
 
-    def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Any, recipe: str) -> dict[str, Any]:
+    def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Any, plan: PrefillPlan = ONE_CALL) -> dict[str, Any]:
         import torch
 
-        ref = self._reference(model, prompt)
-        lp, kv_bytes = next_token_logprobs(model, prompt.ids, prompt.answer_ids, make_cache())
+        ref = self._reference(model, prompt, plan)
+        lp, kv_bytes = next_token_logprobs(model, prompt.ids, prompt.answer_ids, make_cache(), plan)
         tgt = torch.tensor(prompt.answer_ids)
         idx = torch.arange(len(tgt))
         kl = float((ref.exp() * (ref - lp)).sum(-1).mean())

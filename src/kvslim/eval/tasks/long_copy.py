@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import InvalidInput
+from ..harness.engine import ONE_CALL, PrefillPlan
 from .base import Task, run_retrieval, task_rng
 from .haystack import encode, pydoc_sentences
 from .prompt import Prompt, assemble
@@ -91,8 +92,9 @@ class LongCopy(Task):
         return Prompt(ids, pos, nids, start, hay, answers=[text], answer_ids=target,
                       max_new_tokens=self.max_new_tokens or len(target) + 16, meta={"passage": text})  # fmt: skip
 
-    def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Any, recipe: str) -> dict[str, Any]:
-        res = run_retrieval(model, tokenizer, prompt, make_cache, agnostic=self.agnostic)
+    def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Any,
+            plan: PrefillPlan = ONE_CALL) -> dict[str, Any]:
+        res = run_retrieval(model, tokenizer, prompt, make_cache, agnostic=self.agnostic, plan=plan)
         return score_copy(res, prompt)
 
 

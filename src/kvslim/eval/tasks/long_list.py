@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..harness.engine import ONE_CALL, PrefillPlan
 from .base import Task, run_retrieval, task_rng
 from .haystack import encode, pydoc_sentences
 from .needles import PHRASINGS, count_in, haystack_text, needle_depths
@@ -67,8 +68,9 @@ class LongList(Task):
                 return p
         raise RuntimeError("could not place values that occur exactly once")  # a bug: clashes are rare
 
-    def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Any, recipe: str) -> dict[str, Any]:
-        res = run_retrieval(model, tokenizer, prompt, make_cache, agnostic=self.agnostic)
+    def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Any,
+            plan: PrefillPlan = ONE_CALL) -> dict[str, Any]:
+        res = run_retrieval(model, tokenizer, prompt, make_cache, agnostic=self.agnostic, plan=plan)
         return score_list(res, prompt)
 
 

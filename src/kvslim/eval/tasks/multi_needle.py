@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import InvalidInput
+from ..harness.engine import ONE_CALL, PrefillPlan
 from .base import Task, run_retrieval, task_rng
 from .facts import random_name
 from .haystack import encode, pydoc_sentences
@@ -56,7 +57,7 @@ class MultiNeedle(Task):
         return Prompt(ids, pos, nids, start, hay, answers=numbers, answer_ids=encode(tokenizer, " " + ", ".join(numbers)),
                       max_new_tokens=self.max_new_tokens or 8 * self.k + 8, meta={"key": key})
 
-    def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Any, recipe: str) -> dict[str, Any]:
-        res = run_retrieval(model, tokenizer, prompt, make_cache)
+    def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Any, plan: PrefillPlan = ONE_CALL) -> dict[str, Any]:
+        res = run_retrieval(model, tokenizer, prompt, make_cache, plan=plan)
         res["score"] = res["retrieved"]  # the fraction retrieved; the log-prob stays in "logprob"
         return res

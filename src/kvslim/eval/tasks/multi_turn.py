@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..harness.engine import ONE_CALL, PrefillPlan
 from .base import Task, task_rng
 from .prompt import Prompt
 from .reuse import check_turns, keyed_prompt, run_conversation
@@ -39,5 +40,6 @@ class MultiTurn(Task):
         rng = task_rng(self.name, seed, length, depth)
         return keyed_prompt(self.name, tokenizer, length, depth, rng, self.k, self.chat, "turn", self.max_new_tokens)
 
-    def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Any, recipe: str) -> dict[str, Any]:
-        return run_conversation(model, tokenizer, prompt, make_cache, agnostic=self.agnostic)
+    def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Any,
+            plan: PrefillPlan = ONE_CALL) -> dict[str, Any]:
+        return run_conversation(model, tokenizer, prompt, make_cache, agnostic=self.agnostic, plan=plan)

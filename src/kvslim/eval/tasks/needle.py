@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..harness.engine import ONE_CALL, PrefillPlan
 from .base import Task, run_retrieval, task_rng
 from .facts import random_fact
 from .haystack import encode, pydoc_sentences
@@ -52,5 +53,5 @@ class Needle(Task):
 
     batchable = True  # run_batch: kvslim.eval.harness.batch, the same records
 
-    def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Any, recipe: str) -> dict[str, Any]:
-        return run_retrieval(model, tokenizer, prompt, make_cache, agnostic=self.agnostic)
+    def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Any, plan: PrefillPlan = ONE_CALL) -> dict[str, Any]:
+        return run_retrieval(model, tokenizer, prompt, make_cache, agnostic=self.agnostic, plan=plan)

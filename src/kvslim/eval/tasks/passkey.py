@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..harness.engine import ONE_CALL, PrefillPlan
 from .base import Task, run_retrieval, task_rng
 from .haystack import encode, filler_sentences
 from .prompt import Prompt, assemble
@@ -54,5 +55,5 @@ class Passkey(Task):
 
     batchable = True  # run_batch: kvslim.eval.harness.batch, the same records
 
-    def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Any, recipe: str) -> dict[str, Any]:
-        return run_retrieval(model, tokenizer, prompt, make_cache, agnostic=self.agnostic)
+    def run(self, model: Any, tokenizer: Any, prompt: Prompt, make_cache: Any, plan: PrefillPlan = ONE_CALL) -> dict[str, Any]:
+        return run_retrieval(model, tokenizer, prompt, make_cache, agnostic=self.agnostic, plan=plan)

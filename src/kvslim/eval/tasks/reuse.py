@@ -29,7 +29,9 @@ from typing import Any
 
 from ...errors import InvalidInput
 from ..harness.engine import (
+    ONE_CALL,
     Prefilled,
+    PrefillPlan,
     close_cache,
     eos_ids,
     greedy,
@@ -136,14 +138,14 @@ def keyed_prompt(name: str, tokenizer: Any, length: int, depth: float, rng: rand
     return p
 
 
-def _feed(model: Any, cache: Any, ids: list[int]) -> Any:
-    """Append ``ids`` to ``cache`` (in calls of at most the prefill chunk); the logits after the last one."""
+def _feed(model: Any, cache: Any, ids: list[int], chunk: int = 0) -> Any:
+    """Append ``ids`` to ``cache`` (in calls of at most ``chunk`` tokens, the plan's); the logits after the last one."""
     import torch
 
     from ..harness.engine import _forward
 
     with torch.inference_mode():
-        for a, b in prefill_chunks(0, len(ids)):
+        for a, b in prefill_chunks(0, len(ids), chunk):
             logits = _forward(model, ids[a:b], cache, keep=1)[-1]
     return logits
 
@@ -176,17 +178,17 @@ def _cell(turns: list[dict[str, Any]], kv_bytes: int, pre: Prefilled) -> dict[st
 
 
 def run_conversation(model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callable[[], Any],
-                     agnostic: bool = False) -> dict[str, Any]:  # fmt: skip
+                     agnostic: bool = False, plan: PrefillPlan = ONE_CALL) -> dict[str, Any]:  # fmt: skip
     """Every turn in one cache (multi-turn): the context and turn 0 prefilled (``agnostic``: the context alone
     first), each answer decoded into the cache, then the next turn's ids appended after it. ``kv_bytes`` is the hot
     tier after the first prefill (as in every task), ``kv_bytes_last`` after the last answer."""
     turns: list[Turn] = prompt.meta["turns"]
     stop = eos_ids(tokenizer, model)
-    pre = prefill(model, prompt.ids, make_cache(), split=prompt.question_start if agnostic else 0)
+    pre = prefill(model, prompt.ids, make_cache(), split=prompt.question_start if agnostic else 0, plan=plan)
     kv_bytes, results, pending = pre.kv_bytes, [], []
     for i, turn in enumerate(turns):
         if i:
-            pre.last_logits = _feed(model, pre.cache, pending + turn.ids)
+            pre.last_logits = _feed(model, pre.cache, pending + turn.ids, plan.chunk)
         res, pending = _answer(model, tokenizer, pre, turn, stop)
         results.append(res)
     from ...memory import cache_nbytes
@@ -196,7 +198,7 @@ def run_conversation(model: Any, tokenizer: Any, prompt: Prompt, make_cache: Cal
 
 
 def run_requests(model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callable[[], Any],
-                 agnostic: bool = True) -> dict[str, Any]:  # fmt: skip
+                 agnostic: bool = True, plan: PrefillPlan = ONE_CALL) -> dict[str, Any]:  # fmt: skip
     """One question per cache (multi-request). ``agnostic``: the context prefilled once alone and forked, each fork
     asked one question; else each question in a fresh cache prefilled with context + question in one call.
     ``kv_bytes``: request 0's hot tier after its question; ``requests_hot_bytes`` / ``requests_cold_bytes``: every
@@ -208,17 +210,17 @@ def run_requests(model: Any, tokenizer: Any, prompt: Prompt, make_cache: Callabl
     stop = eos_ids(tokenizer, model)
     qs = prompt.question_start
     context = prompt.ids[:qs]
-    base = prefill(model, context, make_cache()) if agnostic else None
+    base = prefill(model, context, make_cache(), plan=plan) if agnostic else None
     caches, results, kv_bytes, fetched = ([base.cache] if base else []), [], 0, None
     for i, turn in enumerate(turns):
         if base is not None:
             cache = fork_cache(base.cache)
             tiers = cache_tiers(cache)
-            pre = Prefilled(cache, _feed(model, cache, turn.ids), 0, qs + len(turn.ids))
+            pre = Prefilled(cache, _feed(model, cache, turn.ids, plan.chunk), 0, qs + len(turn.ids))
             pre.kv_bytes = cache_nbytes(cache)
             pre.cold_bytes = None if tiers is None else tiers["cold"] + tiers.get("cold_shared", 0)
         else:
-            pre = prefill(model, context + turn.ids, make_cache())
+            pre = prefill(model, context + turn.ids, make_cache(), plan=plan)
         res, _ = _answer(model, tokenizer, pre, turn, stop)
         results.append(res)
         caches.append(pre.cache)

@@ -148,7 +148,7 @@ class EvictMethod(Method):
     family = "evict"
     lossless = ({"keep": 1.0},)
     chunk_invariant = False
-    full_prefill = True  # the first call attends in full, then compresses (EvictLayer.attend)
+    shares_context_prefill = True  # the first call attends in full, then compresses (EvictLayer.attend)
 
     def policy(self) -> Policy:
         raise NotImplementedError
@@ -170,6 +170,8 @@ class EvictMethod(Method):
 class EvictLayer(BaseLayer):
     """The tokens a :class:`Policy` keeps, per KV head, in the base layer's tail stores (through the spec's codec);
     ``valid [b, h, n]`` once padding was seen, ``acc [b, h, n]`` the running scores of accumulating policies."""
+
+    shares_context_prefill = True  # plain_first_call / absorb: a recorded first call is taken, not recomputed
 
     def __repr__(self) -> str:
         return f"EvictLayer({self.spec.label})"

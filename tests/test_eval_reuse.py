@@ -111,7 +111,7 @@ def test_multi_turn_scores_each_turn_and_decodes_answers_into_the_cache(pair, mo
 
     monkeypatch.setattr(reuse, "greedy", fake_greedy)
     cache = make_cache(model, RECALL)
-    res = task.run(model, tok, p, lambda: cache, "x")
+    res = task.run(model, tok, p, lambda: cache)
     assert [t["success"] for t in res["turns"]] == [True, False, True]
     assert res["score"] == pytest.approx(2 / 3) and res["success"] is False
     assert res["retrieved"] == pytest.approx(2 / 3, abs=1e-4) and res["answer"].count(" | ") == 2
@@ -133,7 +133,7 @@ def test_multi_request_forks_one_prefill(pair):
         built.append(make_cache(model, RECALL))
         return built[-1]
 
-    res = get_task("multi-request", k=3).run(model, tok, p, make, "x")
+    res = get_task("multi-request", k=3).run(model, tok, p, make)
     assert len(built) == 1 and len(res["turns"]) == 3
     assert built[0].get_seq_length() == p.question_start  # the parent holds the context only
     assert res["requests_cold_bytes"] < 3 * res["cold_bytes"]  # the context's cold rows held once
@@ -145,7 +145,7 @@ def test_multi_request_forks_one_prefill(pair):
         assert one["turns"][0]["answer"] == res["turns"][i]["answer"]
         assert one["turns"][0]["logprob"] == res["turns"][i]["logprob"]
     built.clear()
-    aware = get_task("multi-request", k=3, agnostic=False).run(model, tok, p, make, "x")
+    aware = get_task("multi-request", k=3, agnostic=False).run(model, tok, p, make)
     assert len(built) == 3 and all(c.get_seq_length() > p.question_start for c in built)
     assert len(aware["turns"]) == 3
 
@@ -157,8 +157,8 @@ def test_fork_free_full_cache_agrees_agnostic_and_aware(pair):
 
     model, tok = pair
     p = get_task("multi-request", k=2).build(tok, 500, 0.5, 1)
-    a = get_task("multi-request", k=2).run(model, tok, p, lambda: DynamicCache(config=model.config), "full")
-    b = get_task("multi-request", k=2, agnostic=False).run(model, tok, p, lambda: DynamicCache(config=model.config), "full")
+    a = get_task("multi-request", k=2).run(model, tok, p, lambda: DynamicCache(config=model.config))
+    b = get_task("multi-request", k=2, agnostic=False).run(model, tok, p, lambda: DynamicCache(config=model.config))
     for x, y in zip(a["turns"], b["turns"], strict=True):
         assert x["logprob"] == pytest.approx(y["logprob"], abs=1e-3)
 

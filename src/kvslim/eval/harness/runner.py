@@ -38,7 +38,7 @@ from .loading import check_model_name, load_pair
 from .share import Shared
 from .store import FORMAT, ResultStore, cell_key
 
-__all__ = ["Grid", "Cell", "run_grid", "load_pair", "check_model_name", "check_options", "recipe_key"]
+__all__ = ["Grid", "Cell", "run_grid", "load_pair", "check_model_name", "check_options", "recipe_key", "build_prompt"]
 
 
 @dataclass
@@ -122,8 +122,8 @@ def check_options(task: str, options: dict[str, Any]) -> None:
 
     defaults = {f.name: getattr(get_task(task), f.name) for f in dataclasses.fields(get_task(task)) if not f.name.startswith("_")}
     for name, value in options.items():
-        if name not in defaults or value is None:
-            continue  # unknown names are refused by get_task
+        if name not in defaults or (value is None and defaults[name] is None):
+            continue  # unknown names are refused by get_task; None is a value only where it is the default
         what = f"{_OPTION_FLAGS.get(name, name)} ({task})"
         default = defaults[name]
         if default is None or isinstance(default, bool):
@@ -139,6 +139,37 @@ def _max_context(model: Any) -> int:
     return max_context(model)
 
 
+_TOO_SHORT = "use lengths of at least "
+
+
+def _named_length(e: InvalidInput) -> int | None:
+    head, sep, tail = str(e).rpartition(_TOO_SHORT)
+    return int(tail) if sep and tail.isdigit() else None
+
+
+def build_prompt(task: Any, tokenizer: Any, length: int, depth: float, seed: int) -> Prompt:
+    """``task.build``; a "too short" refusal names a length at which this cell's prompt does build. The values a
+    prompt draws depend on its length, so the fixed text measured at the refused length can be longer at the length
+    it names: retry there until one fits (each retry's length is larger, and the fixed text is bounded)."""
+    try:
+        return task.build(tokenizer, length, depth, seed)
+    except InvalidInput as first:
+        need = _named_length(first)
+        if need is None:
+            raise
+        for _ in range(64):
+            try:
+                task.build(tokenizer, need, depth, seed)
+                break
+            except InvalidInput as e:
+                more = _named_length(e)
+                if more is None or more <= need:
+                    raise first from None
+                need = more
+        msg = str(first)
+        raise InvalidInput(msg[: msg.rindex(_TOO_SHORT)] + f"{_TOO_SHORT}{need}") from None
+
+
 def build_prompts(grid: Grid, tokenizer: Any, context: int) -> dict[tuple[int, float, int], Prompt]:
     """Every prompt of the grid, checked against the model's context (prompt + answer budget)."""
     task = get_task(grid.task, **grid.options)
@@ -152,7 +183,7 @@ def build_prompts(grid: Grid, tokenizer: Any, context: int) -> dict[tuple[int, f
     for length in grid.lengths:
         for depth in grid.depths:
             for seed in grid.seeds:
-                p = task.build(tokenizer, length, depth, seed)
+                p = build_prompt(task, tokenizer, length, depth, seed)
                 need = len(p) + p.max_new_tokens
                 if context and need > context:
                     raise ContextTooLong(

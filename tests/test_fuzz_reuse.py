@@ -27,12 +27,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvslim.errors import InvalidInput, KvslimError
-from kvslim.eval.base import get_task, score_answer
-from kvslim.eval.long_copy import copy_score, passage, score_copy, words_of
-from kvslim.eval.long_list import score_list
-from kvslim.eval.reuse import MAX_TURNS, _cell
-from kvslim.eval.runner import build_prompt, check_options
-from kvslim.eval.tiny import tiny_pair, tiny_tokenizer
+from kvslim.eval.harness.engine import score_answer
+from kvslim.eval.harness.runner import build_prompt, check_options
+from kvslim.eval.harness.tiny import tiny_pair, tiny_tokenizer
+from kvslim.eval.tasks.base import get_task
+from kvslim.eval.tasks.long_copy import copy_score, passage, score_copy, words_of
+from kvslim.eval.tasks.long_list import score_list
+from kvslim.eval.tasks.reuse import MAX_TURNS, _cell
 
 REUSE = ["multi-turn", "multi-request", "long-list", "long-copy"]
 SETTINGS = {"deadline": timedelta(seconds=20), "derandomize": True, "database": None,
@@ -212,7 +213,7 @@ def test_fuzz_cells_on_the_tiny_model(pair):
     def run(name, k, budget, agnostic, recipe, depth, seed):
         task = _task(name, {"k": k, "max_new_tokens": budget, "agnostic": agnostic})
         p = task.build(tok, 700, depth, seed)
-        res = task.run(model, tok, p, recipes[recipe], recipe)
+        res = task.run(model, tok, p, recipes[recipe])
         assert len(res["turns"]) == k and 0.0 <= res["score"] <= 1.0 and 0.0 <= res["retrieved"] <= 1.0
         assert all(t["new_tokens"] <= budget and isinstance(t["answer"], str) for t in res["turns"])
         assert res["score"] == sum(t["success"] for t in res["turns"]) / k and res["kv_bytes"] > 0

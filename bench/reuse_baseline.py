@@ -22,21 +22,15 @@ each recipe's paired comparison with ``full`` on the score (exact sign test, ``k
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import time
 from pathlib import Path
 
 GRID = {"smollm2-135m": [2000, 4000], "gemma3-270m": [4000, 8000]}
 TASKS = ("multi-turn", "multi-request", "long-list", "long-copy")
 DEPTHS = "0,0.25,0.5,0.75,1"
 SEEDS = "0,1"
-EVICTION = ("streaming", "snapkv", "tova", "h2o", "knorm", "expattn")
-RECIPES = ("full", "recall-fp8", "full+tq4", *(f"{m}:keep=0.5" for m in EVICTION), "v4-fp8")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class OutOfTime(Exception):
-    pass
 
 
 def folder(model: str, task: str, aware: bool) -> Path:
@@ -48,33 +42,36 @@ def options(task: str, aware: bool) -> dict:
     return {"agnostic": not aware}
 
 
-def run(args: argparse.Namespace) -> None:
-    from kvslim.eval.harness.runner import Grid, load_pair, run_grid
+def recipes() -> tuple[str, ...]:
+    """``full``, ``recall-fp8``, ``full+tq4``, every eviction method at keep 1/2 and the V4-style ``v4-fp8``."""
+    return ("full", "recall-fp8", "full+tq4", *(f"{m}:keep=0.5" for m in eviction()), "v4-fp8")
 
-    deadline = time.monotonic() + args.budget_min * 60 if args.budget_min else None
 
-    def check_time(_rec: dict) -> None:
-        if deadline is not None and time.monotonic() > deadline:
-            raise OutOfTime
+def eviction() -> tuple[str, ...]:
+    """The field's eviction methods, in registry order: the registered methods of the ``evict`` family."""
+    from kvslim.cache.method import methods
+
+    return tuple(name for name, m in methods().items() if m.family == "evict")
+
+
+def slices(args: argparse.Namespace) -> list:
+    """The campaign: one slice per (length, model, task), cheapest first (by length, then model, then task)."""
+    from kvslim.eval.harness.campaign import Slice
+    from kvslim.eval.harness.runner import Grid
 
     plan = sorted(((n, m, t) for m in args.models for n in args.lengths_of(m) for t in args.tasks),
                   key=lambda x: (x[0], list(GRID).index(x[1]), TASKS.index(x[2])))  # fmt: skip
-    pairs: dict[str, tuple] = {}
-    for length, model, task in plan:
-        if model not in pairs:
-            pairs.clear()  # one model in memory at a time
-            pairs[model] = load_pair(model)
-        grid = Grid(task=task, model=model, recipes=args.recipes, lengths=[length], depths=args.depths,
-                    seeds=args.seeds, options=options(task, args.aware))  # fmt: skip
-        out = folder(model, task, args.aware)
-        print(f"== {model} {task} {length} tokens -> {out}", flush=True)
-        try:
-            res = run_grid(grid, out, pair=pairs[model], threads=args.threads, progress=not args.quiet,
-                           on_record=check_time)  # fmt: skip
-            print(f"   {res['ran']} run, {res['skipped']} done before", flush=True)
-        except OutOfTime:
-            print(f"   budget of {args.budget_min} min spent: stopping", flush=True)
-            return
+    return [Slice(Grid(task=task, model=model, recipes=args.recipes, lengths=[length], depths=args.depths,
+                       seeds=args.seeds, options=options(task, args.aware)), folder(model, task, args.aware))
+            for length, model, task in plan]  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> None:
+    """The budgeted, resumable campaign runner of the harness (:func:`kvslim.eval.harness.campaign.run_campaign`)."""
+    from kvslim.eval.harness.campaign import run_campaign
+
+    run_campaign(slices(args), budget_s=args.budget_min * 60 if args.budget_min else None,
+                 say=functools.partial(print, flush=True), threads=args.threads, progress=not args.quiet)
 
 
 def report(args: argparse.Namespace) -> dict:
@@ -126,7 +123,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(GRID), help="comma-separated: smollm2-135m,gemma3-270m")
     ap.add_argument("--lengths", default="", help="comma-separated lengths to run (default: each model's grid)")
-    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated (full is always included)")
+    ap.add_argument("--recipes", default=",".join(recipes()), help="comma-separated (full is always included)")
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated: {','.join(TASKS)}")
     ap.add_argument("--depths", default=DEPTHS, help=f"needle depths (default {DEPTHS})")
     ap.add_argument("--seeds", default=SEEDS, help=f"seeds (default {SEEDS})")

@@ -10,6 +10,8 @@ long-copy): their options, the prompt lengths, depths and seeds, and their scori
   question, one turn per needle.
 * Scoring: any answer (empty, garbage, unicode, the passage itself) scores in [0, 1]; partial credit only grows when
   an answer gets longer or a turn gets answered; the expected answer scores 1.
+* Grids (lengths, depths, seed, options) either fit the tiny model's context with every answer token of the cell or
+  are refused in one line.
 * A few cells on the tiny model (full and recall) with random option sets: bounded scores, one turn per needle.
 
 What the pass found (each has a test at the bottom): the length a refusal named ("use lengths of at least N") was

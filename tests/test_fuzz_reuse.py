@@ -10,6 +10,8 @@ long-copy): their options, the prompt lengths, depths and seeds, and their scori
   question, one turn per needle.
 * Scoring: any answer (empty, garbage, unicode, the passage itself) scores in [0, 1]; partial credit only grows when
   an answer gets longer or a turn gets answered; the expected answer scores 1.
+* Grids (lengths, depths, seed, options) either fit the tiny model's context with every answer token of the cell or
+  are refused in one line.
 * A few cells on the tiny model (full and recall) with random option sets: bounded scores, one turn per needle.
 
 What the pass found (each has a test at the bottom): the length a refusal named ("use lengths of at least N") was
@@ -131,6 +133,27 @@ def test_fuzz_prompts_fit_exactly_or_name_a_length_that_fits(case):
         p, length = task.build(tok, need, depth, seed), need  # the length the refusal names fits
     _check_prompt(name, task, p, tok, length, depth)
     assert task.build(tok, length, depth, seed).ids == p.ids  # deterministic per seed
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(name=st.sampled_from(REUSE), k=st.integers(1, 16), budget=st.sampled_from([0, 1, 16, 500, 4000, 2**62]),
+       lengths=st.lists(st.integers(1, 4200), min_size=1, max_size=2), depths=st.lists(DEPTHS, min_size=1, max_size=2),
+       seed=SEEDS)  # fmt: skip
+def test_fuzz_grids_fit_the_context_or_are_refused_in_one_line(name, k, budget, lengths, depths, seed):
+    """A grid's prompts (tiny-llama: 4096 tokens) all fit the model's context with their whole answer budget (every
+    later turn and answer of a multi-turn cell included), or the grid is refused in one line."""
+    from kvslim.eval.runner import Grid, build_prompts
+
+    opts = {"max_new_tokens": budget, **({"words": 8 + k} if name == "long-copy" else {"k": k})}
+    try:
+        grid = Grid(task=name, model="tiny-llama", recipes=["full"], lengths=lengths, depths=depths, seeds=[seed],
+                    options=opts).validate()  # fmt: skip
+        prompts = build_prompts(grid, TOKENIZERS[True], 4096)
+    except KvslimError as e:
+        _one_line(e)
+        return
+    for p in prompts.values():
+        assert len(p) + p.max_new_tokens <= 4096
 
 
 # ---- scoring -----------------------------------------------------------------------------------------------------

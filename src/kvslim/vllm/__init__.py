@@ -48,7 +48,7 @@ def selection_from_config(additional_config: Any) -> str | None:
         return None
     sel = additional_config["kvslim"]
     if isinstance(sel, str):
-        return sel
+        return _non_empty(sel)
     if not isinstance(sel, dict) or not isinstance(sel.get("format"), str):
         raise InvalidInput(
             f"--additional-config kvslim must be {{\"format\": NAME}} (e.g. {{\"kvslim\": {{\"format\": \"tq4\"}}}}), "
@@ -57,7 +57,17 @@ def selection_from_config(additional_config: Any) -> str | None:
     unknown = sorted(set(sel) - {"format"})
     if unknown:
         raise InvalidInput(f"--additional-config kvslim takes only \"format\", got also {unknown}")
-    return sel["format"]
+    return _non_empty(sel["format"])
+
+
+def _non_empty(fmt: str) -> str:
+    """An empty name would leave the plugin off while ``--additional-config`` asks for it: refused."""
+    if not fmt.strip():
+        from .layout import supported_formats
+
+        raise InvalidInput(f"--additional-config kvslim names an empty format {fmt!r}; choose one of "
+                           f"{', '.join(supported_formats())}")  # fmt: skip
+    return fmt
 
 
 def _check_name(fmt: str) -> str:
@@ -137,4 +147,4 @@ def register() -> None:
         try:
             install(fmt)
         except InvalidInput as exc:
-            raise SelectionError(f"{ENV}={fmt}: {exc}") from None
+            raise SelectionError(f"{ENV}={fmt!r}: {exc}") from None

@@ -32,6 +32,7 @@ FORMATS_REFUSED = {
     "kivi4": "KIVI keys share one scale and zero point per channel per 32 tokens",
 }
 _EXTRA = ("int8",)
+MAX_HEAD_SIZE = 1024  # published models: a few hundred at most; checked before a codec allocates (tq: d x d rotation)
 FROM_CODES_MAX_QUERIES = 16  # query rows of one request up to which attending from the codes beats decoding
 
 
@@ -78,12 +79,15 @@ def make_codec(fmt: str, head_size: int, seed: int = 0) -> Codec:
             f"kvslim format {fmt!r} cannot live in vLLM's paged KV pool: its rows are not independent per token "
             f"({FORMATS_REFUSED[fmt]}); choose one of {', '.join(supported_formats())}"
         )
-    if fmt == "int8":
-        return Int8Codec(head_size)
     f = formats.REGISTRY.get(fmt) if isinstance(fmt, str) else None
-    if f is None or f.codec is None or "gqa" not in f.kinds or f.append_only:
+    if fmt != "int8" and (f is None or f.codec is None or "gqa" not in f.kinds or f.append_only):
         raise InvalidInput(f"unknown kvslim format {fmt!r} for vLLM; choose one of {', '.join(supported_formats())}")
+    if isinstance(head_size, bool) or not isinstance(head_size, int) or head_size > MAX_HEAD_SIZE:
+        raise InvalidInput(f"kvslim format {fmt!r} cannot store this model's head size {head_size!r}: the vLLM plugin "
+                           f"takes whole head sizes up to {MAX_HEAD_SIZE} (checked before a codec allocates)")  # fmt: skip
     try:
+        if fmt == "int8":
+            return Int8Codec(head_size)
         formats.bytes_per_vector(fmt, head_size)
         return f.make_codec(head_size, seed)
     except InvalidInput as exc:

@@ -142,7 +142,7 @@ def test_fuzz_prompts_fit_exactly_or_name_a_length_that_fits(case):
 def test_fuzz_grids_fit_the_context_or_are_refused_in_one_line(name, k, budget, lengths, depths, seed):
     """A grid's prompts (tiny-llama: 4096 tokens) all fit the model's context with their whole answer budget (every
     later turn and answer of a multi-turn cell included), or the grid is refused in one line."""
-    from kvslim.eval.runner import Grid, build_prompts
+    from kvslim.eval.harness.runner import Grid, build_prompts
 
     opts = {"max_new_tokens": budget, **({"words": 8 + k} if name == "long-copy" else {"k": k})}
     try:

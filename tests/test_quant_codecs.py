@@ -54,7 +54,7 @@ def test_quantized_codes_are_uint8_and_norms_fp16() -> None:
 @pytest.mark.parametrize("name", CODEC_NAMES)
 def test_cat_and_slice_along_tokens_without_reencoding(name: str) -> None:
     codec = make_codec(name, 64, seed=2)
-    x = torch.randn(2, 96, 64, dtype=torch.float16)
+    x = torch.randn(2, 96, 64, generator=torch.Generator().manual_seed(3)).half()
     whole = codec.encode(x)
     parts = [codec.encode(x[:, :32]), codec.encode(x[:, 32:64]), codec.encode(x[:, 64:])]
     joined = codec.cat(parts)
@@ -65,7 +65,10 @@ def test_cat_and_slice_along_tokens_without_reencoding(name: str) -> None:
     assert torch.equal(codec.decode(whole.slice_tokens(32, 64)), codec.decode(parts[1]))
     if not whole.grouped:
         idx = torch.tensor([5, 0, 77])
-        assert torch.equal(codec.decode(whole.select_tokens(idx)), codec.decode(whole)[:, idx])
+        picked = whole.select_tokens(idx)
+        # the very codes of those rows (decoding 3 rows and 96 rows runs other SIMD kernels: equal to rounding)
+        assert all(torch.equal(picked.fields[k], whole.fields[k][:, idx]) for k in whole.fields)
+        torch.testing.assert_close(codec.decode(picked), codec.decode(whole)[:, idx], atol=2e-3, rtol=2e-3)
 
 
 def test_any_leading_shape_and_single_vectors() -> None:

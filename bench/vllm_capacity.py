@@ -131,7 +131,7 @@ def main() -> None:
 
     model = a.model or str(find_model_folder() or "")
     if not model:
-        raise SystemExit("no SmolLM2 folder: run `.venv/bin/python -m kvslim.vllm.run --model-folder` once")
+        raise SystemExit("no SmolLM2 folder: run `.venv/bin/kvslim models --hf-folder smollm2-135m` once")
     formats = [f.strip() for f in a.formats.split(",") if f.strip()]
     result: dict = {"model": model, "capacity_budget_bytes": a.capacity_mib << 20}
     with tempfile.TemporaryDirectory(prefix="kvslim-vllm-bench-") as tmp:

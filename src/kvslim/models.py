@@ -33,6 +33,7 @@ __all__ = [
     "cache_dir",
     "describe",
     "find_gguf",
+    "hf_folder",
     "is_installed",
     "load",
     "resolve_model_name",
@@ -277,6 +278,19 @@ def load(
         model, tok = _from_folder(source, dtype, name_or_path)
     model.eval()
     return model, tok
+
+
+def hf_folder(name: str, status: Callable[[str], None] | None = None) -> Path:
+    """The plain safetensors folder of embedded model ``name`` (config, tokenizer, float32 weights), which other
+    engines such as vLLM load: ``$KVSLIM_CACHE/models/<gguf stem>-<key>/``. Written (and checked) by the first
+    :func:`load`, which this runs; ``InvalidInput`` when the cache cannot be written."""
+    model = resolve_model_name(name)  # raises with the list of known names
+    load(model.name, status=status)
+    folder = _converted_dir(find_gguf(model.name))
+    if not (folder / "config.json").is_file():
+        raise InvalidInput(f"no safetensors folder could be written for {model.name} under {folder.parent}: set "
+                           "KVSLIM_CACHE to a writable folder")  # fmt: skip
+    return folder
 
 
 def _from_folder(folder: Path, dtype: Any, name: str, gguf: Path | None = None) -> tuple[Any, Any]:

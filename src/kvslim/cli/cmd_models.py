@@ -13,6 +13,11 @@ def register(app: typer.Typer) -> None:
     @one_line_errors
     def models_cmd(
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+        hf_folder: str = typer.Option(
+            None, "--hf-folder", metavar="NAME",
+            help="Print only the plain safetensors folder of embedded model NAME (written on first use), the folder "
+            "vLLM loads (docs/vllm.md).",
+        ),
     ) -> None:
         """List the embedded models with their architecture, licence and whether they are installed.
 
@@ -22,6 +27,16 @@ def register(app: typer.Typer) -> None:
         Facts come from the model's cached config once it has been loaded, else from kvslim's preset of it."""
         from ..models import DEFAULT_MODEL, EMBEDDED_MODELS, embedded_facts, is_installed
 
+        if hf_folder is not None:
+            from ..models import hf_folder as folder_of
+
+            with spinner(f"writing {hf_folder}'s safetensors folder", enabled=not as_json) as say:
+                folder = folder_of(hf_folder, status=say)
+            if as_json:
+                print_json({"model": hf_folder, "folder": str(folder)})
+            else:
+                typer.echo(str(folder))
+            return
         rows = []
         with spinner("reading model headers", enabled=not as_json):
             for name, spec in EMBEDDED_MODELS.items():

@@ -45,10 +45,9 @@ def find_model_folder(name: str = "smollm2-135m") -> Path | None:
 
 def make_model_folder(name: str = "smollm2-135m") -> Path:
     """Write (once) and return the safetensors folder of embedded model ``name``; needs ``kvslim[hf]``."""
-    from kvslim.models import _converted_dir, find_gguf, load
+    from kvslim.models import hf_folder
 
-    load(name)
-    return _converted_dir(find_gguf(name))
+    return hf_folder(name)
 
 
 def run(spec: dict) -> dict:

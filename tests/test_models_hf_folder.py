@@ -25,7 +25,7 @@ def test_prints_the_folder_vllm_loads():
 
     res = CliRunner().invoke(app, ["models", "--hf-folder", "smollm2-135m", "--json"])
     assert res.exit_code == 0, res.output
-    folder = Path(json.loads(res.output.strip().splitlines()[-1])["folder"])
+    folder = Path(json.loads(res.stdout.strip().splitlines()[-1])["folder"])  # stderr: progress bars
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
     assert json.loads((folder / "config.json").read_text())["model_type"] == "llama"
     assert hf_folder("smollm2-135m") == folder

@@ -174,10 +174,13 @@ def test_cli_niah_and_report(tmp_path):
 
 
 def test_recipes_are_checked_by_the_grammar():
+    from kvslim.cache.recipe import parse_recipe
     from kvslim.eval.harness.caches import check_recipes
 
     assert check_recipes(["full"]) == ["full"]
-    assert check_recipes(["v4-tq3", "full"]) == ["full", "v4-tq3"]
+    assert check_recipes(["v4-tq3", "full"]) == ["full", parse_recipe("v4+tq3")]  # parsed once, here
+    parsed = parse_recipe("stream")
+    assert check_recipes([parsed, "stream"])[1] is parsed  # a parsed recipe is not parsed again
     with pytest.raises(InvalidInput, match="unknown recipe 'nope'"):
         check_recipes(["nope"])
     assert check_recipes(["win"], extra=DOUBLE) == ["full", "win"]  # test doubles need no recipe of the grammar

@@ -141,3 +141,37 @@ def test_cli_check_refuses_preset_misuse_in_one_line():
     for text, needle in (("v4-fp8+tq3", "already stores its entries as fp8"), ("stream:w=10", "takes no parameters")):
         res = CliRunner().invoke(app, ["recipes", "--check", text])
         assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output
+
+
+def test_parse_recipes_reads_a_list_with_the_recipe_parser():
+    # issue 23, part 2: --recipes is read by the recipe module's parser (it was a second grammar in the CLI)
+    from kvslim.cache.recipe import parse_recipes
+
+    got = parse_recipes("full,blocks:m=4,k=32,w=128,v4-tq3")
+    assert got == [parse_recipe("full"), parse_recipe("blocks:m=4,k=32,w=128"), parse_recipe("v4+tq3")]
+    assert parse_recipes("window:w=64;v4") == [parse_recipe("window:w=64"), parse_recipe("v4")]
+    with pytest.raises(InvalidInput, match="parameter without a recipe before it"):
+        parse_recipes("w=64,full")
+    with pytest.raises(InvalidInput, match="separate names with single commas"):
+        parse_recipes("full,,v4")
+    with pytest.raises(InvalidInput, match="unknown key 'q'"):
+        parse_recipes("blocks:m=4,q=2")
+
+
+def test_resolve_gives_the_specs_and_the_reasons_every_consumer_uses():
+    # issue 23, part 2: one resolve(recipe, shape) serves building, checking, predicting bytes and pricing
+    from kvslim.cache.build import predict_nbytes
+    from kvslim.cache.method import ModelShape
+    from kvslim.cache.recipe import resolve
+
+    shape = ModelShape(("sliding_attention", "full_attention", "full_attention"), 4, 2, 16, 8, "fp32", True, "toy")
+    res = resolve("v4:full_first=1", shape)
+    assert res.reasons == () and list(res.specs) == parse_recipe("v4:full_first=1").layer_specs(list(shape.layer_types), 8)
+    assert res.require() == list(res.specs)
+    assert resolve(res.recipe, shape).recipe is res.recipe  # a parsed recipe is not parsed again
+    assert resolve("full:full_first=4", shape, "toy").reasons == ("full_first=4 exceeds toy's 3 layers",)
+    bad = resolve("latent:r=32", shape)  # rank above the head dim: the method's own check
+    assert bad.reasons and bad.reasons[0].startswith("recipe latent:r=32: ")
+    with pytest.raises(InvalidInput, match="exceeds the model's head dim 16"):
+        bad.require()
+    assert len(predict_nbytes(shape, "v4", 100)) == 3

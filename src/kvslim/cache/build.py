@@ -26,7 +26,7 @@ from .attention import kvslim_name_for, select_kvslim_attention
 from .base import BaseLayer, LayerContext
 from .guard import check_consistent, check_update, owner_of
 from .method import ModelShape
-from .recipe import LayerSpec, Recipe, parse_recipe
+from .recipe import LayerSpec, Recipe, Resolved, parse_recipe, resolve
 from .rope import inv_freq_for_layer
 from .storage import make_storage_codec
 from .tap import TAP
@@ -122,6 +122,13 @@ class KvslimCache(Cache):
 
 def check_recipe(model: Any, recipe: str | Recipe) -> tuple[Recipe, list[LayerSpec]]:
     """Validate ``recipe`` against ``model``; returns the parsed recipe and one layer spec per layer."""
+    res = _check(model, recipe)
+    return res.recipe, list(res.specs)
+
+
+def _check(model: Any, recipe: str | Recipe) -> Resolved:
+    """``recipe`` resolved against ``model`` (:func:`kvslim.cache.recipe.resolve`), every reason refused and every
+    layer's codec made once, before anything is allocated."""
     r = parse_recipe(recipe)
     if not hasattr(model, "set_attn_implementation") or not model._can_set_attn_implementation():
         raise InvalidInput(
@@ -129,17 +136,11 @@ def check_recipe(model: Any, recipe: str | Recipe) -> tuple[Recipe, list[LayerSp
             "so kvslim caches cannot plug into it; use a Llama/Qwen/Mistral/Gemma-family model"
         )
     kvslim_name_for(model)
-    shape = ModelShape.from_model(model)
-    if r.full_first > len(shape.layer_types):
-        raise InvalidInput(f"full_first={r.full_first} exceeds the model's {len(shape.layer_types)} layers")
-    specs = r.layer_specs(list(shape.layer_types), shape.sliding_window)
-    reasons = r.method.check(shape)
-    if reasons:
-        raise InvalidInput(f"recipe {r}: {reasons[0]}")
-    for spec in specs:  # refuses unknown/unavailable codecs (or a dim they cannot take) up front
-        dim = spec.layer_class().stored_dim(spec, shape)
+    res = resolve(r, ModelShape.from_model(model))
+    for spec in res.require():  # refuses unknown/unavailable codecs (or a dim they cannot take) up front
+        dim = spec.layer_class().stored_dim(spec, res.shape)
         make_storage_codec(r.codec, dim, role="key")
-    return r, specs
+    return res
 
 
 def make_cache(model: Any, recipe: str | Recipe = "full", *, tokenizer: Any = None, seed: int = 0) -> KvslimCache:
@@ -149,8 +150,8 @@ def make_cache(model: Any, recipe: str | Recipe = "full", *, tokenizer: Any = No
     on, which is its own stock attention for every other cache. ``tokenizer`` is used only to calibrate latent bases
     (default: the tokenizer stored next to the model weights).
     """
-    r, specs = check_recipe(model, recipe)
-    shape = ModelShape.from_model(model)
+    res = _check(model, recipe)
+    r, specs, shape = res.recipe, list(res.specs), res.shape
     extras = r.method.prepare(model, specs, tokenizer)
     layers = []
     pool: dict[tuple, Any] = {}  # codec instances shared by layers (one rotation per codec, dim and role)
@@ -181,6 +182,5 @@ def compressed(model: Any, recipe: str | Recipe, **kwargs: Any) -> Iterator[Kvsl
 def predict_nbytes(shape: ModelShape, recipe: str | Recipe, n_tokens: int, batch: int = 1) -> list[int]:
     """Per layer, the bytes a cache of ``recipe`` holds after ``n_tokens`` unpadded tokens, codec constants
     excluded: what ``layer.nbytes(include_codec_state=False)`` reports (the planner's arithmetic)."""
-    r = parse_recipe(recipe)
-    specs = r.layer_specs(list(shape.layer_types), shape.sliding_window)
+    specs = resolve(recipe, shape).specs
     return [s.layer_class().predict(s, n_tokens, shape, batch)["stored"] for s in specs]

@@ -14,6 +14,12 @@ it can without a model; ``kvslim.make_cache`` checks what needs the model before
 ``canonical(text)`` is the one string of a recipe (``v4-tq3``, ``v4+tq3`` and ``v4:w=128+tq3`` are all ``v4+tq3``);
 ``identity(text)`` is that string less the parameters of :data:`PLACEMENT` (where bytes live, not what is computed:
 ``recall:store=disk`` and ``recall`` are one computation), the key results stores and reports use.
+
+A recipe is parsed once, at the edge (the CLI, ``make_cache``, the harness grid), and travels as a :class:`Recipe`;
+every function here takes either. ``parse_recipes(text)`` reads a list (``--recipes``) with the same parser.
+``resolve(recipe, shape)`` is the one step from a recipe to a model: one layer spec per layer and the reasons the
+recipe cannot run there; building (:func:`kvslim.cache.build.make_cache`), checking, predicting bytes and pricing
+(:func:`kvslim.plan.pricing.price_recipe`) all go through it.
 """
 
 from __future__ import annotations
@@ -25,10 +31,10 @@ from typing import Any
 from ..errors import InvalidInput
 from ..formats import REGISTRY, codec_formats
 from .base import LayerSpec
-from .method import Method, check_value, methods
+from .method import Method, ModelShape, check_value, methods
 
-__all__ = ["CODECS", "KINDS", "PLACEMENT", "PRESETS", "LayerSpec", "Recipe", "canonical", "identity", "list_recipes",
-           "parse_recipe", "placement"]
+__all__ = ["CODECS", "KINDS", "PLACEMENT", "PRESETS", "LayerSpec", "Recipe", "Resolved", "canonical", "identity",
+           "list_recipes", "parse_recipe", "parse_recipes", "placement", "resolve"]
 
 #: Parameters that say where a cache's bytes live, not what it computes: recall's cold tier in RAM or on disk
 #: (``store``) and the disk folder (``dir``). They stay in :func:`canonical` (what to run) and are left out of
@@ -226,6 +232,61 @@ def parse_recipe(text: str | Recipe) -> Recipe:
             else:
                 params[key] = _convert(name, key, value)
     return Recipe(name, tuple(params.items()), codec, full_first, text=raw)
+
+
+def parse_recipes(text: str) -> list[Recipe]:
+    """The recipes of a list (``kvslim niah --recipes``), each read by :func:`parse_recipe`: ``;``-separated when the
+    text holds a ``;``, else comma-separated where an item that is only ``key=value`` (no method name) continues the
+    previous recipe's parameters, so ``full,blocks:m=4,k=32,w=128`` is ``[full, blocks:m=4,k=32,w=128]``."""
+    if ";" in text:
+        return [_list_item(t) for t in text.split(";")]
+    items: list[str] = []
+    for part in text.split(","):
+        item = part.strip()
+        head = item.split("=", 1)[0]
+        if items and items[-1] and "=" in item and ":" not in head and "+" not in head:
+            items[-1] += "," + item
+        elif "=" in item and ":" not in head:
+            raise InvalidInput(f"--recipes: {item!r} is a parameter without a recipe before it: write NAME:{item}")
+        else:
+            items.append(item)
+    return [_list_item(t) for t in items]
+
+
+def _list_item(text: str) -> Recipe:
+    if not text.strip():
+        raise InvalidInput("empty recipe name in --recipes: separate names with single commas")
+    return parse_recipe(text)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A recipe resolved against a model shape (:func:`resolve`): one spec per model layer, and ``reasons``: why the
+    recipe cannot run on that shape (one line each; empty when it can)."""
+
+    recipe: Recipe
+    shape: ModelShape
+    specs: tuple[LayerSpec, ...]
+    reasons: tuple[str, ...] = ()
+
+    def require(self) -> list[LayerSpec]:
+        """The layer specs; raises ``InvalidInput`` with the first reason when there is one."""
+        if self.reasons:
+            raise InvalidInput(self.reasons[0])
+        return list(self.specs)
+
+
+def resolve(recipe: str | Recipe, shape: ModelShape, where: str = "the model") -> Resolved:
+    """``recipe`` on a model of ``shape`` (``where`` names the model in reasons): its layer specs
+    (:meth:`Recipe.layer_specs`) and the reasons it cannot run there: ``full_first`` beyond the layers, and each
+    reason of its method's :meth:`~kvslim.cache.method.Method.check`. A layer type kvslim caches do not support
+    raises ``InvalidInput``."""
+    r = parse_recipe(recipe)
+    n = len(shape.layer_types)
+    reasons = [f"full_first={r.full_first} exceeds {where}'s {n} layers"] if r.full_first > n else []
+    specs = r.layer_specs(list(shape.layer_types), shape.sliding_window)
+    reasons += [f"recipe {r}: {why}" for why in r.method.check(shape)]
+    return Resolved(r, shape, tuple(specs), tuple(reasons))
 
 
 def chunk_invariant(text: str | Recipe, chunk: int = 0) -> bool:

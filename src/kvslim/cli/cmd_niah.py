@@ -42,26 +42,6 @@ def parse_list(text: str, kind: type, what: str) -> list:
     return out
 
 
-def split_recipes(text: str) -> list[str]:
-    """Recipes of ``--recipes``: ``;``-separated when the text holds a ``;``, else comma-separated where an item that
-    is only ``key=value`` (no structure name) continues the previous recipe's parameters, so
-    ``full,blocks:m=4,k=32,w=128`` is ``[full, blocks:m=4,k=32,w=128]``."""
-    from ..errors import InvalidInput
-
-    if ";" in text:
-        return [t.strip() for t in text.split(";")]
-    out: list[str] = []
-    for part in text.split(","):
-        item = part.strip()
-        if out and out[-1] and "=" in item and ":" not in item.split("=", 1)[0] and "+" not in item.split("=", 1)[0]:
-            out[-1] += "," + item
-        elif "=" in item and ":" not in item.split("=", 1)[0]:
-            raise InvalidInput(f"--recipes: {item!r} is a parameter without a recipe before it: write NAME:{item}")
-        else:
-            out.append(item)
-    return out
-
-
 def parse_opts(items: list[str]) -> dict:
     """``["haystack=noise", "n_keys=4", "example=false"]`` -> options (ints, floats, booleans, else strings); a key
     given twice is refused (the last would silently win)."""
@@ -191,8 +171,10 @@ def register(app: typer.Typer) -> None:
             if value is not None:
                 check_int(value, flag)
         check_int(batch, "--batch", minimum=1, maximum=4096)
-        names = split_recipes(recipes) if recipes.strip() else []
-        names += list(recipe or [])
+        from ..cache.recipe import parse_recipe, parse_recipes
+
+        names = parse_recipes(recipes) if recipes.strip() else []  # parsed once, here: the grid takes the Recipes
+        names += [parse_recipe(r) for r in recipe or []]
         options: dict = {}
         if needles is not None:
             options["k"] = needles

@@ -74,11 +74,12 @@ def _plot(path: Path, specs: list[Any], contexts: list[int], fmt: Any) -> None:
 def _recipes(spec: Any, recipes: list[str], context: str | None, dtype: str, allow: bool, as_json: bool,
              tiers: dict[str, Any]) -> None:  # fmt: skip
     """The recipe table; ``tiers``: ``gpu`` (a GPU for the decode-step time), ``memory`` / ``host`` (for --fit)."""
-    from ..cache.recipe import canonical
+    from ..cache.recipe import parse_recipe
     from ..plan.accounting import GiB, check_context, parse_contexts
     from ..plan.tiers import fit_tiers, step_time, tier_price
 
-    names = ["full"] + [r for r in dict.fromkeys(canonical(r) for r in recipes) if r != "full"]
+    parsed = {str(r): r for r in map(parse_recipe, ["full", *recipes])}  # parsed once; spellings of one recipe: one
+    names = list(parsed.values())
     contexts = parse_contexts(context) if context else [n for n in DEFAULT_LADDER if n < spec.max_context] + [spec.max_context]
     for n in contexts:
         check_context(spec, n, allow)

@@ -1,6 +1,7 @@
 """The planner's price of a recipe on a stock model: bytes stored, bytes read per decode step and decode FLOPs.
 
-The figures come from the same method objects a cache uses: ``Recipe.layer_specs`` gives each layer's spec, and the
+The figures come from the same method objects a cache uses: :func:`kvslim.cache.recipe.resolve` (what
+``make_cache`` builds from) gives each layer's spec and the reasons a recipe cannot run on the model, and the
 layer class's ``predict`` gives its bytes (what ``nbytes()`` measures, codec constants aside; a test checks the two
 are equal for every registered method) and the attention-core FLOPs of one decode step. Decode FLOPs add the
 projections (2 x active parameters) of the model's :class:`~kvslim.plan.spec.ArchSpec`, as :func:`kvslim.plan.decode_flops`.
@@ -35,27 +36,23 @@ def model_shape(arch: ArchSpec, dtype: str = "bf16") -> Any:
                       dtype, True, arch.name)  # fmt: skip
 
 
-def price_recipe(arch: ArchSpec, recipe: str, n: int, dtype: str = "bf16") -> dict[str, Any]:
+def price_recipe(arch: ArchSpec, recipe: Any, n: int, dtype: str = "bf16") -> dict[str, Any]:
     """``{"recipe", "kv_bytes", "read_bytes", "decode_flops", "attention_flops", "layers", "kv_ratio"}`` at context
-    ``n`` for ``recipe`` applied to ``arch`` (GQA layers only); ``kv_ratio`` is against the full cache in ``dtype``."""
-    from ..cache.recipe import canonical, parse_recipe
+    ``n`` for ``recipe`` (a string or a parsed :class:`~kvslim.cache.recipe.Recipe`) applied to ``arch`` (GQA
+    layers only); ``kv_ratio`` is against the full cache in ``dtype``."""
+    from ..cache.recipe import resolve
 
     if dtype not in ("fp32", "fp16", "bf16"):
         raise InvalidInput(f"with --recipe, --kv-format names the model's dtype (bf16, fp16 or fp32), got {dtype!r}; "
                            "the recipe's +CODEC sets the storage")  # fmt: skip
     shape = model_shape(arch, dtype)
-    r = parse_recipe(recipe)
-    if r.full_first > len(shape.layer_types):
-        raise InvalidInput(f"full_first={r.full_first} exceeds {arch.name}'s {len(shape.layer_types)} layers")
-    reasons = r.method.check(shape)
-    if reasons:
-        raise InvalidInput(f"recipe {r}: {reasons[0]}")
-    specs = r.layer_specs(list(shape.layer_types), shape.sliding_window)
+    res = resolve(recipe, shape, arch.name)
+    specs = res.require()
     layers = [s.layer_class().predict(s, n, shape) for s in specs]
     stored = sum(p["stored"] for p in layers)
     attention = sum(p["flops"] for p in layers)
     return {
-        "recipe": canonical(r),
+        "recipe": str(res.recipe),
         "kv_bytes": stored,
         "read_bytes": sum(p["read"] for p in layers),
         "attention_flops": attention,

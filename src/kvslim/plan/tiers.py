@@ -61,9 +61,10 @@ def get_gpu(name: str) -> GPU:
     return gpu
 
 
-def tier_price(arch: ArchSpec, recipe: str, n: int, dtype: str = "bf16") -> dict[str, Any]:
+def tier_price(arch: ArchSpec, recipe: Any, n: int, dtype: str = "bf16") -> dict[str, Any]:
     """:func:`~kvslim.plan.pricing.price_recipe` plus ``hot``, ``cold`` and ``fetched`` bytes per sequence (the
-    sums of the layers' predictions; 0 for layers without a cold tier)."""
+    sums of the layers' predictions; 0 for layers without a cold tier). ``recipe``: a string or a parsed
+    :class:`~kvslim.cache.recipe.Recipe`."""
     from .pricing import price_recipe
 
     p = price_recipe(arch, recipe, n, dtype)

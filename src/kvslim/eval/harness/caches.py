@@ -3,6 +3,8 @@
 ``full`` is always transformers' plain ``DynamicCache`` (the reference every grid includes). Every other recipe goes
 through ``kvslim.make_cache(model, recipe)``; a name the recipe grammar refuses is refused with an
 :class:`InvalidInput` before anything runs. Tests may pass extra factories (``{name: fn(model) -> Cache}``) instead.
+A recipe is parsed once, when the grid is checked (:func:`check_recipes`); the functions here take the parsed
+:class:`~kvslim.cache.recipe.Recipe` (or ``full`` and a test factory's name, which stay strings).
 """
 
 from __future__ import annotations
@@ -24,25 +26,25 @@ FULL = "full"
 CacheFactories = Mapping[str, Callable[[Any], Any]]
 
 
-def check_recipes(names: list[str], extra: CacheFactories | None = None) -> list[str]:
-    """Validate recipe names (without a model); returns them with ``full`` first and duplicates removed."""
-    from ...cache.recipe import parse_recipe
+def check_recipes(names: list[Any], extra: CacheFactories | None = None) -> list[Any]:
+    """Parse the recipes of a grid once (without a model): names or already parsed recipes in, with ``full`` first
+    and duplicate names removed; out, ``full`` and test factories' names as strings, every other recipe as its
+    :class:`~kvslim.cache.recipe.Recipe` (the one parse it gets)."""
+    from ...cache.recipe import Recipe, parse_recipe
 
-    out = [FULL]
+    out: list[Any] = [FULL]
     for raw in names:
-        name = raw.strip()
+        name = raw if isinstance(raw, Recipe) else raw.strip()
         if not name:
             raise InvalidInput("empty recipe name in --recipes: separate names with single commas")
         if name not in out:
             out.append(name)
-    for n in out:
-        if n != FULL and not (extra and n in extra):
-            parse_recipe(n)
-    return out
+    return [n if n == FULL or (extra and n in extra) or isinstance(n, Recipe) else parse_recipe(n) for n in out]
 
 
-def cache_factory(recipe: str, extra: CacheFactories | None = None) -> Callable[[Any], Any]:
-    """A function ``model -> fresh empty cache`` for ``recipe``."""
+def cache_factory(recipe: Any, extra: CacheFactories | None = None) -> Callable[[Any], Any]:
+    """A function ``model -> fresh empty cache`` for ``recipe`` (``full``, a test factory's name, or a parsed
+    :class:`~kvslim.cache.recipe.Recipe`; a string is parsed by ``make_cache`` at every call)."""
     if extra and recipe in extra:
         return extra[recipe]
     if recipe == FULL:
@@ -62,7 +64,7 @@ def cache_factory(recipe: str, extra: CacheFactories | None = None) -> Callable[
     return compressed
 
 
-def chunks_invariantly(recipe: str, extra: CacheFactories | None = None, chunk: int = 0) -> bool:
+def chunks_invariantly(recipe: Any, extra: CacheFactories | None = None, chunk: int = 0) -> bool:
     """Whether ``recipe``'s cache gives the same results in one call or in chunks (of ``chunk`` tokens, if given)
     (``full``, and :func:`kvslim.cache.recipe.chunk_invariant`; a test factory's invariance is unknown: False)."""
     from ...cache.recipe import chunk_invariant
@@ -72,7 +74,7 @@ def chunks_invariantly(recipe: str, extra: CacheFactories | None = None, chunk: 
     return not (extra and recipe in extra) and chunk_invariant(recipe, chunk)
 
 
-def prefill_plan(recipe: str, cache: Any, chunk: int = 0, where_invariant: bool = False,
+def prefill_plan(recipe: Any, cache: Any, chunk: int = 0, where_invariant: bool = False,
                  extra: CacheFactories | None = None, shared: Shared | None = None) -> PrefillPlan:
     """``recipe``'s :class:`~kvslim.eval.harness.engine.PrefillPlan`, decided once per grid run from an empty
     ``cache`` of it.
@@ -88,7 +90,7 @@ def prefill_plan(recipe: str, cache: Any, chunk: int = 0, where_invariant: bool 
     return PrefillPlan(int(chunk), share)
 
 
-def recipe_key(name: str, extra: CacheFactories | None = None) -> str:
+def recipe_key(name: Any, extra: CacheFactories | None = None) -> str:
     """The one spelling a recipe is stored and reported under (``stream`` and ``window:w=256`` are one recipe, and
     so are ``recall`` and ``recall:store=disk``): its :func:`kvslim.cache.recipe.identity`; ``full`` and test factories
     keep their names. Raises ``InvalidInput`` for a bad recipe."""
@@ -99,7 +101,7 @@ def recipe_key(name: str, extra: CacheFactories | None = None) -> str:
     return identity(name)
 
 
-def run_recipe(name: str, extra: CacheFactories | None = None) -> str:
+def run_recipe(name: Any, extra: CacheFactories | None = None) -> str:
     """The spelling a recipe is run under: its canonical form, placement parameters included (``store=disk`` must
     reach the cache); ``full`` and test factories keep their names."""
     if name == FULL or (extra and name in extra):

@@ -33,7 +33,8 @@ MAX_WORKERS = 4096
 @dataclass
 class Job:
     """Everything a worker needs besides the cells: the task, its options, the model name, extra cache factories,
-    and each recipe's prefill plan (decided once per recipe by :func:`kvslim.eval.harness.runner.run_grid`)."""
+    each recipe's prefill plan (decided once per recipe by :func:`kvslim.eval.harness.runner.run_grid`) and its
+    parsed :class:`~kvslim.cache.recipe.Recipe` (parsed once, by the grid: ``make_cache`` takes it as it is)."""
 
     task: str
     options: dict[str, Any]
@@ -41,9 +42,10 @@ class Job:
     factories: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
     threads: int = 0  # torch threads in each worker (0: the worker's default)
     plans: dict[str, PrefillPlan] = field(default_factory=dict)  # recipe -> its plan (absent: one call, not shared)
+    recipes: dict[str, Any] = field(default_factory=dict)  # recipe -> its Recipe (absent: full, a test factory)
 
     def factory(self, recipe: str) -> Callable[[Any], Any]:
-        return cache_factory(recipe, self.factories)
+        return cache_factory(self.recipes.get(recipe, recipe), self.factories)
 
     def plan(self, recipe: str) -> PrefillPlan:
         """How ``recipe``'s cells prefill (:class:`~kvslim.eval.harness.engine.PrefillPlan`)."""

@@ -45,15 +45,17 @@ __all__ = ["Grid", "Cell", "run_grid", "load_pair", "check_model_name", "check_o
 class Grid:
     """What to run. ``recipes`` gets ``full`` prepended if missing; ``options`` are the task's options. Recipes that
     compute the same (:func:`kvslim.cache.recipe.identity`: they differ only in where bytes live, ``store=``/``dir=``)
-    run once, the first one given."""
+    run once, the first one given. ``recipes`` may hold names or parsed :class:`~kvslim.cache.recipe.Recipe` s; the
+    validated grid holds the canonical names, and ``parsed`` maps each name run to its recipe (parsed once)."""
 
     task: str
     model: str
-    recipes: list[str]
+    recipes: list[Any]
     lengths: list[int]
     depths: list[float] = field(default_factory=lambda: [0.5])
     seeds: list[int] = field(default_factory=lambda: [0])
     options: dict[str, Any] = field(default_factory=dict)
+    parsed: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def validate(self, extra: CacheFactories | None = None) -> Grid:
         """A checked copy (full first, duplicates dropped, depth axis collapsed for depth-free tasks)."""
@@ -82,11 +84,14 @@ class Grid:
         task = get_task(self.task, **self.options)  # validates the options
         depths = sorted({round(float(d), 6) for d in self.depths}) if task.uses_depth else [0.0]
         runs: dict[str, str] = {}  # identity -> the recipe run (placement included); one computation runs once
+        parsed: dict[str, Any] = {}  # the recipe run -> its Recipe (full and test factories: none)
         for r in check_recipes(self.recipes, extra):
-            runs.setdefault(recipe_key(r, extra), run_recipe(r, extra))
+            run = run_recipe(r, extra)
+            if runs.setdefault(recipe_key(r, extra), run) == run and not isinstance(r, str):
+                parsed.setdefault(run, r)
         recipes = list(runs.values())
         return Grid(self.task, self.model, recipes, sorted({int(n) for n in self.lengths}),
-                    depths, sorted({int(s) for s in self.seeds}), task.options())
+                    depths, sorted({int(s) for s in self.seeds}), task.options(), parsed)
 
     def config(self) -> dict[str, Any]:
         return {"format": FORMAT, "task": self.task, "model": self.model, "options": self.options,
@@ -258,7 +263,7 @@ def run_grid(
     """
     grid = grid.validate(factories)
     check_int(threads, "--threads", minimum=0, maximum=MAX_THREADS)
-    check_prefill_chunk(prefill_chunk, grid.recipes, factories, chunk_where_invariant)
+    check_prefill_chunk(prefill_chunk, grid.recipes, factories, chunk_where_invariant, grid.parsed)
     if ray is not None:
         check_ray(ray, workers)  # ray installed, --workers in range, the address reachable: before anything loads
     say = warn or _warn
@@ -270,11 +275,11 @@ def run_grid(
         torch.set_num_threads(threads)
     model, tokenizer = pair if pair is not None else load_pair(grid.model)
     prompts = build_prompts(grid, tokenizer, _max_context(model))
-    job = Job(grid.task, grid.options, grid.model, dict(factories or {}), threads)
+    job = Job(grid.task, grid.options, grid.model, dict(factories or {}), threads, recipes=dict(grid.parsed))
     pool = Shared() if share_prefill and ray is None and batch == 1 else None
     for recipe in grid.recipes:  # a recipe the model cannot take fails here, before any cell runs
-        job.plans[recipe] = prefill_plan(recipe, job.factory(recipe)(model), prefill_chunk, chunk_where_invariant,
-                                         factories, pool)
+        job.plans[recipe] = prefill_plan(job.recipes.get(recipe, recipe), job.factory(recipe)(model), prefill_chunk,
+                                         chunk_where_invariant, factories, pool)
     store.lock()  # one writer per folder (the first thing written): a second run on it is refused here
     try:
         store.claim(grid.config(), force=force)
@@ -300,22 +305,23 @@ def run_grid(
 
 
 def check_prefill_chunk(chunk: int, recipes: list[str], extra: CacheFactories | None = None,
-                        where_invariant: bool = False) -> None:  # fmt: skip
+                        where_invariant: bool = False, parsed: dict[str, Any] | None = None) -> None:  # fmt: skip
     """Refuse a bad ``--prefill-chunk``: not a whole number >= 0, or > 0 with a recipe whose cache is not
     chunk-invariant (:func:`kvslim.cache.recipe.chunk_invariant`: an eviction method compresses after every call, KIVI
     groups tokens, recall's dense prefill takes a one-token call for a decode step), or with a test factory,
     whose invariance is unknown (``where_invariant``: those run in one
-    call instead)."""
+    call instead). ``parsed``: the recipes' parsed forms by name (:attr:`Grid.parsed`)."""
     check_int(chunk, "--prefill-chunk", minimum=0)
     if not chunk or where_invariant:
         return
     for r in recipes:
-        if chunk == 1 and chunks_invariantly(r, extra) and not chunks_invariantly(r, extra, chunk):
+        p = (parsed or {}).get(r, r)
+        if chunk == 1 and chunks_invariantly(p, extra) and not chunks_invariantly(p, extra, chunk):
             raise InvalidInput(
                 f"--prefill-chunk 1 makes every prefill call one token, which {r!r}'s dense prefill treats as a decode "
                 "step (it selects blocks), so it would not compute what one call does: use --prefill-chunk 2 or more"
             )
-        if not chunks_invariantly(r, extra, chunk):
+        if not chunks_invariantly(p, extra, chunk):
             raise InvalidInput(
                 f"--prefill-chunk {chunk} needs recipes whose cache gives the same results in one call or in chunks; "
                 f"{r!r} does not (it compresses or groups tokens per call, so chunks would be a different "

@@ -6,14 +6,20 @@ A method's layer class subclasses :class:`BaseLayer` and its spec subclasses :cl
 transformers cache-layer protocol (``update`` records the new post-RoPE K/V, ``get_seq_length`` counts tokens *seen*,
 ``get_mask_sizes`` reports ``(stored + q, seen - stored)``, batch reordering), padding (``has_padding``, per-token
 validity), positions (``tail_pos`` when ``needs_positions``), the codec stores (``Store``: sinks exact, the tail
-through the spec's tail codec), byte accounting and the attention loop. Hooks, in the order one forward call runs
-them (:meth:`BaseLayer.attend`):
+through the spec's tail codec), byte accounting and the attention template. Hooks, in the order one forward call
+runs them (:meth:`BaseLayer.attend`, the template: no family replaces it):
 
 * ``init_state()`` - allocate method state after the shapes are known (first ``update``).
 * ``encode(k, v, pos)`` / ``decode_tail()`` - how exact tokens are stored and read back (latent: low-rank).
 * ``ingest(k, v, pos, valid)`` - store the new tokens (default: the first ``spec.sinks`` into the sinks, the rest
   appended to the tail).
+* ``take_pending(query, positions, valid_new) -> p0`` - take the tokens ``update`` recorded and store them through
+  ``ingest`` (eviction: staged, stored by ``finish`` once the policy has chosen).
 * ``prepare(q, p0) -> View`` - decode what attention reads this call (blocks: pool what left the window first).
+* ``attend_view(query, view, scaling, softcap)`` - the call's attention: by default stock causal sdpa where exact,
+  else query chunks over ``segments`` through ``attend_segments`` (one explicit softmax over every segment). A
+  family with its own kernel (recall's decode step and log-sum-exp prefill, eviction's one pass over held + new
+  tokens) overrides this step, beside ``prepare`` and ``finish``, never ``attend`` itself.
 * ``segments(view, chunk) -> list[Segment]`` - what a chunk of queries attends to: keys, values and a boolean mask
   ``[b, h|1, s, n]`` per segment (default: sinks, then the exact tail, under the column rule below). A method that
   keeps a different set of tokens per KV head builds its own segments with ``[b, h, s, n]`` masks; one that fetches
@@ -470,23 +476,32 @@ class BaseLayer(CacheLayerMixin):
         self, query: torch.Tensor, positions: torch.Tensor | None, valid_new: torch.Tensor | None,
         scaling: float, softcap: float | None,
     ) -> torch.Tensor:
-        """Store the pending tokens and attend: ``query [b, h*g, q, d]``, ``positions [b|1, q]`` (RoPE positions of
-        the new tokens), ``valid_new [b, q]`` bool (False for padding) -> ``[b, q, h*g, d]``."""
-        b, hq, q, d = query.shape
+        """The template every layer runs: ``query [b, h*g, q, d]``, ``positions [b|1, q]`` (RoPE positions of the new
+        tokens), ``valid_new [b, q]`` bool (False for padding) -> ``[b, q, h*g, d]``. Its steps are the hooks a
+        family extends: :meth:`take_pending` stores the call's tokens (through :meth:`ingest`), :meth:`prepare`
+        decodes what the call reads (a :class:`View`), :meth:`attend_view` attends over it (by default over the
+        :meth:`segments` of each query chunk), :meth:`finish` trims, evicts or compresses."""
         p0 = self.take_pending(query, positions, valid_new)
-        view = self.prepare(q, p0)
+        view = self.prepare(query.shape[2], p0)
+        out = self.attend_view(query, view, scaling, softcap)
+        self.finish(view)
+        return out
+
+    def attend_view(self, query: torch.Tensor, view: View, scaling: float, softcap: float | None) -> torch.Tensor:
+        """Hook: the call's attention over ``view`` -> ``[b, q, h*g, d]``. Default: stock causal sdpa where it is exact
+        (:meth:`plain_causal`), else query chunks (:meth:`query_chunk`), each over its :meth:`segments` through
+        :meth:`attend_segments`."""
+        b, hq, q, d = query.shape
         if softcap is None and self.plain_causal(view):
             out = F.scaled_dot_product_attention(
                 query, view.tail_k, view.tail_v, is_causal=True, scale=scaling, enable_gqa=True
             )
-            self.finish(view)
             return out.transpose(1, 2)
         out = query.new_empty(b, q, hq, d)
         step = self.query_chunk()
         for a in range(0, q, step):
             e = min(q, a + step)
-            cols = torch.arange(p0 + a, p0 + e, device=query.device)
+            cols = torch.arange(view.p0 + a, view.p0 + e, device=query.device)
             chunk = Chunk(query[:, :, a:e], cols, self.n_out_cols(cols))
             out[:, a:e] = self.attend_segments(chunk, self.segments(view, chunk), scaling, softcap)
-        self.finish(view)
         return out

@@ -114,30 +114,24 @@ def expected_scores(mu: torch.Tensor, cov: torch.Tensor | None, rbar: torch.Tens
 
 @dataclass(frozen=True)
 class ExpectedAttentionPolicy(Policy):
-    future: int = 512
-    sinks: int = 4
-    window: int = 0
-    cov: int = 1
-    vnorm: int = 1
-    eps: float = 0.0
-
     def call_scores(self, q, k, v, held, scaling, softcap, acc, pos, valid_q, inv_freq):
         if held:  # one-shot: only the first call (nothing held yet) is scored
             raise RuntimeError("expected attention scores the first call only; tokens were held already")
         b, _hq, s, d = q.shape
+        p = self.params
         real = valid_q if valid_q is not None else torch.ones(b, s, dtype=torch.bool, device=q.device)
         qp = q if inv_freq is None else rotate(q, -pos, inv_freq)  # the pre-RoPE queries
-        use = real & (pos >= self.sinks)
-        if self.window:
-            use &= torch.arange(s, device=q.device)[None] >= s - self.window
+        use = real & (pos >= p.sinks)
+        if p.window:
+            use &= torch.arange(s, device=q.device)[None] >= s - p.window
         use = torch.where(use.any(1, keepdim=True), use, real)  # a prompt of sinks only: every real query
         w = use.float()
         mu, cov = query_statistics(qp, w / w.sum(1, keepdim=True).clamp_min(1))
         last = torch.where(real, pos, torch.full_like(pos, -1)).amax(1)  # [b] the last real position
-        rbar = average_rotation(inv_freq, last + 1, self.future, d)
-        sink = real & (pos < self.sinks)
-        sc = expected_scores(mu, cov if self.cov else None, rbar, k, v if self.vnorm else None, scaling,
-                             keys_mask=real & ~sink, eps=self.eps)  # fmt: skip
+        rbar = average_rotation(inv_freq, last + 1, p.future, d)
+        sink = real & (pos < p.sinks)
+        sc = expected_scores(mu, cov if p.cov else None, rbar, k, v if p.vnorm else None, scaling,
+                             keys_mask=real & ~sink, eps=float(p.eps))  # fmt: skip
         return sc.masked_fill(sink[:, None], float("inf"))  # the sinks always kept (the best scores)
 
 
@@ -165,9 +159,5 @@ class ExpectedAttention(EvictMethod):
     name = "expattn"
     summary = "Expected Attention: future queries' expected attention (Gaussian queries, averaged RoPE) x value norm"
     Params = ExpAttnParams
+    policy_class = ExpectedAttentionPolicy
     examples = ({"keep": 0.5}, {"keep": 0.25, "sinks": 2, "window": 8, "cov": 0, "future": 64})
-
-    def policy(self) -> Policy:
-        p = self.params
-        return ExpectedAttentionPolicy(ratio=p.keep, budget=p.budget, future=p.future, sinks=p.sinks,
-                                       window=p.window, cov=p.cov, vnorm=p.vnorm, eps=float(p.eps))  # fmt: skip

@@ -19,12 +19,11 @@ __all__ = ["H2O", "H2OParams", "HeavyHitters"]
 
 @dataclass(frozen=True)
 class HeavyHitters(Policy):
-    recent: float = 0.5
     continuous = True
     accumulates = True
 
     def protect(self, budget: int) -> tuple[int, int]:
-        return 0, round(self.recent * budget)
+        return 0, round(self.params.recent * budget)
 
     def scores(self, q, k, held, scaling, softcap, acc):
         return acc
@@ -48,8 +47,5 @@ class H2O(EvictMethod):
     name = "h2o"
     summary = "H2O: accumulated attention (heavy hitters) + recent tokens, evicted at every step"
     Params = H2OParams
+    policy_class = HeavyHitters
     examples = ({"keep": 0.5}, {"keep": 0.25, "recent": 0.25})
-
-    def policy(self) -> Policy:
-        p = self.params
-        return HeavyHitters(ratio=p.keep, budget=p.budget, recent=p.recent)

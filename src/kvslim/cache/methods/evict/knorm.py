@@ -34,8 +34,5 @@ class KeyNorm(EvictMethod):
     name = "knorm"
     summary = "key-norm: keep the tokens whose keys have the lowest L2 norm (after the prefill)"
     Params = KeyNormParams
+    policy_class = LowKeyNorm
     examples = ({"keep": 0.5}, {"keep": 0.125})
-
-    def policy(self) -> Policy:
-        p = self.params
-        return LowKeyNorm(ratio=p.keep, budget=p.budget)

@@ -14,10 +14,11 @@ document alone and the question in a second call therefore compresses question-a
 :mod:`kvslim.generation`). Until the first compression nothing is stored; kept tokens are then encoded through the
 storage codec (``none`` keeps the model dtype, which makes ``ratio = 1`` token-identical to ``DynamicCache``).
 
-Method files (``kvslim/cache/methods/{streaming,snapkv,tova,h2o,knorm,expattn}.py``) each hold a policy, its
-parameters (:class:`EvictParams`) and an :class:`EvictMethod`; this module is what they share: the layer (on
-:class:`~kvslim.cache.base.BaseLayer`, whose exact tail store holds the kept tokens), its spec and its byte
-prediction.
+Method files (``kvslim/cache/methods/evict/{streaming,snapkv,tova,h2o,knorm,expattn}.py``) each hold its parameters
+(an :class:`EvictParams` subclass: every field declared once, there), a policy that reads them (``self.params``)
+and an :class:`EvictMethod` naming both; this module is what they share: the layer (on
+:class:`~kvslim.cache.base.BaseLayer`'s attention template, whose exact tail store holds the kept tokens: it stages
+the call's tokens, attends over held + new in one pass and evicts in ``finish``), its spec and its byte prediction.
 
 Index letters: b batch, h KV head, g query heads per KV head, s queries of the call, n tokens, d dim.
 """
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 
 from ....errors import InvalidInput
-from ...base import BaseLayer, LayerSpec, grouped_attention, stream_nbytes
+from ...base import BaseLayer, LayerSpec, View, grouped_attention, stream_nbytes
 from ...method import Method, Params, param
 from .scores import causal_probs, check_ratio, keep_budget, select_keep
 
@@ -44,19 +45,23 @@ _CHUNK = 256  # queries per probability chunk (accumulating policies)
 class Policy:
     """What a method decides: scores per token, protected sinks / recent tokens, one-shot or continuous.
 
-    ``ratio`` in (0, 1] or ``budget`` > 0 tokens (which wins when given). Subclasses set ``continuous`` and
-    override :meth:`scores` (and :meth:`protect`, :meth:`check_prompt` where the paper has sinks or a window).
+    ``params``: the method's :class:`EvictParams` (validated there), the one place its fields are declared; the
+    policy reads them (``ratio`` is ``keep`` in (0, 1], ``budget`` > 0 tokens wins when given). Subclasses set
+    ``continuous`` and override :meth:`scores` (and :meth:`protect`, :meth:`check_prompt` where the paper has sinks
+    or a window); an :class:`EvictMethod` names its policy class in ``policy_class``.
     """
 
-    ratio: float = 1.0
-    budget: int = 0
+    params: Any
     continuous = False
     accumulates = False  # keeps a running score per held token (H2O)
 
-    def __post_init__(self) -> None:
-        check_ratio(self.ratio)
-        if self.budget < 0:
-            raise InvalidInput(f"token budget must be positive (0: use the keep ratio), got {self.budget}")
+    @property
+    def ratio(self) -> float:
+        return self.params.keep
+
+    @property
+    def budget(self) -> int:
+        return self.params.budget
 
     def check_prompt(self, n: int) -> None:
         """Refuse a first call of ``n`` tokens the method cannot compress (budget above it, window longer)."""
@@ -131,6 +136,22 @@ class EvictParams(Params):
                                f"token count and would ignore keep={self.keep:g}")
 
 
+@dataclass
+class EvictView(View):
+    """An eviction call's view: ``tail_k``/``tail_v`` the held tokens and the new ones (``k_new``/``v_new``), their
+    validity ``[b, h, n]`` (None: no padding seen), the call's positions and validity for the policy; the query,
+    scaling and softcap are noted by :meth:`EvictLayer.attend_view` for :meth:`EvictLayer.finish`."""
+
+    k_new: torch.Tensor
+    v_new: torch.Tensor
+    held: int
+    valid: torch.Tensor | None
+    call: tuple[torch.Tensor, torch.Tensor | None]
+    query: torch.Tensor | None = None
+    scaling: float = 1.0
+    softcap: float | None = None
+
+
 @dataclass(frozen=True)
 class EvictSpec(LayerSpec):
     """A global layer of an eviction method: its :class:`Policy` (storage codec in ``codec``)."""
@@ -149,9 +170,10 @@ class EvictMethod(Method):
     lossless = ({"keep": 1.0},)
     chunk_invariant = False
     shares_context_prefill = True  # the first call attends in full, then compresses (EvictLayer.attend)
+    policy_class: type[Policy] = Policy  # what the method decides, reading its parameters (declared once, in Params)
 
     def policy(self) -> Policy:
-        raise NotImplementedError
+        return self.policy_class(self.params)
 
     def check(self, shape: Any) -> list[str]:
         from ....formats import REGISTRY
@@ -179,6 +201,7 @@ class EvictLayer(BaseLayer):
     def reset(self) -> None:
         super().reset()
         self.calls = 0
+        self._known: torch.Tensor | None = None  # absorb: the call's output, computed by another layer
 
     def init_state(self) -> None:
         self.policy = self.spec.policy
@@ -216,12 +239,59 @@ class EvictLayer(BaseLayer):
             flops += 2 * batch * shape.heads * shape.head_dim * (kept + 1)
         return {"stored": kv + side, "read": kv, "flops": flops}
 
-    # ---- attention and eviction ------------------------------------------------------------------------------
-    def attend(self, query: torch.Tensor, positions: Any, valid_new: torch.Tensor | None, scaling: float,
-               softcap: float | None) -> torch.Tensor:
-        """Attend ``query [b, h*g, s, d]`` over the held tokens and the new ones, then store / evict.
-        Returns ``[b, s, h*g, d]``."""
-        return self._call(query, positions, valid_new, scaling, softcap, None)
+    # ---- attention and eviction (the base template: take_pending -> prepare -> attend_view -> finish) ----------
+    def take_pending(self, query: torch.Tensor, positions: Any, valid_new: torch.Tensor | None) -> int:
+        """The call's new tokens stay staged (nothing is stored before the policy has chosen, in :meth:`finish`)."""
+        k_new, v_new = self.pending
+        self.pending = None
+        self._call_in = (query, k_new, v_new, positions, valid_new)
+        return self.seen - query.shape[2]
+
+    def prepare(self, q: int, p0: int) -> EvictView:
+        """The held tokens (decoded) and the new ones as one segment, with its validity ``[b, h, n]`` once padding
+        was seen."""
+        query, k_new, v_new, positions, valid_new = self._call_in
+        self._call_in = None
+        b, s, h = query.shape[0], q, self.heads
+        held = self.tail_k.n
+        k_old, v_old = self.tail_k.decode(), self.tail_v.decode()
+        k_all = k_new if k_old is None else torch.cat([k_old, k_new], 2)
+        v_all = v_new if v_old is None else torch.cat([v_old, v_new], 2)
+        if valid_new is not None and not bool(valid_new.all()) and self.valid is None:
+            self.valid = torch.ones(b, h, held, dtype=torch.bool, device=self.device)
+        valid = None
+        if self.valid is not None:
+            new = valid_new if valid_new is not None else torch.ones(b, s, dtype=torch.bool, device=self.device)
+            valid = torch.cat([self.valid, new[:, None].expand(b, h, s)], 2)  # [b, h, n]
+        pos = positions  # RoPE positions of the call's tokens (default: the columns after what was seen)
+        if pos is None:
+            pos = torch.arange(self.seen - s, self.seen, device=self.device)[None]
+        return EvictView(q, p0, None, None, k_all, v_all, k_new, v_new, held, valid, (pos.expand(b, s), valid_new))
+
+    def attend_view(self, query: torch.Tensor, view: EvictView, scaling: float, softcap: float | None) -> torch.Tensor:
+        """Every query over the held tokens and the new ones up to itself (stock causal sdpa for a first call
+        without padding or softcap); an absorbed call's output is the one given. ``-> [b, s, h*g, d]``."""
+        view.query, view.scaling, view.softcap = query, scaling, softcap  # what finish scores with
+        s, n, held, valid = view.q, view.held + view.q, view.held, view.valid
+        if self._known is not None:  # absorb: a plain first call's output, computed by another layer
+            return self._known
+        if held == 0 and valid is None and softcap is None:
+            return torch.nn.functional.scaled_dot_product_attention(
+                query, view.tail_k, view.tail_v, is_causal=s > 1, scale=scaling, enable_gqa=True
+            ).transpose(1, 2)
+        mask = None
+        if s > 1 or valid is not None:
+            cols = torch.arange(n, device=self.device)
+            mask = (cols[None, :] <= held + torch.arange(s, device=self.device)[:, None])[None, None]  # [1,1,s,n]
+            if valid is not None:
+                mask = mask & valid[:, :, None, :]
+        out, _ = grouped_attention(query, view.tail_k, view.tail_v, mask, scaling, softcap)
+        return out
+
+    def finish(self, view: EvictView) -> None:
+        """The policy keeps its budget of held + new tokens; the rest are deleted."""
+        self._store(view.query, view.tail_k, view.tail_v, view.k_new, view.v_new, view.valid, view.scaling,
+                    view.softcap, view.call)  # fmt: skip
 
     def plain_first_call(self, valid_new: torch.Tensor | None, softcap: float | None) -> bool:
         """Whether the coming call is a first call without padding or softcap: its output is then
@@ -236,45 +306,11 @@ class EvictLayer(BaseLayer):
         from the same inputs (:mod:`kvslim.eval.harness.share`): what :meth:`attend` does, less recomputing that output."""
         if self.pending is None or not self.plain_first_call(valid_new, softcap):
             raise ValueError("absorb takes a plain first call only (no tokens held, no padding, no softcap)")
-        self._call(query, positions, valid_new, scaling, softcap, out)
-
-    def _call(self, query: torch.Tensor, positions: Any, valid_new: torch.Tensor | None, scaling: float,
-              softcap: float | None, known: torch.Tensor | None) -> torch.Tensor:
-        k_new, v_new = self.pending
-        self.pending = None
-        b, hq, s, d = query.shape
-        h = self.heads
-        held = self.tail_k.n
-        k_old, v_old = self.tail_k.decode(), self.tail_v.decode()
-        k_all = k_new if k_old is None else torch.cat([k_old, k_new], 2)
-        v_all = v_new if v_old is None else torch.cat([v_old, v_new], 2)
-        n = held + s
-        if valid_new is not None and not bool(valid_new.all()) and self.valid is None:
-            self.valid = torch.ones(b, h, held, dtype=torch.bool, device=self.device)
-        valid = None
-        if self.valid is not None:
-            new = valid_new if valid_new is not None else torch.ones(b, s, dtype=torch.bool, device=self.device)
-            valid = torch.cat([self.valid, new[:, None].expand(b, h, s)], 2)  # [b, h, n]
-        if known is not None:  # absorb: a plain first call's output, computed by another layer
-            out = known
-        elif held == 0 and valid is None and softcap is None:
-            out = torch.nn.functional.scaled_dot_product_attention(
-                query, k_all, v_all, is_causal=s > 1, scale=scaling, enable_gqa=True
-            ).transpose(1, 2)
-        else:
-            mask = None
-            if s > 1 or valid is not None:
-                cols = torch.arange(n, device=self.device)
-                mask = (cols[None, :] <= held + torch.arange(s, device=self.device)[:, None])[None, None]  # [1,1,s,n]
-                if valid is not None:
-                    mask = mask & valid[:, :, None, :]
-            out, _ = grouped_attention(query, k_all, v_all, mask, scaling, softcap)
-        pos = positions  # RoPE positions of the call's tokens (default: the columns after what was seen)
-        if pos is None:
-            pos = torch.arange(self.seen - s, self.seen, device=self.device)[None]
-        call = (pos.expand(b, s), valid_new)
-        self._store(query, k_all, v_all, k_new, v_new, valid, scaling, softcap, call)
-        return out
+        self._known = out
+        try:
+            self.attend(query, positions, valid_new, scaling, softcap)
+        finally:
+            self._known = None
 
     def _store(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, k_new: torch.Tensor,
                v_new: torch.Tensor, valid: torch.Tensor | None, scaling: float, softcap: float | None,

@@ -22,22 +22,19 @@ __all__ = ["SnapKV", "SnapKVParams", "SnapKVPolicy"]
 
 @dataclass(frozen=True)
 class SnapKVPolicy(Policy):
-    window: int = 32
-    kernel: int = 7
-    pool: str = "max"
-
     def check_prompt(self, n: int) -> None:
-        if keep_budget(n, self.ratio, self.budget) < n and self.window > n:  # (nothing to evict: no votes needed)
-            raise InvalidInput(f"snapkv: observation window {self.window} is longer than the {n}-token prompt; "
+        window = self.params.window
+        if keep_budget(n, self.ratio, self.budget) < n and window > n:  # (nothing to evict: no votes needed)
+            raise InvalidInput(f"snapkv: observation window {window} is longer than the {n}-token prompt; "
                                f"use window <= {n}")
 
     def protect(self, budget: int) -> tuple[int, int]:
-        return 0, self.window
+        return 0, self.params.window
 
     def scores(self, q, k, held, scaling, softcap, acc):
-        n = k.shape[2]
-        probs = causal_probs(q[:, :, -self.window :], k, scaling, softcap, first=n - self.window)
-        return snapkv_scores(probs, self.kernel, self.pool)
+        n, p = k.shape[2], self.params
+        probs = causal_probs(q[:, :, -p.window :], k, scaling, softcap, first=n - p.window)
+        return snapkv_scores(probs, p.kernel, p.pool)
 
 
 @dataclass(frozen=True)
@@ -54,8 +51,5 @@ class SnapKV(EvictMethod):
     name = "snapkv"
     summary = "SnapKV: the prompt's last queries vote (pooled attention), the window + the top voted kept"
     Params = SnapKVParams
+    policy_class = SnapKVPolicy
     examples = ({"keep": 0.5, "window": 1}, {"keep": 0.25, "window": 1, "pool": "avg", "kernel": 3})
-
-    def policy(self) -> Policy:
-        p = self.params
-        return SnapKVPolicy(ratio=p.keep, budget=p.budget, window=p.window, kernel=p.kernel, pool=p.pool)

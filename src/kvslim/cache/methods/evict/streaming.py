@@ -23,11 +23,10 @@ __all__ = ["Streaming", "StreamingLLM", "StreamingParams"]
 
 @dataclass(frozen=True)
 class StreamingLLM(Policy):
-    sinks: int = 4
     continuous = True
 
     def protect(self, budget: int) -> tuple[int, int]:
-        return self.sinks, budget  # after the sinks, the whole budget goes to the most recent tokens
+        return self.params.sinks, budget  # after the sinks, the whole budget goes to the most recent tokens
 
     def scores(self, q, k, held, scaling, softcap, acc):
         return torch.zeros(k.shape[:3], device=k.device)
@@ -45,8 +44,5 @@ class Streaming(EvictMethod):
     name = "streaming"
     summary = "StreamingLLM on a keep ratio: sinks + the most recent tokens, evicted at every step"
     Params = StreamingParams
+    policy_class = StreamingLLM
     examples = ({"keep": 0.5}, {"keep": 0.25, "sinks": 2})
-
-    def policy(self) -> Policy:
-        p = self.params
-        return StreamingLLM(ratio=p.keep, budget=p.budget, sinks=p.sinks)

@@ -20,12 +20,11 @@ __all__ = ["TOVA", "Tova", "TovaParams"]
 
 @dataclass(frozen=True)
 class TOVA(Policy):
-    per_head: int = 0
     continuous = True
 
     def scores(self, q, k, held, scaling, softcap, acc):
         probs = causal_probs(q[:, :, -1:], k, scaling, softcap, first=k.shape[2] - 1)
-        return tova_scores(probs, per_head=bool(self.per_head))
+        return tova_scores(probs, per_head=bool(self.params.per_head))
 
 
 @dataclass(frozen=True)
@@ -41,8 +40,5 @@ class Tova(EvictMethod):
     name = "tova"
     summary = "TOVA: evict the tokens the current query attends to least, at every step (per KV head)"
     Params = TovaParams
+    policy_class = TOVA
     examples = ({"keep": 0.5}, {"keep": 0.25, "per_head": 1})
-
-    def policy(self) -> Policy:
-        p = self.params
-        return TOVA(ratio=p.keep, budget=p.budget, per_head=p.per_head)

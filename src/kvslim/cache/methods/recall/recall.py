@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ....errors import InvalidInput
 from ....formats import REGISTRY
-from ...base import BaseLayer, LayerSpec, stream_nbytes
+from ...base import BaseLayer, LayerSpec, Segment, View, stream_nbytes
 from ...method import Method, Params, param, register
 from ...storage import Store
 from ..window import sinks_param, window_param, wq_param
@@ -100,6 +100,13 @@ class RecallSpec(LayerSpec):
 
     def layer_class(self) -> type[BaseLayer]:
         return RecallLayer
+
+
+@dataclass
+class RecallView(View):
+    """A recall call's view: the decoded sinks and window, and ``n_next`` blocks out of the window after the call."""
+
+    n_next: int
 
 
 @register
@@ -269,33 +276,45 @@ class RecallLayer(BaseLayer):
         new = x.reshape(new.shape)
         return new if s is None else torch.cat([s, new], 2)
 
-    # ---- attention -------------------------------------------------------------------------------------------
-    def attend(self, query: torch.Tensor, positions: torch.Tensor | None, valid_new: torch.Tensor | None,
-               scaling: float, softcap: float | None) -> torch.Tensor:  # fmt: skip
-        """Store the pending tokens and attend: ``query [b, h*g, q, d]`` -> ``[b, q, h*g, d]``."""
-        b, hq, q, d = query.shape
-        p0 = self.take_pending(query, positions, valid_new)
+    # ---- attention (the base template: take_pending -> prepare -> attend_view -> finish) -------------------------
+    def prepare(self, q: int, p0: int) -> RecallView:
+        """The exact tokens this call reads (sinks and window, decoded) and the blocks out of the window after it."""
         n_next = self.n_out(self.seen)
         tail_k, tail_v = self.tail_k.decode(), self.tail_v.decode()
         sink_k, sink_v = self.sink_k.decode(), self.sink_v.decode()
         self.fetched = self.fetched_tokens = 0
-        if q == 1:
-            out = self._decode_step(query, scaling, softcap, (sink_k, sink_v), (tail_k, tail_v))
+        return RecallView(q, p0, sink_k, sink_v, tail_k, tail_v, n_next)
+
+    def attend_view(self, query: torch.Tensor, view: RecallView, scaling: float,
+                    softcap: float | None) -> torch.Tensor:  # fmt: skip
+        """A decode step attends over its segments (sinks, the fetched blocks, the rest, the window); a prefill call
+        over sinks, cold tier and window chunk by chunk, merged by log-sum-exp (then pins). ``-> [b, q, h*g, d]``."""
+        sinks, tail = (view.sink_k, view.sink_v), (view.tail_k, view.tail_v)
+        if view.q == 1:
+            out = self._decode_step(query, scaling, softcap, sinks, tail)
         else:
-            out = self._prefill(query, p0, n_next, scaling, softcap, (sink_k, sink_v), (tail_k, tail_v))
-            if self.spec.p.pin and n_next > 0:
-                self._pin(query[:, :, -1:], n_next, tail_k, scaling, softcap)
-        self._move_out(n_next, tail_k, tail_v)
+            out = self._prefill(query, view.p0, view.n_next, scaling, softcap, sinks, tail)
+            if self.spec.p.pin and view.n_next > 0:
+                self._pin(query[:, :, -1:], view.n_next, view.tail_k, scaling, softcap)
         return out.transpose(1, 2)
 
+    def finish(self, view: RecallView) -> None:
+        """Blocks that left the window: summaries to the hot index, exact tokens to the cold tier."""
+        self._move_out(view.n_next, view.tail_k, view.tail_v)
+
     def _decode_step(self, query, scaling, softcap, sinks, tail) -> torch.Tensor:
-        b, hq, _, d = query.shape
+        """One decode query over :meth:`_decode_segments`, one softmax over them all -> ``[b, h*g, 1, d]``."""
+        return self._attend_decode(query, self._decode_segments(query, sinks, tail), scaling, softcap)
+
+    def _decode_segments(self, query, sinks, tail) -> list[Segment]:
+        """What a decode query attends to, masks ``[b, h, 1, n]``: the sinks, the exact tokens of the blocks it
+        fetches from the cold tier (top ``k`` by summary score, pinned blocks first), with ``rest=mean`` one entry
+        per block not fetched (``meta``: its token count), and the window."""
+        b = query.shape[0]
         h, m, p = self.heads, self.m, self.spec.p
-        ks, vs, ms = [], [], []
+        segs = []
         if sinks[0] is not None:
-            ks += [sinks[0]]
-            vs += [sinks[1]]
-            ms.append(self.sink_valid[:, None, None, :].expand(b, h, 1, -1))
+            segs.append(Segment(*sinks, self.sink_valid[:, None, None, :].expand(b, h, 1, -1), name="sinks"))
         nt = self.n_out(self.seen - 1)
         if nt > 0:
             scores = score_blocks(p.summary, query, self._summaries(nt, None), p.gqa)
@@ -308,32 +327,37 @@ class RecallLayer(BaseLayer):
             idx, ok = select_blocks(scores, self.blk_valid[:, None, None, :nt], p.k or nt, p.nbr)  # [b, h, 1, K]
             rows = (idx[:, :, 0, :, None] * m + torch.arange(m, device=idx.device)).reshape(b, h, -1)
             before = self.cold_k.fetched_bytes + self.cold_v.fetched_bytes
-            ks.append(self.cold_k.fetch(rows))
-            vs.append(self.cold_v.fetch(rows))
+            fk, fv = self.cold_k.fetch(rows), self.cold_v.fetch(rows)
             self.fetched = self.cold_k.fetched_bytes + self.cold_v.fetched_bytes - before
             self.fetched_tokens = int(ok.sum()) * m // (b * h)
             tok_ok = ok[:, :, 0, :, None].expand(b, h, idx.shape[-1], m).reshape(b, h, 1, -1)
             if self.cold_valid is not None:
                 tok_ok = tok_ok & self.cold_valid.gather(1, rows.reshape(b, -1)).reshape(b, h, 1, -1)
-            ms.append(tok_ok)
+            segs.append(Segment(fk, fv, tok_ok, name="fetched"))
             if p.rest == "mean":
                 rest_ok = self.blk_valid[:, None, :nt] & ~torch.zeros(b, h, nt, dtype=torch.bool, device=query.device
                                                                       ).scatter_(2, idx[:, :, 0], ok[:, :, 0])
-                ks.append(self.rest_k.decode()[:, :, :nt])
-                vs.append(self.rest_v.decode()[:, :, :nt])
-                ms.append(rest_ok[:, :, None])
                 counts = torch.full((b, nt), float(m)) if self.cold_valid is None else \
                     self.cold_valid[:, : nt * m].reshape(b, nt, m).sum(-1).float()
-                rest_at = sum(x.shape[-1] for x in ms[:-1])
+                segs.append(Segment(self.rest_k.decode()[:, :, :nt], self.rest_v.decode()[:, :, :nt],
+                                    rest_ok[:, :, None], name="rest", meta=counts))  # fmt: skip
         if tail[0] is not None:
-            ks.append(tail[0])
-            vs.append(tail[1])
-            ms.append(self.tail_valid[:, None, None, :].expand(b, h, 1, -1))
-        K, V, M = torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(ms, 3)
+            segs.append(Segment(*tail, self.tail_valid[:, None, None, :].expand(b, h, 1, -1), name="window"))
+        return segs
+
+    def _attend_decode(self, query, segs, scaling, softcap) -> torch.Tensor:
+        """The decode query over ``segs`` joined: sdpa with an additive mask (and, for the ``rest`` entries, the log
+        of the token count each stands for)."""
+        b, hq = query.shape[:2]
+        h = self.heads
+        K, V = torch.cat([g.k for g in segs], 2), torch.cat([g.v for g in segs], 2)
+        M = torch.cat([g.mask for g in segs], 3)
         extra = None  # rest=mean: log(token count) on the entries of the blocks not fetched
-        if p.rest == "mean" and nt > 0:
+        rest = [i for i, g in enumerate(segs) if g.name == "rest"]
+        if rest:
+            rest_at, counts = sum(g.k.shape[2] for g in segs[: rest[0]]), segs[rest[0]].meta
             extra = torch.zeros(b, 1, 1, K.shape[2], dtype=torch.float32, device=query.device)
-            extra[..., rest_at : rest_at + nt] = counts.clamp_min(1).log().to(query.device)[:, None, None]
+            extra[..., rest_at : rest_at + counts.shape[1]] = counts.clamp_min(1).log().to(query.device)[:, None, None]
         if softcap is not None:
             return attend_segment(query, K, V, M, scaling, softcap, extra)[0].to(query.dtype)
         bias = None

@@ -48,5 +48,9 @@ def test_passkey_grid_through_vllm(tmp_path):
             assert r["kv_pool_tokens"] > 600 and r["kv_bytes"] >= 600 * r["kv_bytes_per_token"]
             assert r["success"] is (r["expected"][0] in r["answer"])
     # a rerun finds every cell done and starts no engine
+    logs = {p.name: p.stat().st_mtime_ns for p in out.glob("vllm-*.log")}
+    assert set(logs) == {"vllm-vllm.log", "vllm-vllm-fp32.log"}
     again = CliRunner().invoke(app, args)
-    assert again.exit_code == 0 and json.loads(again.output)["ran"] == 0
+    assert again.exit_code == 0 and '"ran": 0' in again.output, again.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("vllm-*.log")} == logs  # no engine started
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4

@@ -206,7 +206,7 @@ def register(app: typer.Typer) -> None:
         chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Force the chat template on/off (default: when present)."),
         ray: str | None = typer.Option(None, "--ray", help="Run on Ray: bare --ray (or --ray local) starts a local cluster; --ray ADDRESS joins one."),
         workers: int = typer.Option(2, "--workers", "-w", help="Ray actors, >= 1 (each loads the model once)."),
-        threads: int = typer.Option(0, "--threads", help="torch CPU threads per process, 0..4096 (0: torch's default)."),
+        threads: int = typer.Option(0, "--threads", help="torch CPU threads per process, 0..4096 (0: torch's default; with --engine vllm: the engine's OMP threads, 0: 1)."),
         prefill_chunk: int = typer.Option(0, "--prefill-chunk", help="Feed each prompt in calls of at most this many "
                                           "tokens (0: one call; a one-token remainder joins the call before it). "
                                           "Only for recipes whose cache gives the same results in chunks (full, "

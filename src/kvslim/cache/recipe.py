@@ -234,12 +234,12 @@ def parse_recipe(text: str | Recipe) -> Recipe:
     return Recipe(name, tuple(params.items()), codec, full_first, text=raw)
 
 
-def parse_recipes(text: str) -> list[Recipe]:
-    """The recipes of a list (``kvslim niah --recipes``), each read by :func:`parse_recipe`: ``;``-separated when the
-    text holds a ``;``, else comma-separated where an item that is only ``key=value`` (no method name) continues the
-    previous recipe's parameters, so ``full,blocks:m=4,k=32,w=128`` is ``[full, blocks:m=4,k=32,w=128]``."""
+def split_recipe_list(text: str) -> list[str]:
+    """The recipe texts of a list (``kvslim niah --recipes``), unparsed: ``;``-separated when the text holds a ``;``,
+    else comma-separated where an item that is only ``key=value`` (no method name) continues the previous recipe's
+    parameters, so ``full,blocks:m=4,k=32,w=128`` is ``["full", "blocks:m=4,k=32,w=128"]``."""
     if ";" in text:
-        return [_list_item(t) for t in text.split(";")]
+        return [t.strip() for t in text.split(";")]
     items: list[str] = []
     for part in text.split(","):
         item = part.strip()
@@ -250,7 +250,13 @@ def parse_recipes(text: str) -> list[Recipe]:
             raise InvalidInput(f"--recipes: {item!r} is a parameter without a recipe before it: write NAME:{item}")
         else:
             items.append(item)
-    return [_list_item(t) for t in items]
+    return items
+
+
+def parse_recipes(text: str) -> list[Recipe]:
+    """The recipes of a list (``kvslim niah --recipes``, split by :func:`split_recipe_list`), each read by
+    :func:`parse_recipe`."""
+    return [_list_item(t) for t in split_recipe_list(text)]
 
 
 def _list_item(text: str) -> Recipe:

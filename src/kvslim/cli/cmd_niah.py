@@ -101,6 +101,48 @@ def check_depths(task: str, depths: str | None) -> None:
                            "depth 0); leave --depths out and give more --seeds for more cells")
 
 
+ENGINES = ("transformers", "vllm")
+
+
+def check_engine(engine: str, *, suite: str | None, ray: str | None, batch: int, prefill_chunk: int,
+                 vllm_python: str | None, vllm_kv_mib: int | None) -> None:
+    """Refuse an unknown ``--engine`` and flags the chosen engine would not honour (before anything runs)."""
+    from ..errors import InvalidInput
+
+    if engine not in ENGINES:
+        raise InvalidInput(f"--engine {engine!r}: choose transformers or vllm")
+    if engine == "transformers":
+        for flag, value in (("--vllm-python", vllm_python), ("--vllm-kv-mib", vllm_kv_mib)):
+            if value is not None:
+                raise InvalidInput(f"{flag} applies to --engine vllm only")
+        return
+    for flag, given in (("--suite", suite is not None), ("--ray", ray is not None), ("--batch", batch != 1),
+                        ("--prefill-chunk", prefill_chunk != 0)):
+        if given:
+            raise InvalidInput(f"{flag} is not available with --engine vllm (vLLM batches and chunks prefills "
+                               "itself; one engine per recipe runs its cells): leave it out")
+
+
+def check_engine_recipes(engine: str, names: list[str]) -> None:
+    """A vLLM recipe needs ``--engine vllm`` (the other way round is checked by the vLLM runner)."""
+    from ..errors import InvalidInput
+    from ..eval.harness.vllm_engine import is_vllm_recipe
+
+    if engine != "vllm":
+        bad = [n for n in names if is_vllm_recipe(n)]
+        if bad:
+            raise InvalidInput(f"{bad[0].strip()!r} is a vLLM recipe: add --engine vllm (vLLM recipes and "
+                               "transformers recipes run as separate grids, into the same --out if you like)")
+
+
+def check_vllm_format(fmt: str, head_size: int) -> None:
+    """Refuse a kvslim format the vLLM plugin cannot serve at ``head_size`` with its one-line message
+    (:mod:`kvslim.vllm.layout`: unknown names, KIVI, head sizes the codec cannot take)."""
+    from ..vllm.layout import make_codec
+
+    make_codec(fmt, head_size)  # raises the plugin's one-line refusal naming the format
+
+
 def register(app: typer.Typer) -> None:
     @app.command("niah")
     @one_line_errors
@@ -120,11 +162,14 @@ def register(app: typer.Typer) -> None:
                                   "together (batched forward passes), 1..4096. Records then match one-by-one ones "
                                   "up to float rounding: log-probabilities within 5e-3 (measured on SmolLM2: full "
                                   "identical, recall-fp8 up to 2e-3), which could flip a near-tied answer token."),
-        recipes: str = typer.Option(
-            "full", "--recipes", "-r",
+        recipes: str | None = typer.Option(
+            None, "--recipes", "-r",
             help="Recipes, comma- or ';'-separated, parameters included: 'full,v4+tq3,blocks:m=4,k=32,w=128' or "
             "'window:w=64;v4'; spellings of one recipe are one row (stored in canonical form, less where bytes live: "
-            "recall:store=disk is stored as recall, and runs once with recall); full is always included.",
+            "recall:store=disk is stored as recall, and runs once with recall); full is always included (the "
+            "default). With --engine vllm: vllm (stock vLLM, fp32 KV; the default), vllm:stock-bf16 (model and KV "
+            "in bf16), vllm:stock-fp8 (vLLM's own fp8 KV), vllm:FORMAT (KV in kvslim's packed FORMAT through the "
+            "plugin: vllm:fp32, vllm:bf16, vllm:tq4, vllm:tq3, ...; not KIVI), e.g. 'vllm;vllm:fp32;vllm:tq4'.",
         ),
         recipe: list[str] | None = typer.Option(None, "--recipe", help="One more recipe (repeatable), e.g. --recipe blocks:m=4,k=32."),
         lengths: str = typer.Option(
@@ -141,13 +186,22 @@ def register(app: typer.Typer) -> None:
         chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Force the chat template on/off (default: when present)."),
         ray: str | None = typer.Option(None, "--ray", help="Run on Ray: bare --ray (or --ray local) starts a local cluster; --ray ADDRESS joins one."),
         workers: int = typer.Option(2, "--workers", "-w", help="Ray actors, >= 1 (each loads the model once)."),
-        threads: int = typer.Option(0, "--threads", help="torch CPU threads per process, 0..4096 (0: torch's default)."),
+        threads: int = typer.Option(0, "--threads", help="torch CPU threads per process, 0..4096 (0: torch's default; with --engine vllm: the engine's OMP threads, 0: 1)."),
         prefill_chunk: int = typer.Option(0, "--prefill-chunk", help="Feed each prompt in calls of at most this many "
                                           "tokens (0: one call; a one-token remainder joins the call before it). "
                                           "Only for recipes whose cache gives the same results in chunks (full, "
                                           "recall (2 or more tokens), v4, codecs but KIVI; not the eviction "
                                           "methods); faster on long prompts for models with sliding-window layers "
                                           "(Gemma 3)."),
+        engine: str = typer.Option("transformers", "--engine", help="transformers (kvslim's caches in "
+                                   "transformers' model) or vllm: the retrieval tasks through vLLM's own engine "
+                                   "(vllm recipes only; vLLM runs in its environment, `make vllm`, as a subprocess; "
+                                   "not with --suite, --ray, --batch or --prefill-chunk; docs/vllm.md)."),
+        vllm_python: str | None = typer.Option(None, "--vllm-python", help="With --engine vllm: the Python of vLLM's "
+                                               "environment (default: $KVSLIM_VLLM_PYTHON, else .venv-vllm/bin/python "
+                                               "of this checkout, else this Python if it has vllm)."),
+        vllm_kv_mib: int | None = typer.Option(None, "--vllm-kv-mib", help="With --engine vllm: vLLM's KV pool "
+                                               "per engine in MiB (kv_cache_memory_bytes; default 512)."),
         force: bool = typer.Option(False, "--force", help="Write into a folder holding another configuration's results."),
         as_json: bool = typer.Option(False, "--json", help="No progress bar; print one JSON object at the end."),
     ) -> None:
@@ -161,6 +215,8 @@ def register(app: typer.Typer) -> None:
         from ..eval.harness.runner import Grid, run_grid
         from ..units import check_int
 
+        check_engine(engine, suite=suite, ray=ray, batch=batch, prefill_chunk=prefill_chunk,
+                     vllm_python=vllm_python, vllm_kv_mib=vllm_kv_mib)
         tasks = check_suite_flags(suite, task, suite_tasks)
         task = task if task is not None else "passkey"
         if suite is None:
@@ -171,10 +227,15 @@ def register(app: typer.Typer) -> None:
             if value is not None:
                 check_int(value, flag)
         check_int(batch, "--batch", minimum=1, maximum=4096)
-        from ..cache.recipe import parse_recipe, parse_recipes
+        from ..cache.recipe import parse_recipe, split_recipe_list
 
-        names = parse_recipes(recipes) if recipes.strip() else []  # parsed once, here: the grid takes the Recipes
-        names += [parse_recipe(r) for r in recipe or []]
+        if recipes is None:
+            recipes = "vllm" if engine == "vllm" and not recipe else "full"
+        texts = split_recipe_list(recipes) if recipes.strip() else []
+        texts += list(recipe or [])
+        check_engine_recipes(engine, texts)
+        # parsed once, here: the grid takes the Recipes (vLLM recipes are the engine's own names, checked above)
+        names = texts if engine == "vllm" else [parse_recipe(t) for t in texts]
         options: dict = {}
         if needles is not None:
             options["k"] = needles
@@ -215,6 +276,17 @@ def register(app: typer.Typer) -> None:
             seeds=parse_list(seeds, int, "seeds"),
             options=options,
         )
+        if engine == "vllm":
+            from ..eval.harness.vllm_engine import DEFAULT_KV_MIB, run_vllm_grid
+
+            res = run_vllm_grid(grid, out, check_format=check_vllm_format, python=vllm_python,
+                                kv_mib=vllm_kv_mib if vllm_kv_mib is not None else DEFAULT_KV_MIB, threads=threads,
+                                force=force, progress=not as_json, warn=warn_line)
+            if as_json:
+                print_json(res)
+            else:
+                console.print(f"{res['ran']} cells run, {res['skipped']} already done; results in {res['out']}")
+            return
         res = run_grid(grid, out, ray=ray, workers=workers, threads=threads, force=force, progress=not as_json,
                        warn=warn_line, batch=batch, prefill_chunk=prefill_chunk)
         if as_json:

@@ -9,7 +9,8 @@ SPEC keys: ``model`` (folder), ``format`` (kvslim format or null: stock vLLM), `
 ``prefix_caching``, ``batches`` (a list of lists of prompts: each inner list is one ``generate`` call, run in order, so
 a later batch can hit the prefix cache of an earlier one), ``prompt_token_ids`` (alternative to ``batches``: one
 batch of token-id prompts), ``max_tokens``, ``ignore_eos``, ``stats`` (record vLLM's per-request timestamps and preemptions), ``inproc``
-(default true: engine core and worker in this process).
+(default true: engine core and worker in this process); ``cells`` (alternative to ``batches``: scored retrieval
+cells for ``kvslim niah --engine vllm``, see :func:`run_cells`), with ``stop_token_ids`` and ``group``.
 OUT: ``tokens`` (per batch, per prompt: generated token ids), ``text``, ``cached`` (prompt tokens served from
 the prefix cache), ``kv_tokens`` and ``max_concurrency`` (what
 vLLM computed for its pool), ``seconds`` per batch, ``started_s`` (engine start).
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 MODEL_ENV = "KVSLIM_VLLM_MODEL"
 
@@ -84,6 +86,14 @@ def run(spec: dict) -> dict:
     out: dict = {"tokens": [], "text": [], "seconds": [], "started_s": started,
                  "kv_tokens": getattr(cc, "kv_cache_size_tokens", None),
                  "max_concurrency": getattr(cc, "kv_cache_max_concurrency", None)}
+    out.update(pool_figures(llm))
+    if spec.get("emit"):  # the engine's figures first, for a parent reading this process's output as it runs
+        print(ENGINE_LINE + json.dumps({k: out.get(k) for k in ("kv_tokens", "max_concurrency", "block_size",
+                                                               "kv_bytes_per_token", "kv_pool_bytes", "started_s")}),
+              flush=True)
+    if spec.get("cells") is not None:
+        out["cells"] = run_cells(llm, spec, emit=spec.get("emit", False))
+        return out
     batches = spec.get("batches") or []
     if spec.get("prompt_token_ids"):
         batches = [[TokensPrompt(prompt_token_ids=ids) for ids in spec["prompt_token_ids"]]]
@@ -100,6 +110,89 @@ def run(spec: dict) -> dict:
                                                           "num_generation_tokens", "num_preemptions")}
                 for r in res])
     return out
+
+
+def pool_figures(llm: Any) -> dict:
+    """vLLM's own KV pool: ``block_size`` (tokens per block), ``kv_bytes_per_token`` (page bytes of every layer per
+    token, from the KV cache config vLLM sized the pool with) and ``kv_pool_bytes`` (the pool tensors' bytes); empty
+    where the engine core is not in this process."""
+    core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
+    kcc = getattr(getattr(core, "scheduler", None), "kv_cache_config", None)
+    if kcc is None:
+        return {}
+    block = llm.llm_engine.vllm_config.cache_config.block_size
+    per_block = sum(g.kv_cache_spec.page_size_bytes * len(g.layer_names) for g in kcc.kv_cache_groups)
+    return {"block_size": int(block), "kv_bytes_per_token": per_block / block,
+            "kv_pool_bytes": int(sum(t.size for t in kcc.kv_cache_tensors))}
+
+
+def run_cells(llm: Any, spec: dict, emit: bool = False) -> list[dict]:
+    """Scored cells: spec ``cells`` = ``[{"ids": prompt token ids, "answer_ids": expected answer token ids,
+    "max_tokens": answer budget}]``, greedy, stopping at ``stop_token_ids``.
+
+    Per group of ``group`` cells (default: as many as the pool holds at once, at most 8): one ``generate`` of the
+    greedy answers, asking for the expected answer tokens' log-probabilities at every generated position
+    (``logprob_token_ids``): while the greedy answer so far equals the expected tokens, position ``i`` is exactly
+    the teacher-forced position of expected token ``i``. Then one ``generate`` of the rest: for each expected
+    token ``i`` past the first divergence a one-token request of ``ids + answer_ids[:i]`` asking for
+    ``answer_ids[i]``'s log-probability (its prompt is a prefix-cache hit of the greedy request's pages, so only
+    the last partial block is recomputed). Their sum is the teacher-forced log-probability of the answer through the
+    engine's KV, as the transformers harness computes it through a cache.
+    Per cell: ``tokens`` (generated ids, a final stop token dropped), ``logprob``, ``seconds`` (its group's time
+    shared out). ``emit``: also print each cell as a ``KVSLIM-CELL {json}`` line as its group finishes."""
+    from vllm.inputs import TokensPrompt
+
+    from vllm import SamplingParams
+
+    cells = spec["cells"]
+    stop = [int(t) for t in spec.get("stop_token_ids") or []]
+    per_cell = max(len(c["ids"]) + len(c["answer_ids"]) + int(c["max_tokens"]) for c in cells) if cells else 1
+    kv_tokens = getattr(llm.llm_engine.vllm_config.cache_config, "kv_cache_size_tokens", None) or per_cell
+    group = int(spec.get("group") or max(1, min(8, kv_tokens // per_cell)))
+    found: list[dict] = []
+    for g0 in range(0, len(cells), group):
+        part = cells[g0:g0 + group]
+        t = time.perf_counter()
+        greedy = [SamplingParams(temperature=0.0, max_tokens=int(c["max_tokens"]), stop_token_ids=stop,
+                                 logprob_token_ids=sorted(set(c["answer_ids"])) or None) for c in part]
+        res = llm.generate([TokensPrompt(prompt_token_ids=list(c["ids"])) for c in part], greedy, use_tqdm=False)
+        logprob = [0.0] * len(part)
+        asks = []  # (cell, answer position) not on the greedy path: one request each
+        for j, (c, r) in enumerate(zip(part, res, strict=True)):
+            ans, got = list(c["answer_ids"]), list(r.outputs[0].token_ids)
+            on_path = 0  # greedy position i is teacher-forced while the answer so far equals the expected tokens
+            while on_path < min(len(ans), len(got)) and got[:on_path] == ans[:on_path]:
+                logprob[j] += _logprob_of(r.outputs[0].logprobs, ans[on_path], on_path)
+                on_path += 1
+            asks += [(j, i) for i in range(on_path, len(ans))]
+        forced = llm.generate(
+            [TokensPrompt(prompt_token_ids=list(part[j]["ids"]) + list(part[j]["answer_ids"][:i])) for j, i in asks],
+            [SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=[part[j]["answer_ids"][i]])
+             for j, i in asks], use_tqdm=False) if asks else []
+        seconds = (time.perf_counter() - t) / len(part)
+        for (j, i), r in zip(asks, forced, strict=True):
+            logprob[j] += _logprob_of(r.outputs[0].logprobs, part[j]["answer_ids"][i], 0)
+        for j, r in enumerate(res):
+            toks = list(r.outputs[0].token_ids)
+            if toks and toks[-1] in stop:
+                toks = toks[:-1]
+            cell = {"i": g0 + j, "tokens": toks, "logprob": logprob[j], "seconds": seconds,
+                    "cached": r.num_cached_tokens}
+            found.append(cell)
+            if emit:
+                print(CELL_LINE + json.dumps(cell), flush=True)
+    return found
+
+
+CELL_LINE = "KVSLIM-CELL "
+ENGINE_LINE = "KVSLIM-ENGINE "
+
+
+def _logprob_of(logprobs: Any, token: int, pos: int) -> float:
+    """The log-probability of ``token`` at generated position ``pos`` (asked for with ``logprob_token_ids``)."""
+    if not logprobs or len(logprobs) <= pos or token not in logprobs[pos]:
+        raise RuntimeError(f"vLLM returned no log-probability for token {token} (logprob_token_ids)")
+    return float(logprobs[pos][token].logprob)
 
 
 def main() -> None:

@@ -42,9 +42,14 @@ ROOT = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x")
 
 
-def rows(formats: list[str], stock: bool = True) -> list[tuple[str, dict]]:
-    out = [("stock-fp32", {"dtype": "float32"}), ("stock-bf16", {"dtype": "bfloat16"}),
-           ("vllm-fp8", {"dtype": "float32", "kv_cache_dtype": "fp8"})] if stock else []
+STOCK = {"stock-fp32": {"dtype": "float32"}, "stock-bf16": {"dtype": "bfloat16"},
+         "vllm-fp8": {"dtype": "float32", "kv_cache_dtype": "fp8"}}
+
+
+def rows(formats: list[str], stock: bool | list[str] = True) -> list[tuple[str, dict]]:
+    """Stock rows (all, none, or the names listed) then ``kvslim-<fmt>`` rows."""
+    names = list(STOCK) if stock is True else (stock or [])
+    out = [(n, STOCK[n]) for n in names]
     for f in formats:  # "tq4" (float32 model) or "tq4@bfloat16" (the model in bf16, KV in tq4)
         fmt, _, dtype = f.partition("@")
         out.append((f"kvslim-{f}", {"dtype": dtype or "float32", "format": fmt}))
@@ -120,7 +125,7 @@ def running_at_once(stats: list[dict]) -> int:
 
 
 def throughput(model: str, budget: int, formats: list[str], n: int, prompt: int, gen: int, work: Path,
-               stock: bool = True, cold_bytes: int | None = None) -> list[dict]:
+               stock: bool | list[str] = True, cold_bytes: int | None = None) -> list[dict]:
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 49000) for _ in range(prompt)] for _ in range(n)]
     found = []
@@ -130,7 +135,12 @@ def throughput(model: str, budget: int, formats: list[str], n: int, prompt: int,
         spec = {"model": model, "kv_bytes": budget, "max_model_len": prompt + gen, "max_num_seqs": n,
                 "max_num_batched_tokens": 512, "prompt_token_ids": prompts, "max_tokens": gen, "ignore_eos": True,
                 "prefix_caching": False, "stats": True, **kw}
-        res, log = run(spec, f"tp-{name}", work)
+        try:
+            res, log = run(spec, f"tp-{name}", work)
+        except TooSmall as exc:
+            found.append({"row": name, "kv_tokens": None, "refused": str(exc)})
+            print(f"  {name}: vLLM refused to start: {exc}", flush=True)
+            continue
         st = res["stats"][0]
         firsts = [s["first_token_ts"] for s in st if s.get("first_token_ts")]
         lasts = [s["last_token_ts"] for s in st if s.get("last_token_ts")]
@@ -164,6 +174,7 @@ def main() -> None:
     ap.add_argument("--throughput-formats", default="tq4,tq3", help="kvslim formats of the throughput rows")
     ap.add_argument("--no-capacity", action="store_true", help="only the throughput rows")
     ap.add_argument("--no-stock", action="store_true", help="throughput rows of the kvslim formats only")
+    ap.add_argument("--stock-rows", default=",".join(STOCK), help="stock rows of the throughput run, comma-separated")
     ap.add_argument("--out", default=str(ROOT / "results" / "vllm_capacity.json"))
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
@@ -195,7 +206,11 @@ def main() -> None:
             tf = [f.strip() for f in a.throughput_formats.split(",") if f.strip()]
             print(f"\nthroughput at {a.budget_mib} MiB: {a.requests} requests x {a.prompt} prompt + {a.gen} "
                   "generated tokens:", flush=True)
-            tp = throughput(model, a.budget_mib << 20, tf, a.requests, a.prompt, a.gen, Path(tmp), not a.no_stock,
+            stock_rows = [] if a.no_stock else [r.strip() for r in a.stock_rows.split(",") if r.strip()]
+            unknown = sorted(set(stock_rows) - set(STOCK))
+            if unknown:
+                raise SystemExit(f"--stock-rows: unknown {unknown}; choose from {', '.join(STOCK)}")
+            tp = throughput(model, a.budget_mib << 20, tf, a.requests, a.prompt, a.gen, Path(tmp), stock_rows,
                             a.cold_bytes)
             result["throughput"] = {"budget_bytes": a.budget_mib << 20, "requests": a.requests,
                                     "prompt": a.prompt, "gen": a.gen, "rows": tp}
@@ -203,6 +218,9 @@ def main() -> None:
                   "generated tok/s |")
             print("|---|---:|---:|---:|---:|---:|---:|")
             for r in tp:
+                if r["kv_tokens"] is None:
+                    print(f"| {r['row']} | refused: < 1 request | | | | | |")
+                    continue
                 g = f"{r['gen_tok_s']:.1f}" if r["gen_tok_s"] else "-"
                 print(f"| {r['row']} | {r['kv_tokens']:,} | {r['max_concurrency']:.2f} | {r['running_at_once']} | "
                       f"{r['preemptions']} | {r['e2e_s']:.1f} | {g} |")

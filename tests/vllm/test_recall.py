@@ -4,6 +4,8 @@ head, sinks + window), exact prefill chunks, and the counts."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -174,3 +176,43 @@ def test_summaries_are_written_when_a_block_completes_and_rewritten_when_it_is_r
     impl.do_kv_cache_update(None, new, new, cache, b0 * 16 + torch.arange(16))
     got = cache[b0].reshape(HKV, -1)[:, : 4 * D].contiguous().view(torch.float32)
     torch.testing.assert_close(got, new.amin(0))
+
+
+def _config(block_size=128, user_block=False, kv_bytes=256 << 20, max_len=8192, override=None):
+    from types import SimpleNamespace
+
+    mc = SimpleNamespace(get_head_size=lambda: D, dtype=torch.float32, get_num_layers=lambda pc: 30,
+                         get_num_kv_heads=lambda pc: HKV, max_model_len=max_len)
+    cc = SimpleNamespace(block_size=block_size, user_specified_block_size=user_block, kv_cache_memory_bytes=kv_bytes,
+                         num_gpu_blocks_override=override)
+    return SimpleNamespace(model_config=mc, cache_config=cc, parallel_config=None)
+
+
+def test_pool_is_capped_by_the_cold_tier_and_the_block_size_is_m(monkeypatch):
+    monkeypatch.setenv("KVSLIM_VLLM_COLD_BYTES", "1")  # restored after the test (the hook sets it)
+    cfg = _config()
+    plugin._size_recall("recall-fp8", cfg, 1 << 30)  # fp8 rows: 30 x 3 x 32 x 136 B = 391,680 B per block
+    assert cfg.cache_config.block_size == 32 and cfg.cache_config.user_specified_block_size
+    assert cfg.cache_config.num_gpu_blocks_override == (1 << 30) // 391_680  # the cold tier is the limit
+    assert os.environ["KVSLIM_VLLM_COLD_BYTES"] == str(1 << 30)  # spawned engine processes size the same way
+    cfg = _config(kv_bytes=8 << 20)  # hot: 30 x 3 x 32 x 5 B = 14,400 B per block -> 582 blocks
+    plugin._size_recall("recall-fp8", cfg, 1 << 30)
+    assert cfg.cache_config.num_gpu_blocks_override == (8 << 20) // 14_400
+    with pytest.raises(InvalidInput, match=r"cold_bytes=10000000 holds 25 blocks .* fewer than one 8192-token"):
+        plugin._size_recall("recall-fp8", _config(), 10_000_000)
+    with pytest.raises(InvalidInput, match="--block-size 16 differs from the recipe's block m=32"):
+        plugin._size_recall("recall-fp8", _config(block_size=16, user_block=True), 1 << 30)
+
+
+@pytest.mark.parametrize("sel, words", [
+    ({"format": "recall-fp8", "cold_bytes": "lots"}, "cold_bytes must be a whole number of bytes"),
+    ({"format": "recall-fp8", "cold_bytes": -5}, "cold_bytes must be positive"),
+    ({"format": "recall-fp8", "cold_bytes": True}, "cold_bytes must be a whole number"),
+    ({"format": "tq4", "cold_bytes": 1 << 30}, "format 'tq4' has none"),
+    ({"format": "recall-fp8", "cold": 1}, "takes only"),
+])
+def test_bad_cold_bytes_are_refused_in_one_line(sel, words):
+    with pytest.raises(InvalidInput, match=words):
+        plugin.selection_from_config({"kvslim": sel})
+    assert plugin.selection_from_config({"kvslim": {"format": "recall-fp8", "cold_bytes": 123}}) == "recall-fp8"
+    assert plugin.cold_bytes_from_config({"kvslim": {"format": "recall-fp8", "cold_bytes": 123}}) == 123

@@ -116,7 +116,8 @@ def _reference_decode(rf, q, k, v):
 
 
 @pytest.mark.parametrize("fmt", ["recall:m=16,k=2,w=32,sinks=4", "recall:m=16,k=3,w=48,sinks=0,gqa=max",
-                                 "recall:m=16,k=0,w=32", "recall:m=16,k=50,w=32"])
+                                 "recall:m=16,k=0,w=32", "recall:m=16,k=50,w=32", "recall:m=16,k=2,w=32,cold=fp8",
+                                 "recall:m=16,k=2,w=32,sinks=20"])
 def test_decode_selects_like_the_reference_and_counts_what_it_fetched(select, fmt):
     """Three decodes in one step (lengths 300, 130 and 20: the last has no block out of its window)."""
     select(fmt)
@@ -130,15 +131,19 @@ def test_decode_selects_like_the_reference_and_counts_what_it_fetched(select, fm
                           seq_lens=torch.tensor(lengths), block_table=table, slot_mapping=torch.empty(0))
     impl.forward(None, torch.cat([q, torch.zeros(1, HQ * D)]), None, None, cache, meta, output)
     fetched = 0
+    codec = impl.clay.codec  # the cold rows' codec (fp8: the reference reads what the cold tier holds)
     for i in range(3):
-        ref, f = _reference_decode(rf, q[i].view(HQ, D), keys[i], vals[i])
+        k, v = (x if rf.cold == "none" else codec.decode(codec.encode(x.transpose(0, 1))).transpose(0, 1)
+                for x in (keys[i], vals[i]))
+        ref, f = _reference_decode(rf, q[i].view(HQ, D), k, v)
         fetched += f
-        torch.testing.assert_close(output[i].view(HQ, D), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(output[i].view(HQ, D), ref, rtol=1e-4, atol=1e-4)
     assert torch.isnan(output[3]).all()
     s = rb.stats()
     assert s["layers"] == 1 and s["decode_tokens"] == 3
-    assert s["fetched_bytes"] == fetched * 2 * 4 * D  # fp32 cold rows: [key | value] 512 B per token and head
-    assert s["cold_bytes"] == cache.shape[0] * HKV * rf.m * 2 * 4 * D
+    cell = 2 * codec.bytes_per_vector()  # [key | value]: fp32 512 B, fp8 136 B per token and KV head
+    assert s["fetched_bytes"] == fetched * cell
+    assert s["cold_bytes"] == cache.shape[0] * HKV * rf.m * cell
     assert s["pool_bytes"] == cache.numel()
     if rf.k == 2:  # a real selection: a small share of the 300-token context read for its blocks
         assert 0 < s["fetched_share"] < 1

@@ -45,7 +45,7 @@ from kvslim.errors import InvalidInput
 
 from . import selected_format
 from .backend import KvslimAttentionBackend, KvslimAttentionImpl, KvslimMetadata
-from .layout import RowLayout, paged_attention, write_slots
+from .layout import RowLayout, _from_codes, paged_attention, write_slots
 from .recall_spec import RecallFormat, parse_recall
 
 __all__ = ["KvslimRecallBackend", "KvslimRecallImpl", "reset_stats", "stats"]
@@ -231,7 +231,7 @@ class KvslimRecallImpl(KvslimAttentionImpl):
             sel = self._select(q[qsl[i]], kv_cache, m.block_table[i], length)
             fetched_step += self._count(sel, length)
             if sel is not None:
-                self._attend(q[qsl[i]], cold, m.block_table[i], sel, out, qsl[i])
+                self._attend(q[qsl[i]], cold, m.block_table[i], sel, length, out, qsl[i])
                 dense[i] = 0
         _STATS["step_fetched_bytes_max"] = max(_STATS["step_fetched_bytes_max"], fetched_step)
         if any(dense):
@@ -240,8 +240,9 @@ class KvslimRecallImpl(KvslimAttentionImpl):
         return output
 
     def _select(self, q: torch.Tensor, kv_cache: torch.Tensor, blocks: torch.Tensor, length: int
-                ) -> torch.Tensor | None:
-        """Token mask ``[H, length]`` of one decode query ``q [Hq, d]`` (``None``: every token)."""
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Blocks one decode query ``q [Hq, d]`` fetches: ``(idx [H, K], ok [H, K])`` (ascending among the ``ok``
+        ones, of the blocks wholly before the window); ``None``: every token is attended."""
         rf, bs = self.rf, self.rf.m
         nt = max(0, (length - rf.w) // bs)  # blocks wholly before the recent window
         if nt == 0 or rf.k == 0 or rf.k * (2 * rf.nbr + 1) >= nt:
@@ -250,22 +251,20 @@ class KvslimRecallImpl(KvslimAttentionImpl):
         scores = score_blocks(rf.summary, q.to(torch.float32)[None, :, None, :], summ, rf.gqa)  # [1, H, 1, nt]
         visible = torch.ones(1, 1, 1, nt, dtype=torch.bool, device=q.device)
         idx, ok = select_blocks(scores, visible, rf.k, rf.nbr)
-        h = scores.shape[1]
-        chosen = torch.zeros(h, nt, dtype=torch.bool, device=q.device).scatter_(1, idx[0, :, 0], ok[0, :, 0])
-        pos = torch.arange(length, device=q.device)
-        mask = ((pos < rf.sinks) | (pos >= nt * bs))[None].expand(h, length).clone()
-        mask[:, : nt * bs] |= chosen.repeat_interleave(bs, dim=1)
-        return mask
+        return idx[0, :, 0], ok[0, :, 0]
 
-    def _count(self, sel: torch.Tensor | None, length: int) -> int:
-        """Count one decode's rows: fetched blocks, sinks + window, context. Returns the fetched bytes."""
+    def _count(self, sel: tuple[torch.Tensor, torch.Tensor] | None, length: int) -> int:
+        """Count one decode's rows: fetched blocks (their rows that are not sinks), sinks + window, context.
+        Returns the fetched bytes."""
         rf, h = self.rf, self.num_kv_heads
         nt = max(0, (length - rf.w) // rf.m)
-        pos = torch.arange(length)
-        base = (pos < rf.sinks) | (pos >= nt * rf.m)
-        nbase = int(base.sum()) * h
-        total = int(sel.sum()) if sel is not None else length * h
-        fetched = total - nbase
+        nbase = (length - nt * rf.m + min(rf.sinks, nt * rf.m)) * h  # sinks and everything from block nt on
+        if sel is None:
+            fetched = length * h - nbase
+        else:
+            idx, ok = sel
+            cover = (idx[..., None] * rf.m + torch.arange(rf.m, device=idx.device)) < rf.sinks  # sink rows in them
+            fetched = int(ok.sum()) * rf.m - int((cover & ok[..., None]).sum())
         cell = 2 * self.clay.row_bytes
         _STATS["decode_calls"] += 1
         _STATS["context_rows"] += length * h
@@ -275,22 +274,35 @@ class KvslimRecallImpl(KvslimAttentionImpl):
         _STATS["window_bytes"] += nbase * cell
         return fetched * cell
 
-    def _attend(self, q: torch.Tensor, cold: torch.Tensor, blocks: torch.Tensor, sel: torch.Tensor,
-                out: torch.Tensor, row: int) -> None:
-        """Exact attention of one query ``q [Hq, d]`` over the rows ``sel [H, L]`` marks, gathered from ``cold``."""
-        h, bs, r = sel.shape[0], self.rf.m, self.clay.row_bytes
-        counts = sel.sum(1)
-        width = int(counts.max())
-        pos = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)[:, :width]  # selected positions, ascending
-        valid = torch.arange(width, device=sel.device)[None, :] < counts[:, None]  # [H, P]
-        blk = blocks.to(torch.long)[pos // bs]  # [H, P]
-        heads = torch.arange(h, device=sel.device)[:, None]
-        cells = cold[blk, heads, pos % bs]  # [H, P, 2R]
-        k = self.clay.decode(cells[..., :r])
-        v = self.clay.decode(cells[..., r:])
+    def _attend(self, q: torch.Tensor, cold: torch.Tensor, blocks: torch.Tensor,
+                sel: tuple[torch.Tensor, torch.Tensor], length: int, out: torch.Tensor, row: int) -> None:
+        """Exact attention of one query ``q [Hq, d]`` over the sinks, the chosen blocks and the window, their rows
+        gathered from ``cold`` (a sink inside a chosen block is taken once)."""
+        rf, r = self.rf, self.clay.row_bytes
+        bs, dev = rf.m, q.device
+        idx, ok = sel
+        h = idx.shape[0]
+        nt = max(0, (length - rf.w) // bs)
+        s = min(rf.sinks, nt * bs)
+        blk = idx[..., None] * bs + torch.arange(bs, device=dev)  # [H, K, bs] token positions
+        sinks = torch.arange(s, device=dev)
+        chosen = torch.zeros(h, nt + 1, dtype=torch.bool, device=dev).scatter_(1, torch.where(ok, idx, nt), True)
+        pos = torch.cat([sinks.expand(h, s), blk.reshape(h, -1),
+                         torch.arange(nt * bs, length, device=dev).expand(h, length - nt * bs)], 1)  # [H, P]
+        valid = torch.cat([~chosen[:, sinks // bs], ok[..., None].expand(blk.shape).reshape(h, -1),
+                           torch.ones(h, length - nt * bs, dtype=torch.bool, device=dev)], 1)
+        slot_blk = blocks.to(torch.long)[pos // bs]  # [H, P]
+        heads = torch.arange(h, device=dev)[:, None]
+        cells = cold[slot_blk, heads, pos % bs]  # [H, P, 2R]
         g = self.num_heads // h
         qf = q.to(torch.float32).reshape(h, g, self.head_size)
-        s = torch.einsum("hgd,hpd->hgp", qf, k) * self.scale
-        s = s.masked_fill(~valid[:, None, :], float("-inf"))
-        o = torch.einsum("hgp,hpd->hgd", torch.softmax(s, dim=-1), v)
+        if self.from_codes and cells.device.type == "cpu" and self.clay.codec.attends_from_codes:
+            o = _from_codes(qf, cells, self.clay, valid[:, None, :], self.scale)  # kvslim's lookup kernel
+            out[row] = o.reshape(self.num_heads, self.head_size).to(out.dtype)
+            return
+        k = self.clay.decode(cells[..., :r])
+        v = self.clay.decode(cells[..., r:])
+        sc = torch.einsum("hgd,hpd->hgp", qf, k) * self.scale
+        sc = sc.masked_fill(~valid[:, None, :], float("-inf"))
+        o = torch.einsum("hgp,hpd->hgd", torch.softmax(sc, dim=-1), v)
         out[row] = o.reshape(self.num_heads, self.head_size).to(out.dtype)

@@ -139,10 +139,13 @@ class KvslimAttentionImpl(AttentionImpl[KvslimMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
-        self.layout = layout_for(head_size)
+        self.layout = self._row_layout(head_size)
         # TurboQuant / fp8 score and mix from the codes (kvslim's compiled lookup kernel on CPU); KVSLIM_VLLM_DECODE=1
         # decodes the rows to float first (the pure-torch reference path, any device)
         self.from_codes = os.environ.get("KVSLIM_VLLM_DECODE", "0") != "1"
+
+    def _row_layout(self, head_size: int) -> RowLayout | None:
+        return layout_for(head_size)
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -8,12 +8,14 @@ SPEC keys: ``model`` (folder), ``format`` (kvslim format or null: stock vLLM), `
 "fp8"), ``dtype``, ``kv_bytes``, ``max_model_len``, ``max_num_batched_tokens``, ``max_num_seqs``, ``block_size``,
 ``prefix_caching``, ``batches`` (a list of lists of prompts: each inner list is one ``generate`` call, run in order, so
 a later batch can hit the prefix cache of an earlier one), ``prompt_token_ids`` (alternative to ``batches``: one
-batch of token-id prompts), ``max_tokens``, ``ignore_eos``, ``stats`` (record vLLM's per-request timestamps and preemptions), ``inproc``
-(default true: engine core and worker in this process); ``cells`` (alternative to ``batches``: scored retrieval
-cells for ``kvslim niah --engine vllm``, see :func:`run_cells`), with ``stop_token_ids`` and ``group``.
+batch of token-id prompts), ``max_tokens``, ``ignore_eos``, ``cold_bytes`` (a recall format's cold tier), ``stats``
+(record vLLM's per-request timestamps and preemptions), ``inproc`` (default true: engine core and worker in this
+process); ``cells`` (alternative to ``batches``: scored retrieval cells for ``kvslim niah --engine vllm``, see
+:func:`run_cells`), with ``stop_token_ids`` and ``group``.
 OUT: ``tokens`` (per batch, per prompt: generated token ids), ``text``, ``cached`` (prompt tokens served from
 the prefix cache), ``kv_tokens`` and ``max_concurrency`` (what
-vLLM computed for its pool), ``seconds`` per batch, ``started_s`` (engine start).
+vLLM computed for its pool), ``seconds`` per batch, ``started_s`` (engine start), ``recall`` (recall formats, in-process engines:
+:func:`kvslim.vllm.recall.stats`, the tiers' bytes and what decode fetched).
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def run(spec: dict) -> dict:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if spec.get("format"):
         os.environ["KVSLIM_VLLM_FORMAT"] = spec["format"]
+    if spec.get("cold_bytes"):
+        os.environ["KVSLIM_VLLM_COLD_BYTES"] = str(int(spec["cold_bytes"]))
     from vllm.inputs import TokensPrompt
 
     from vllm import LLM, SamplingParams
@@ -109,6 +113,13 @@ def run(spec: dict) -> dict:
                 {k: getattr(r.metrics, k, None) for k in ("scheduled_ts", "first_token_ts", "last_token_ts",
                                                           "num_generation_tokens", "num_preemptions")}
                 for r in res])
+    from kvslim.vllm import selected_format
+    from kvslim.vllm.recall_spec import is_recall
+
+    if is_recall(selected_format()) and spec.get("inproc", True):  # the tiers' bytes, counted by the backend
+        from kvslim.vllm.recall import stats
+
+        out["recall"] = stats()
     return out
 
 

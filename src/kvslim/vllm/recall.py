@@ -1,0 +1,308 @@
+"""Tiered recall inside vLLM: block summaries in vLLM's pages, every row in a cold array addressed by vLLM's slots.
+
+Selected with a ``recall`` format (:mod:`kvslim.vllm.recall_spec`: ``recall-fp8`` or ``recall:k=...[+CODEC]``).
+
+* **Hot** (vLLM's pool, the memory vLLM sizes and schedules by): per block of ``m`` tokens (vLLM's block size) and
+  KV head only the block's summary (``bbox``: per-channel min and max of its keys; ``mean``; ``reps``) through the
+  recipe's codec, spread over the block's ``m`` page cells (``customize_spec``: ``uint8``,
+  ``ceil(vectors x summary row / m)`` bytes per cell). vLLM's "KV cache size" and maximum concurrency count those
+  bytes.
+* **Cold** (owned by this backend): per layer one array ``uint8 [num_blocks, kv_heads, m, 2 x row]`` of packed
+  ``[key row | value row]`` cells (the ``cold`` codec, or the model dtype's lossless twin), addressed by vLLM's own
+  slot ids (block id x block size + offset), so a slot's cold rows are valid exactly while vLLM keeps its page:
+  freeing, prefix-cache reuse and preemption need nothing here (a reused block is overwritten by its next write).
+  Its size is ``cold_bytes``; the plugin caps vLLM's block count (``num_gpu_blocks_override``) so the pool never
+  promises more tokens than the cold array holds (:func:`kvslim.vllm._select_from_config`). On the CPU the cold
+  array is host memory (``torch.empty``: pages are touched only when written); on another device it sits on that
+  device (a pinned host array with transfers is not written: no GPU here).
+* **Writes** (``do_kv_cache_update``): the step's K/V are encoded into the cold array at ``slot_mapping``; every
+  block completed by the step (its last slot written) gets its summary computed from its cold keys (decoded) and
+  written to its page.
+* **Reads** (``forward``): a request with several query rows this step (a prefill chunk, a prefix-cache hit) attends
+  exactly over all its rows, read from the cold array through its block table
+  (:func:`~kvslim.vllm.layout.paged_attention`); a one-query request (a decode step) scores the summaries of its
+  blocks that lie wholly before its recent window, per KV head (the group's query heads combined by ``gqa``), takes
+  the top ``k`` (``nbr`` neighbours each side), gathers those blocks' rows plus the ``sinks`` first and the ``w``
+  most recent tokens from the cold array and attends exactly. With ``k=0`` (or ``k`` at least the number of
+  blocks) every row is attended: the plain paged attention of the lossless layout.
+
+Counting (:func:`stats`): the pool's bytes (vLLM's pages), the cold arrays' bytes, and per decode step the cold rows
+and bytes of the fetched blocks, and of the sinks + window (read from the cold array on this CPU path, which the
+issue counts as hot).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+import torch
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from kvslim.cache.methods.recall.summaries import score_blocks, select_blocks, summarize
+from kvslim.errors import InvalidInput
+
+from . import selected_format
+from .backend import KvslimAttentionBackend, KvslimAttentionImpl, KvslimMetadata
+from .layout import RowLayout, _from_codes, paged_attention, write_slots
+from .recall_spec import RecallFormat, parse_recall
+
+__all__ = ["KvslimRecallBackend", "KvslimRecallImpl", "reset_stats", "stats"]
+
+_log = logging.getLogger("vllm.kvslim")  # under vLLM's logger: its handler prints it
+_FORMATS: dict[str, RecallFormat] = {}
+_LAYOUTS: dict[tuple[str, int], RowLayout] = {}
+_STATS: dict[str, Any] = {}
+
+
+def reset_stats() -> None:
+    _STATS.clear()
+    _STATS.update(layers={}, decode_calls=0, prefill_calls=0, context_rows=0, fetched_rows=0, window_rows=0,
+                  fetched_bytes=0, window_bytes=0, step_fetched_bytes_max=0)
+
+
+reset_stats()
+
+
+def stats() -> dict[str, Any]:
+    """What the tiers held and what decode read, in this process (every layer of this worker).
+
+    ``pool_bytes``: vLLM's pages (summaries) of every layer; ``cold_bytes``: the cold arrays; ``decode_tokens``:
+    request decode steps (one query each); per decode token over all layers ``fetched_bytes_per_token`` (the rows
+    of the selected blocks) and ``window_bytes_per_token`` (sinks + window rows, read from the cold array on this
+    path); ``fetched_share`` / ``read_share``: those rows over the context's rows."""
+    layers = _STATS["layers"]
+    n = max(1, len(layers))
+    tokens = _STATS["decode_calls"] / n
+    ctx = max(1, _STATS["context_rows"])
+    return {
+        "layers": len(layers),
+        "pool_bytes": sum(v["pool_bytes"] for v in layers.values()),
+        "cold_bytes": sum(v["cold_bytes"] for v in layers.values()),
+        "cold_tokens": min((v["cold_tokens"] for v in layers.values()), default=0),
+        "decode_tokens": tokens,
+        "prefill_calls": _STATS["prefill_calls"] / n,
+        "fetched_bytes": _STATS["fetched_bytes"],
+        "fetched_bytes_per_token": _STATS["fetched_bytes"] / tokens if tokens else 0.0,
+        "window_bytes_per_token": _STATS["window_bytes"] / tokens if tokens else 0.0,
+        "fetched_share": _STATS["fetched_rows"] / ctx,
+        "read_share": (_STATS["fetched_rows"] + _STATS["window_rows"]) / ctx,
+    }
+
+
+def recall_format() -> RecallFormat:
+    fmt = selected_format()
+    if fmt is None:
+        raise InvalidInput("kvslim's vLLM recall backend is active but no kvslim format is selected")
+    if fmt not in _FORMATS:
+        _FORMATS[fmt] = parse_recall(fmt)
+    return _FORMATS[fmt]
+
+
+def _layout(fmt: str, head_size: int) -> RowLayout:
+    if (fmt, head_size) not in _LAYOUTS:
+        _LAYOUTS[(fmt, head_size)] = RowLayout(fmt, head_size)
+    return _LAYOUTS[(fmt, head_size)]
+
+
+class KvslimRecallBackend(KvslimAttentionBackend):
+    """Decoder attention with block summaries in vLLM's pages and the rows in a cold array."""
+
+    @staticmethod
+    def get_impl_cls() -> type[KvslimRecallImpl]:
+        return KvslimRecallImpl
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        try:
+            rf = recall_format()
+            _layout(rf.summary_format("float32"), head_size)
+            _layout(rf.cold_format("float32"), head_size)
+        except InvalidInput:
+            return False
+        return True
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        """Pages of summaries: ``uint8`` cells, one block's summary per KV head spread over its ``m`` cells."""
+        if spec.state_content_bytes is not None:
+            return spec
+        if spec.head_size_v != spec.head_size:
+            raise InvalidInput(f"kvslim: keys of {spec.head_size} and values of {spec.head_size_v} channels differ")
+        rf = recall_format()
+        if spec.block_size != rf.m:
+            raise InvalidInput(f"kvslim format {rf.text!r}: vLLM's block size is {spec.block_size}, the recipe's "
+                               f"block m={rf.m}; leave --block-size out (the plugin sets it) or give m={spec.block_size}")  # fmt: skip
+        srow = _layout(rf.summary_format(spec.dtype), spec.head_size).row_bytes
+        return replace(spec, dtype=torch.uint8, state_content_bytes=rf.cell_bytes(srow))
+
+
+class KvslimRecallImpl(KvslimAttentionImpl):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rf = recall_format()
+        self.key = str(id(self))
+        self.cold: torch.Tensor | None = None
+        self.clay: RowLayout | None = None
+        self.slay: RowLayout | None = None
+
+    def _row_layout(self, head_size: int) -> None:  # the rows live in the cold array (layouts set at first write)
+        return None
+
+    # ---- tiers -------------------------------------------------------------------------------------------------
+    def _ensure(self, kv_cache: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The cold array of this layer (allocated at the first write: one cell per slot of vLLM's pool)."""
+        if self.cold is not None and self.cold.shape[0] == kv_cache.shape[0] and self.cold.device == kv_cache.device:
+            return self.cold
+        rf = self.rf
+        self.clay = _layout(rf.cold_format(dtype), self.head_size).to(kv_cache.device)
+        self.slay = _layout(rf.summary_format(dtype), self.head_size).to(kv_cache.device)
+        nb, h, bs = kv_cache.shape[0], kv_cache.shape[1], kv_cache.shape[2]
+        if bs != rf.m or h != self.num_kv_heads:
+            raise InvalidInput(f"kvslim recall: vLLM's page is [{nb}, {h}, {bs}, ...], expected {self.num_kv_heads} "
+                               f"KV heads x m={rf.m} tokens")  # fmt: skip
+        self.cold = torch.empty(nb, h, bs, 2 * self.clay.row_bytes, dtype=torch.uint8, device=kv_cache.device)
+        first = not _STATS["layers"]
+        _STATS["layers"][self.key] = {"pool_bytes": kv_cache.numel() * kv_cache.element_size(),
+                                      "cold_bytes": self.cold.numel(), "cold_tokens": nb * bs}
+        if first:
+            _log.info("kvslim recall %s: vLLM's pages hold block summaries (%s, %d B per token and KV head; %d B "
+                      "per layer); the cold array holds every row (%s, %d B per token and KV head; %d B per layer, "
+                      "%d tokens, on %s)", rf.recipe, self.slay.fmt, kv_cache.shape[3],
+                      _STATS["layers"][self.key]["pool_bytes"], self.clay.fmt, 2 * self.clay.row_bytes,
+                      self.cold.numel(), nb * bs, kv_cache.device)
+        return self.cold
+
+    def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        if kv_cache.numel() == 0:
+            return
+        cold = self._ensure(kv_cache, key.dtype)
+        n = slot_mapping.shape[0]
+        write_slots(cold, self.clay, key[:n], value[:n], slot_mapping)
+        bs = self.rf.m
+        slots = slot_mapping[slot_mapping >= 0].to(torch.long)
+        done = torch.unique(slots[slots % bs == bs - 1] // bs)  # blocks whose last slot was written: complete
+        if done.numel():
+            self._summarize(kv_cache, cold, done)
+
+    def _summarize(self, kv_cache: torch.Tensor, cold: torch.Tensor, blocks: torch.Tensor) -> None:
+        """Summaries of complete ``blocks`` (from their cold keys) into their pages."""
+        rf, r = self.rf, self.clay.row_bytes
+        n, h, bs, c = blocks.numel(), kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3]
+        keys = self.clay.decode(cold[blocks][..., :r])  # [n, H, bs, d] float32
+        summ = summarize(rf.summary, keys.permute(1, 0, 2, 3)[None], None, rf.r)[0]  # [H, n, v, d]
+        rows = self.slay.encode(summ.permute(1, 0, 2, 3))  # [n, H, v, Rs]
+        cells = torch.zeros(n, h, bs * c, dtype=torch.uint8, device=kv_cache.device)
+        cells[..., : rf.vectors * self.slay.row_bytes] = rows.reshape(n, h, -1)
+        kv_cache[blocks] = cells.reshape(n, h, bs, c)
+
+    def _summaries(self, kv_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """Summaries ``[1, H, n, v, d]`` (float32) of ``blocks`` read from their pages."""
+        v, rs = self.rf.vectors, self.slay.row_bytes
+        pages = kv_cache[blocks.to(torch.long)]  # [n, H, bs, C]
+        rows = pages.reshape(pages.shape[0], pages.shape[1], -1)[..., : v * rs]
+        summ = self.slay.decode(rows.reshape(pages.shape[0], pages.shape[1], v, rs))  # [n, H, v, d]
+        return summ.permute(1, 0, 2, 3)[None]
+
+    # ---- attention ---------------------------------------------------------------------------------------------
+    def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: KvslimMetadata | None, output: torch.Tensor,
+                output_scale: torch.Tensor | None = None, output_block_scale: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("kvslim's vLLM backend does not fuse output quantization")
+        if attn_metadata is None or kv_cache.numel() == 0:  # profiling / warm-up run
+            return output
+        cold = self._ensure(kv_cache, query.dtype)
+        m = attn_metadata
+        n = m.num_actual_tokens
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        qsl, lens = m.query_start_loc.tolist(), m.seq_lens.tolist()
+        dense = list(lens)  # requests attended exactly over all rows (others: length 0 there)
+        fetched_step = 0
+        for i, length in enumerate(lens):
+            if qsl[i + 1] - qsl[i] != 1 or length <= 0:
+                if length > 0 and qsl[i + 1] > qsl[i]:
+                    _STATS["prefill_calls"] += 1
+                continue
+            sel = self._select(q[qsl[i]], kv_cache, m.block_table[i], length)
+            fetched_step += self._count(sel, length)
+            if sel is not None:
+                self._attend(q[qsl[i]], cold, m.block_table[i], sel, length, out, qsl[i])
+                dense[i] = 0
+        _STATS["step_fetched_bytes_max"] = max(_STATS["step_fetched_bytes_max"], fetched_step)
+        if any(dense):
+            paged_attention(q, cold, self.clay, m.block_table, torch.tensor(dense), m.query_start_loc, self.scale,
+                            out=out, from_codes=self.from_codes and cold.device.type == "cpu")
+        return output
+
+    def _select(self, q: torch.Tensor, kv_cache: torch.Tensor, blocks: torch.Tensor, length: int
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Blocks one decode query ``q [Hq, d]`` fetches: ``(idx [H, K], ok [H, K])`` (ascending among the ``ok``
+        ones, of the blocks wholly before the window); ``None``: every token is attended."""
+        rf, bs = self.rf, self.rf.m
+        nt = max(0, (length - rf.w) // bs)  # blocks wholly before the recent window
+        if nt == 0 or rf.k == 0 or rf.k * (2 * rf.nbr + 1) >= nt:
+            return None
+        summ = self._summaries(kv_cache, blocks[:nt])
+        scores = score_blocks(rf.summary, q.to(torch.float32)[None, :, None, :], summ, rf.gqa)  # [1, H, 1, nt]
+        visible = torch.ones(1, 1, 1, nt, dtype=torch.bool, device=q.device)
+        idx, ok = select_blocks(scores, visible, rf.k, rf.nbr)
+        return idx[0, :, 0], ok[0, :, 0]
+
+    def _count(self, sel: tuple[torch.Tensor, torch.Tensor] | None, length: int) -> int:
+        """Count one decode's rows: fetched blocks (their rows that are not sinks), sinks + window, context.
+        Returns the fetched bytes."""
+        rf, h = self.rf, self.num_kv_heads
+        nt = max(0, (length - rf.w) // rf.m)
+        nbase = (length - nt * rf.m + min(rf.sinks, nt * rf.m)) * h  # sinks and everything from block nt on
+        if sel is None:
+            fetched = length * h - nbase
+        else:
+            idx, ok = sel
+            cover = (idx[..., None] * rf.m + torch.arange(rf.m, device=idx.device)) < rf.sinks  # sink rows in them
+            fetched = int(ok.sum()) * rf.m - int((cover & ok[..., None]).sum())
+        cell = 2 * self.clay.row_bytes
+        _STATS["decode_calls"] += 1
+        _STATS["context_rows"] += length * h
+        _STATS["fetched_rows"] += fetched
+        _STATS["window_rows"] += nbase
+        _STATS["fetched_bytes"] += fetched * cell
+        _STATS["window_bytes"] += nbase * cell
+        return fetched * cell
+
+    def _attend(self, q: torch.Tensor, cold: torch.Tensor, blocks: torch.Tensor,
+                sel: tuple[torch.Tensor, torch.Tensor], length: int, out: torch.Tensor, row: int) -> None:
+        """Exact attention of one query ``q [Hq, d]`` over the sinks, the chosen blocks and the window, their rows
+        gathered from ``cold`` (a sink inside a chosen block is taken once)."""
+        rf, r = self.rf, self.clay.row_bytes
+        bs, dev = rf.m, q.device
+        idx, ok = sel
+        h = idx.shape[0]
+        nt = max(0, (length - rf.w) // bs)
+        s = min(rf.sinks, nt * bs)
+        blk = idx[..., None] * bs + torch.arange(bs, device=dev)  # [H, K, bs] token positions
+        sinks = torch.arange(s, device=dev)
+        chosen = torch.zeros(h, nt + 1, dtype=torch.bool, device=dev).scatter_(1, torch.where(ok, idx, nt), True)
+        pos = torch.cat([sinks.expand(h, s), blk.reshape(h, -1),
+                         torch.arange(nt * bs, length, device=dev).expand(h, length - nt * bs)], 1)  # [H, P]
+        valid = torch.cat([~chosen[:, sinks // bs], ok[..., None].expand(blk.shape).reshape(h, -1),
+                           torch.ones(h, length - nt * bs, dtype=torch.bool, device=dev)], 1)
+        slot_blk = blocks.to(torch.long)[pos // bs]  # [H, P]
+        heads = torch.arange(h, device=dev)[:, None]
+        cells = cold[slot_blk, heads, pos % bs]  # [H, P, 2R]
+        g = self.num_heads // h
+        qf = q.to(torch.float32).reshape(h, g, self.head_size)
+        if self.from_codes and cells.device.type == "cpu" and self.clay.codec.attends_from_codes:
+            o = _from_codes(qf, cells, self.clay, valid[:, None, :], self.scale)  # kvslim's lookup kernel
+            out[row] = o.reshape(self.num_heads, self.head_size).to(out.dtype)
+            return
+        k = self.clay.decode(cells[..., :r])
+        v = self.clay.decode(cells[..., r:])
+        sc = torch.einsum("hgd,hpd->hgp", qf, k) * self.scale
+        sc = sc.masked_fill(~valid[:, None, :], float("-inf"))
+        o = torch.einsum("hgp,hpd->hgd", torch.softmax(sc, dim=-1), v)
+        out[row] = o.reshape(self.num_heads, self.head_size).to(out.dtype)

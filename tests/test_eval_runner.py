@@ -186,6 +186,24 @@ def test_recipes_are_checked_by_the_grammar():
     assert check_recipes(["win"], extra=DOUBLE) == ["full", "win"]  # test doubles need no recipe of the grammar
 
 
+def test_a_grid_parses_each_recipe_once_and_full_stays_the_dynamic_cache():
+    # issue 23, part 2: the grid keeps each recipe's one parse (Grid.parsed -> Job.recipes); `full` given as a parsed
+    # recipe (the CLI parses --recipes) is still the plain DynamicCache row, not a kvslim cache
+    from transformers import DynamicCache
+
+    from kvslim.cache.recipe import parse_recipe
+    from kvslim.eval.harness.executors import Job
+
+    stream = parse_recipe("stream")
+    g = grid(recipes=[parse_recipe("full"), stream, "window:w=256,sinks=4", "v4+tq3"]).validate()
+    assert g.recipes == ["full", "window", "v4+tq3"] and g.config()["recipes"] == g.recipes
+    assert g.parsed["window"] is stream and g.parsed["v4+tq3"] == parse_recipe("v4-tq3") and "full" not in g.parsed
+    job = Job(g.task, g.options, g.model, recipes=g.parsed)
+    model, _tok = tiny_pair("tiny-llama")
+    assert type(job.factory("full")(model)) is DynamicCache
+    assert job.factory("window")(model).recipe is stream
+
+
 def test_placements_of_one_recipe_run_once_and_resume_each_other(tmp_path, pair):
     # issue 25, 3.8: recall, recall:store=disk and recall:...,dir=... compute the same; they ran as three rows
     base = "recall:m=4,k=2,w=16,sinks=2"

@@ -86,9 +86,11 @@ class Grid:
         runs: dict[str, str] = {}  # identity -> the recipe run (placement included); one computation runs once
         parsed: dict[str, Any] = {}  # the recipe run -> its Recipe (full and test factories: none)
         for r in check_recipes(self.recipes, extra):
-            run = run_recipe(r, extra)
-            if runs.setdefault(recipe_key(r, extra), run) == run and not isinstance(r, str):
-                parsed.setdefault(run, r)
+            key = recipe_key(r, extra)
+            if key not in runs:  # the first spelling of a computation runs (full: always the DynamicCache, first)
+                runs[key] = run_recipe(r, extra)
+                if not isinstance(r, str):
+                    parsed[runs[key]] = r
         recipes = list(runs.values())
         return Grid(self.task, self.model, recipes, sorted({int(n) for n in self.lengths}),
                     depths, sorted({int(s) for s in self.seeds}), task.options(), parsed)

@@ -208,9 +208,10 @@ def _size_recall(fmt: str, vllm_config: Any, cold_bytes: int | None) -> None:
                            f"request needs ({need}); raise cold_bytes or lower max_model_len")  # fmt: skip
     cc.num_gpu_blocks_override = int(blocks)
     _log.info("kvslim recall %s: hot (vLLM's pages): %s block summaries, %d B per token (all layers); cold array: "
-              "%s rows, %d B per token (all layers), cold_bytes=%d -> at most %d blocks of %d tokens (%d tokens)%s",
-              rf.recipe, sfmt, hot_block // rf.m, cfmt, cold_block // rf.m, cold, cold // cold_block, rf.m,
-              blocks * rf.m, f"; the KV budget {budget} B allows {budget // hot_block} blocks" if budget else "")
+              "%s rows, %d B per token (all layers); cold_bytes=%d holds %d blocks%s; vLLM's pool: %d blocks of %d "
+              "tokens (%d tokens)", rf.recipe, sfmt, hot_block // rf.m, cfmt, cold_block // rf.m, cold,
+              cold // cold_block, f", the KV budget of {budget} B {budget // hot_block}" if budget else "", blocks,
+              rf.m, blocks * rf.m)
 
 
 def register() -> None:

@@ -269,4 +269,4 @@ def test_pin_needs_dense_prefill_and_at_most_k(models):
         with pytest.raises(InvalidInput, match="pin="):
             make_cache(models["llama"], bad)
     with pytest.raises(InvalidInput, match="span=2 extends pinned blocks"):
-        make_cache(models["llama"], "recall:span=2")
+        make_cache(models["llama"], "recall:pin=0,span=2")  # (without pin=: auto pins, span 2 allowed)

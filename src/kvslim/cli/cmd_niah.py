@@ -144,7 +144,7 @@ def register(app: typer.Typer) -> None:
             "full", "--recipes", "-r",
             help="Recipes, comma- or ';'-separated, parameters included: 'full,v4+tq3,blocks:m=4,k=32,w=128' or "
             "'window:w=64;v4'; spellings of one recipe are one row (stored in canonical form, less where bytes live: "
-            "recall:store=disk is stored as recall, and runs once with recall); full is always included.",
+            "recall:store=disk is stored without store=, and runs once with recall); full is always included.",
         ),
         recipe: list[str] | None = typer.Option(None, "--recipe", help="One more recipe (repeatable), e.g. --recipe blocks:m=4,k=32."),
         lengths: str = typer.Option(

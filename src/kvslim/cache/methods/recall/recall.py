@@ -67,6 +67,9 @@ class RecallParams(Params):
                      lo=AUTO)  # fmt: skip
     span: int = param(AUTO, "blocks pinned from each pinned block on (2: it and the next, where a key's value may lie;"
                       f" -1 = auto: {AUTO_SPAN} with auto pins, else 1)", lo=AUTO)  # fmt: skip
+    pinw: int = param(0, "1: pins are ranked over the whole blocks still in the window too (such a pin takes effect "
+                      "when its block leaves the window while the answer is decoded); 0: over blocks out of it",
+                      choices=(0, 1))  # fmt: skip
     rest: str = param("none", "blocks not fetched: none (left out) | mean (one entry each: mean key and value, "
                       "weighted by its token count)", choices=("none", "mean"))  # fmt: skip
     gqa: str = param("max", "combine a KV group's query heads: max | sum | union (each head's top blocks in turn)",
@@ -99,6 +102,8 @@ class RecallParams(Params):
         if self.pin and (self.prefill != "dense" or (self.k and self.pin * self.span > self.k)):
             raise InvalidInput(f"recall: pin={self.pin} needs prefill=dense and pin x span <= k "
                                f"(span={self.span}, k={self.k})")  # fmt: skip
+        if self.pinw and not self.pin:
+            raise InvalidInput("recall: pinw=1 chooses where pins may fall; add pin=P (or leave pin to auto)")
         if self.rest != "none" and self.prefill != "dense":
             raise InvalidInput(f"recall: rest={self.rest} needs prefill=dense (a selecting prefill leaves blocks out)")
         if self.span > 1 and not self.pin:
@@ -362,17 +367,21 @@ class RecallLayer(BaseLayer):
         return F.scaled_dot_product_attention(query, K, V, attn_mask=bias, scale=scaling, enable_gqa=True)
 
     def _pin(self, q: torch.Tensor, n_next: int, tail_k: torch.Tensor, scaling: float, softcap: float | None) -> None:
-        """Pin the ``pin`` blocks of ``0 .. n_next-1`` the query ``q [b, h*g, 1, d]`` attends most, per KV head."""
+        """Pin the ``pin`` blocks of ``0 .. n_next-1`` (``pinw=1``: of every whole block) the query ``q [b, h*g, 1, d]``
+        attends most, per KV head (at most ``n_next`` pins: the slots held)."""
         m, parts = self.m, []
         for a in range(0, self.n_blocks * m, _K_CHUNK):
             e = min(self.n_blocks * m, a + _K_CHUNK)
             valid = None if self.cold_valid is None else self.cold_valid[:, a:e]
             parts.append(block_lse(q, self.cold_k.read(a, e), valid, m, scaling, softcap))
-        fresh = (n_next - self.n_blocks) * m
+        # pinw=1: every whole block of the window is a candidate too; a pin on one is inert until the block leaves
+        # the window (the decode step drops pins >= its blocks out), so a needle near the prompt's end stays in view
+        upto = (self.seen - self.spec.sinks) // m if self.spec.p.pinw else n_next
+        fresh = (upto - self.n_blocks) * m
         if fresh:
             parts.append(block_lse(q, tail_k[:, :, :fresh], self.tail_valid[:, :fresh], m, scaling, softcap))
-        lse = torch.cat(parts, -1)  # [b, h, n_next]
-        top = lse.topk(min(self.spec.p.pin, n_next), dim=-1)
+        lse = torch.cat(parts, -1)  # [b, h, upto]
+        top = lse.topk(min(self.spec.p.pin, n_next), dim=-1)  # as many pins as blocks out of the window (the slots)
         self._grow_pins(n_next)
         self.pinned.zero_()
         self.pin_ok.zero_()

@@ -123,7 +123,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(GRID), help="comma-separated: smollm2-135m,gemma3-270m")
     ap.add_argument("--lengths", default="", help="comma-separated lengths to run (default: each model's grid)")
-    ap.add_argument("--recipes", default=",".join(recipes()), help="comma-separated (full is always included)")
+    ap.add_argument("--recipes", default=",".join(recipes()),
+                    help="comma-separated, or ';'-separated for recipes with parameters (full is always included)")
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated: {','.join(TASKS)}")
     ap.add_argument("--depths", default=DEPTHS, help=f"needle depths (default {DEPTHS})")
     ap.add_argument("--seeds", default=SEEDS, help=f"seeds (default {SEEDS})")
@@ -144,7 +145,8 @@ def main() -> None:
         ap.error(f"unknown task {bad[0]!r}: choose from {', '.join(TASKS)}")
     if args.budget_min < 0:
         ap.error("--budget-min must be >= 0")
-    args.recipes = ["full", *[r.strip() for r in args.recipes.split(",") if r.strip() and r.strip() != "full"]]
+    sep = ";" if ";" in args.recipes else ","  # ';' for recipes with parameters: "full;recall:k=12,pin=4+fp8"
+    args.recipes = ["full", *[r.strip() for r in args.recipes.split(sep) if r.strip() and r.strip() != "full"]]
     args.depths = [float(d) for d in args.depths.split(",")]
     args.seeds = [int(s) for s in args.seeds.split(",")]
     only = [int(x) for x in args.lengths.split(",") if x.strip()]

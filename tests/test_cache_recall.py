@@ -269,4 +269,38 @@ def test_pin_needs_dense_prefill_and_at_most_k(models):
         with pytest.raises(InvalidInput, match="pin="):
             make_cache(models["llama"], bad)
     with pytest.raises(InvalidInput, match="span=2 extends pinned blocks"):
-        make_cache(models["llama"], "recall:span=2")
+        make_cache(models["llama"], "recall:pin=0,span=2")  # (without pin=: auto pins, span 2 allowed)
+
+
+def test_pinw_ranks_window_blocks_too_and_a_pin_waits_for_its_block(models):
+    """pinw=1 (issue 24, part 4): pins are ranked over every whole block, those still in the window too (a needle
+    near the prompt's end that leaves the window while the answer is decoded); such a pin is inert until its block
+    leaves the window, then fetched. Slots, hot bytes and fetched bytes are those of pinw=0; chunking pins alike."""
+    model = models["llama"]
+    ids = _ids(60)
+    recipe = f"recall:{SMALL},k=2,pin=2,pinw=1"
+    shape = ModelShape.from_model(model)
+    with compressed(model, recipe) as c1, compressed(model, recipe) as c2, compressed(model, f"recall:{SMALL},k=2,pin=2") as c0:
+        one = _logits(model, c1, ids[:, :50], [50])
+        assert torch.allclose(one, _logits(model, c2, ids[:, :50], [23, 27]), atol=1e-4)
+        _logits(model, c0, ids[:, :50], [50])
+        layers = c1.layers
+        assert all(torch.equal(a.pinned, b.pinned) for a, b in zip(layers, c2.layers, strict=True))
+        whole = (layers[0].seen - layers[0].spec.sinks) // layers[0].m
+        assert all(int(x.pinned.max()) < whole and x.pinned.shape == y.pinned.shape for x, y in zip(layers, c0.layers, strict=True))
+        assert [x.nbytes() for x in layers] == [x.nbytes() for x in c0.layers]
+        in_window = [(i, h, j) for i, x in enumerate(layers) for h in range(x.heads) for j in x.pinned[0, h].tolist() if j >= x.n_blocks]
+        assert in_window, "the last query attends a block still in the window in some (layer, head): the case tested"
+        i, h, j = in_window[0]
+        layer, rows = layers[i], []
+        fetch = layer.cold_k.fetch
+        layer.cold_k.fetch = lambda idx: rows.append(idx.clone()) or fetch(idx)
+        for t in range(50, 60):  # decode until block j has left the window
+            _logits(model, c1, ids[:, t : t + 1], [1])
+            nt = layer.n_out(layer.seen - 1)
+            blocks = set((rows[-1][0, h] // layer.m).tolist())
+            assert max(blocks) < nt and (j in blocks) == (j < nt), (t, j, nt, blocks)
+        assert j < layer.n_out(layer.seen - 1), "the pinned block left the window within 10 steps"
+        assert [x.nbytes(include_codec_state=False) for x in c1.layers] == predict_nbytes(shape, recipe, 60)
+    with pytest.raises(InvalidInput, match="pinw=1"):
+        make_cache(model, "recall:pin=0,pinw=1")

@@ -86,7 +86,7 @@ def test_tier_columns_only_where_a_recipe_has_a_cold_tier(folder):
 
 
 PLACED = ("recall", "recall:store=disk", "recall:dir=/tmp/kvslim-x,store=disk")  # one computation, three placements
-LONG = ("recall:k=12,pin=4,span=2+fp8", "recall:pin=4,span=2+fp8")  # differ past the first 7 characters
+LONG = ("recall:k=12,pin=4,span=2+fp8", "recall:k=8,pin=4,span=2+fp8")  # differ past the first 7 characters
 
 
 def _store_with(tmp_path, names):
@@ -101,12 +101,13 @@ def test_store_and_dir_are_not_part_of_a_recipes_identity(tmp_path):
     # issue 25, 3.8: store=/dir= (where cold bytes live) made one computation three rows
     from kvslim.cache.recipe import canonical, identity, placement
 
-    assert {identity(n) for n in PLACED} == {"recall"} and identity("recall-fp8") == canonical("recall-fp8")
-    assert canonical("recall:store=disk") == "recall:store=disk" and placement("recall:store=disk") == "store=disk"
+    plain = "recall:k=12,pin=4,span=2"  # the defaults (issue 24, part 5; a bare `recall` key means the old ones)
+    assert {identity(n) for n in PLACED} == {plain} and identity("recall-fp8") == canonical("recall-fp8")
+    assert canonical("recall:store=disk") == plain + ",store=disk" and placement("recall:store=disk") == "store=disk"
     _store_with(tmp_path, PLACED)
     res = build_report(tmp_path, images=False)
     (s,) = res["summaries"]
-    assert [r.recipe for r in s.rows] == ["full", "recall"] and s.rows[1].cells == 8
+    assert [r.recipe for r in s.rows] == ["full", "recall:k=8,pin=0,span=1"] and s.rows[1].cells == 8  # stored: old
     assert any("stored 3 times with identical results" in w for w in res["warnings"])
 
 

@@ -13,7 +13,7 @@ from kvslim.plan import GiB, fit
 from kvslim.plan.presets import get_preset
 from kvslim.plan.tiers import GPUS, fit_tiers, get_gpu, step_time, tier_price
 
-RECALL = "recall:m=32,k=8,w=128,sinks=4+fp8"
+RECALL = "recall:m=32,k=8,w=128,sinks=4,pin=0+fp8"  # no pins (the defaults pin 4 blocks)
 
 
 def test_short_context_is_all_hot_and_nothing_is_fetched():
@@ -70,8 +70,8 @@ def test_cli_prints_the_cold_tier_and_the_step_time():
     res = CliRunner().invoke(app, [*args, "--json"])
     rows = {r["recipe"]: r for r in json.loads(res.output)["rows"]}
     assert rows["full"]["fit"]["sequences"] == 7 and rows["full+tq4"]["fit"]["sequences"] == 30
-    assert rows["recall+fp8"]["fit"]["sequences"] == 256 * GiB // rows["recall+fp8"]["cold"]
-    assert rows["recall+fp8"]["step"]["batch"] == rows["recall+fp8"]["fit"]["sequences"]
+    tiered = rows["recall:k=8,pin=0,span=1+fp8"]  # canonical: it names what today's defaults would change
+    assert tiered["fit"]["sequences"] == 256 * GiB // tiered["cold"] and tiered["step"]["batch"] == tiered["fit"]["sequences"]
     plain = CliRunner().invoke(app, ["plan", "llama-3.1-8b", "-c", "4k", "-r", "full+tq4"])
     assert plain.exit_code == 0 and "cold MiB" not in plain.output  # no tiered recipe: no tier columns
 

@@ -43,10 +43,10 @@ def test_round_trip(kind, codec, full_first, data):
             if meta[key].get("choices"):
                 params[key] = data.draw(st.sampled_from(meta[key]["choices"]))
                 continue
-            lo = 1 if key in ("m", "hm", "r", "calib", "w") else (meta[key].get("lo") or 0)
+            lo = 1 if key in ("m", "hm", "r", "calib", "w", "span") else max(meta[key].get("lo") or 0, 0)
             params[key] = data.draw(st.integers(lo, 200))
     if kind == "recall":  # recall's cross-field rules (refused otherwise, tested there): span needs pin; pin x span <= k
-        k, span = params.get("k", 8) or 10**9, params.get("span", 1)
+        k, span = params.get("k", 12) or 10**9, params.get("span", 1)  # no pin and no span: auto (never refused)
         if span > 1 and not params.get("pin"):
             params["pin"] = 1
         if params.get("pin", 0) * span > k:

@@ -48,6 +48,10 @@ class Params:
     ints that fit in int64; ``lo`` bounds them below; ``choices`` lists the allowed values."""
 
     method: ClassVar[str] = ""
+    #: Defaults that changed after records were written, as they were: ``{key: earlier default}``. Canonical recipe
+    #: strings (what results stores and reports key rows by) omit a parameter only when it equals its *recorded*
+    #: default, so a preset's string and every stored row keep their meaning when a default changes.
+    recorded: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -57,6 +61,12 @@ class Params:
     def spec(cls) -> dict[str, tuple[type, Any, str]]:
         """``{key: (type, default, meaning)}`` in declaration order."""
         return {f.name: (type(f.default), f.default, f.metadata.get("meaning", "")) for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def record_defaults(cls) -> dict[str, Any]:
+        """``{key: default}`` as canonical strings omit them: the defaults, the :attr:`recorded` ones where a
+        default changed."""
+        return {f.name: cls.recorded.get(f.name, f.default) for f in dataclasses.fields(cls)}
 
 
 def check_value(method: str, key: str, value: Any, default: Any, md: Any) -> None:

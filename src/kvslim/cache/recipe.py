@@ -34,7 +34,7 @@ from .base import LayerSpec
 from .method import Method, ModelShape, check_value, methods
 
 __all__ = ["CODECS", "KINDS", "PLACEMENT", "PRESETS", "LayerSpec", "Recipe", "Resolved", "canonical", "identity",
-           "list_recipes", "parse_recipe", "parse_recipes", "placement", "resolve"]
+           "list_recipes", "parse_recipe", "parse_recipes", "placement", "read_back", "resolve", "split_recipe_list"]
 
 #: Parameters that say where a cache's bytes live, not what it computes: recall's cold tier in RAM or on disk
 #: (``store``) and the disk folder (``dir``). They stay in :func:`canonical` (what to run) and are left out of
@@ -136,9 +136,16 @@ class Recipe:
     def __str__(self) -> str:
         return self._text(placement=True)
 
-    def _text(self, placement: bool) -> str:
-        defaults = {k: d for k, (_t, d, _doc) in KINDS[self.kind][1].items()}
-        parts = [f"{k}={v}" for k, v in self.params if defaults.get(k) != v and (placement or k not in PLACEMENT)]
+    def _text(self, placement: bool, keep: frozenset[str] = frozenset()) -> str:
+        params = self.method.Params
+        defaults = params.record_defaults()
+        parts = [f"{k}={v}" for k, v in self.params
+                 if (k in keep or defaults.get(k) != v) and (placement or k not in PLACEMENT)]  # fmt: skip
+        if params.recorded and not keep:  # a value at its recorded default that today's default would change
+            again = dict(parse_recipe(self._text(placement, frozenset({""}))).params)
+            differ = frozenset(k for k, v in self.params if again[k] != v)
+            if differ:
+                return self._text(placement, differ)
         if self.full_first:
             parts.append(f"full_first={self.full_first}")
         text = self.kind + (":" + ",".join(parts) if parts else "")
@@ -315,7 +322,8 @@ def shares_context_prefill(text: str | Recipe) -> bool:
 
 
 def canonical(text: str | Recipe) -> str:
-    """The canonical string of a recipe: parameters at their defaults omitted, the rest sorted; a preset is its
+    """The canonical string of a recipe: parameters at their defaults omitted (a default changed since records were
+    written: at its recorded one, ``Params.recorded``), the rest sorted; a preset is its
     expansion (``v4-tq3`` and ``v4+tq3`` are one recipe). Results stores and reports key recipes by its
     :func:`identity` (without the :data:`PLACEMENT` parameters)."""
     return str(parse_recipe(text))
@@ -328,11 +336,28 @@ def identity(text: str | Recipe) -> str:
     return parse_recipe(text)._text(placement=False)
 
 
+def read_back(text: str) -> str:
+    """The :func:`identity` of a recipe string read back from a record. Stored strings are canonical, written
+    when they were stored: a parameter they leave out was at its default *then*, so a default changed since
+    (``Params.recorded``) is put back before parsing (a stored ``recall`` is ``recall:k=8,pin=0,span=1``, not
+    today's defaults). Presets name their parameters and are read as they are."""
+    structure, plus, codec = text.strip().partition("+")
+    name, _colon, args = structure.partition(":")
+    name = name.strip()
+    if name in PRESETS or name not in KINDS:
+        return identity(text)
+    given = {t.partition("=")[0].strip() for t in args.split(",") if t.strip()}
+    missing = [f"{k}={v}" for k, v in methods()[name].Params.recorded.items() if k not in given]
+    if not missing:
+        return identity(text)
+    return identity(name + ":" + ",".join([t for t in args.split(",") if t.strip()] + missing) + plus + codec)
+
+
 def placement(text: str | Recipe) -> str:
     """The :data:`PLACEMENT` parameters of a recipe that differ from their defaults, as ``key=value,...`` ("" for
     none): what :func:`identity` leaves out (records note it as ``placement``)."""
     r = parse_recipe(text)
-    defaults = {k: d for k, (_t, d, _doc) in KINDS[r.kind][1].items()}
+    defaults = methods()[r.kind].Params.record_defaults()
     return ",".join(f"{k}={v}" for k, v in r.params if k in PLACEMENT and defaults.get(k) != v)
 
 

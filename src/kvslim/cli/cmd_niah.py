@@ -166,7 +166,7 @@ def register(app: typer.Typer) -> None:
             None, "--recipes", "-r",
             help="Recipes, comma- or ';'-separated, parameters included: 'full,v4+tq3,blocks:m=4,k=32,w=128' or "
             "'window:w=64;v4'; spellings of one recipe are one row (stored in canonical form, less where bytes live: "
-            "recall:store=disk is stored as recall, and runs once with recall); full is always included (the "
+            "recall:store=disk is stored without store=, and runs once with recall); full is always included (the "
             "default). With --engine vllm: vllm (stock vLLM, fp32 KV; the default), vllm:stock-bf16 (model and KV "
             "in bf16), vllm:stock-fp8 (vLLM's own fp8 KV), vllm:FORMAT (KV in kvslim's packed FORMAT through the "
             "plugin: vllm:fp32, vllm:bf16, vllm:tq4, vllm:tq3, ...; not KIVI), e.g. 'vllm;vllm:fp32;vllm:tq4'.",

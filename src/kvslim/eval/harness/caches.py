@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .share import Shared
 
 __all__ = ["FULL", "check_recipes", "cache_factory", "chunks_invariantly", "prefill_plan", "recipe_key",
-           "run_recipe", "stored_recipe_key"]
+           "run_recipe", "stored_recipe_key", "given_recipe_key"]
 
 FULL = "full"
 CacheFactories = Mapping[str, Callable[[Any], Any]]
@@ -113,8 +113,21 @@ def run_recipe(name: Any, extra: CacheFactories | None = None) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def stored_recipe_key(name: str) -> str:
-    """:func:`recipe_key` for a recipe read back from a store or of a cell (a name that does not parse, such as a
-    test factory's, is kept as it is)."""
+    """:func:`recipe_key` for a recipe read back from a store or of a cell (a canonical string: parameters it
+    leaves out are at the defaults of when it was written, :func:`kvslim.cache.recipe.read_back`); a name that does
+    not parse, such as a test factory's, is kept as it is."""
+    if name == FULL:
+        return name
+    from ...cache.recipe import read_back
+
+    try:
+        return read_back(name)
+    except Exception:
+        return name
+
+
+def given_recipe_key(name: str) -> str:
+    """:func:`recipe_key` for a recipe as a user types it (today's defaults), kept as it is if it does not parse."""
     try:
         return recipe_key(name)
     except Exception:

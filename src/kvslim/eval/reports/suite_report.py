@@ -105,10 +105,10 @@ def compare(by_task: dict[str, list[dict[str, Any]]], a: str, b: str) -> list[tu
     """``[(task or "all tasks", Paired)]`` for recipes ``a`` and ``b`` on the prompts both have. ``a`` and ``b`` may
     be any spelling of a recipe (``full-kivi2``, ``stream``): they are compared under their canonical names, as the
     records are stored; two spellings of one recipe are refused."""
-    from ..harness.caches import stored_recipe_key
+    from ..harness.caches import given_recipe_key
 
     given = (a, b)
-    a, b = stored_recipe_key(a.strip()), stored_recipe_key(b.strip())
+    a, b = given_recipe_key(a.strip()), given_recipe_key(b.strip())
     if a == b:
         same = a if given[0] == given[1] else f"{a} ({given[0]} and {given[1]} are one recipe)"
         raise InvalidInput(f"--compare needs two different recipes, got {same} twice: a recipe against itself tests "

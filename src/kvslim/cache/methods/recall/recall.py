@@ -30,7 +30,7 @@ Index letters: b batch, h KV head, g group, s queries, n tokens, j blocks, d dim
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,8 @@ from .summaries import GQA_MODES, SUMMARIES, score_blocks, select_blocks, summar
 
 __all__ = ["Recall", "RecallLayer", "RecallParams", "RecallSpec"]
 
+AUTO = -1  # pin / span default: resolved by RecallParams (what a plain `recall` keeps: issue 24, part 5)
+AUTO_PIN, AUTO_SPAN = 4, 2  # auto pins: 4 blocks per KV head, each with the block after it (the recall-fp8 preset's)
 _Q_CHUNK = 512  # prefill queries per attention pass
 _K_CHUNK = 2048  # tokens per segment read from the cold tier or the window
 
@@ -54,15 +56,20 @@ _K_CHUNK = 2048  # tokens per segment read from the cold tier or the window
 @dataclass(frozen=True)
 class RecallParams(Params):
     m: int = param(32, "tokens per block (one summary each)", lo=1)
-    k: int = param(8, "blocks fetched per query and KV head (0 = all: lossless)", lo=0)
+    k: int = param(12, "blocks fetched per query and KV head (0 = all: lossless)", lo=0)
     w: int = window_param(128)
     sinks: int = sinks_param()
     summary: str = param("bbox", "block summary: mean | bbox (Quest min/max bound) | reps (r keys)", choices=SUMMARIES)
     r: int = param(2, "reps: representative keys per block (at most m)", lo=1)
     nbr: int = param(0, "neighbour blocks fetched on each side of a selected block", lo=0)
-    pin: int = param(0, "blocks per KV head pinned by the last prefill query's exact attention (of the k fetched)", lo=0)
-    span: int = param(1, "blocks pinned from each pinned block on (2: it and the next, where a key's value may lie)",
-                      lo=1)  # fmt: skip
+    pin: int = param(AUTO, "blocks per KV head pinned by the last prefill query's exact attention (of the k "
+                     f"fetched; -1 = auto: {AUTO_PIN} with prefill=dense and k >= {AUTO_PIN * AUTO_SPAN}, else 0)",
+                     lo=AUTO)  # fmt: skip
+    span: int = param(AUTO, "blocks pinned from each pinned block on (2: it and the next, where a key's value may lie;"
+                      f" -1 = auto: {AUTO_SPAN} with auto pins, else 1)", lo=AUTO)  # fmt: skip
+    pinw: int = param(0, "1: pins are ranked over the whole blocks still in the window too (such a pin takes effect "
+                      "when its block leaves the window while the answer is decoded); 0: over blocks out of it",
+                      choices=(0, 1))  # fmt: skip
     rest: str = param("none", "blocks not fetched: none (left out) | mean (one entry each: mean key and value, "
                       "weighted by its token count)", choices=("none", "mean"))  # fmt: skip
     gqa: str = param("max", "combine a KV group's query heads: max | sum | union (each head's top blocks in turn)",
@@ -74,8 +81,20 @@ class RecallParams(Params):
                          choices=("dense", "select"))  # fmt: skip
     wq: int = wq_param()
 
+    # the defaults records were written against before pins became the default (issue 24): canonical strings
+    # omit these values, so `recall-fp8` stays `recall:k=12,pin=4,span=2+fp8` and a stored `recall` row keeps k=8
+    recorded: ClassVar[dict[str, Any]] = {"k": 8, "pin": 0, "span": 1}
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.pin == AUTO or self.span == AUTO:  # resolve auto (the defaults) to values: what records hold
+            auto = self.pin == AUTO
+            pin = (AUTO_PIN if self.prefill == "dense" and self.k >= AUTO_PIN * AUTO_SPAN else 0) if auto else self.pin
+            span = (AUTO_SPAN if auto and pin else 1) if self.span == AUTO else self.span
+            object.__setattr__(self, "pin", pin)
+            object.__setattr__(self, "span", span)
+        if self.span < 1:
+            raise InvalidInput(f"recall: span must be positive (or -1: auto), got {self.span}")
         if self.cold not in cold_codecs():
             raise InvalidInput(f"recall: cold must be one of {', '.join(cold_codecs())}, got {self.cold!r}")
         if self.dir and self.store != "disk":
@@ -83,6 +102,8 @@ class RecallParams(Params):
         if self.pin and (self.prefill != "dense" or (self.k and self.pin * self.span > self.k)):
             raise InvalidInput(f"recall: pin={self.pin} needs prefill=dense and pin x span <= k "
                                f"(span={self.span}, k={self.k})")  # fmt: skip
+        if self.pinw and not self.pin:
+            raise InvalidInput("recall: pinw=1 chooses where pins may fall; add pin=P (or leave pin to auto)")
         if self.rest != "none" and self.prefill != "dense":
             raise InvalidInput(f"recall: rest={self.rest} needs prefill=dense (a selecting prefill leaves blocks out)")
         if self.span > 1 and not self.pin:
@@ -370,17 +391,21 @@ class RecallLayer(BaseLayer):
         return F.scaled_dot_product_attention(query, K, V, attn_mask=bias, scale=scaling, enable_gqa=True)
 
     def _pin(self, q: torch.Tensor, n_next: int, tail_k: torch.Tensor, scaling: float, softcap: float | None) -> None:
-        """Pin the ``pin`` blocks of ``0 .. n_next-1`` the query ``q [b, h*g, 1, d]`` attends most, per KV head."""
+        """Pin the ``pin`` blocks of ``0 .. n_next-1`` (``pinw=1``: of every whole block) the query ``q [b, h*g, 1, d]``
+        attends most, per KV head (at most ``n_next`` pins: the slots held)."""
         m, parts = self.m, []
         for a in range(0, self.n_blocks * m, _K_CHUNK):
             e = min(self.n_blocks * m, a + _K_CHUNK)
             valid = None if self.cold_valid is None else self.cold_valid[:, a:e]
             parts.append(block_lse(q, self.cold_k.read(a, e), valid, m, scaling, softcap))
-        fresh = (n_next - self.n_blocks) * m
+        # pinw=1: every whole block of the window is a candidate too; a pin on one is inert until the block leaves
+        # the window (the decode step drops pins >= its blocks out), so a needle near the prompt's end stays in view
+        upto = (self.seen - self.spec.sinks) // m if self.spec.p.pinw else n_next
+        fresh = (upto - self.n_blocks) * m
         if fresh:
             parts.append(block_lse(q, tail_k[:, :, :fresh], self.tail_valid[:, :fresh], m, scaling, softcap))
-        lse = torch.cat(parts, -1)  # [b, h, n_next]
-        top = lse.topk(min(self.spec.p.pin, n_next), dim=-1)
+        lse = torch.cat(parts, -1)  # [b, h, upto]
+        top = lse.topk(min(self.spec.p.pin, n_next), dim=-1)  # as many pins as blocks out of the window (the slots)
         self._grow_pins(n_next)
         self.pinned.zero_()
         self.pin_ok.zero_()

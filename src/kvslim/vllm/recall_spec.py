@@ -6,7 +6,8 @@ per KV head and decode step (``0``: every block, lossless), ``w`` recent tokens 
 attended, ``summary`` (``mean`` | ``bbox`` | ``reps`` with ``r``), ``gqa``, ``nbr``, ``cold`` (the codec of the
 rows in the cold array; ``none``: the model's dtype, exact) and ``+CODEC`` (the codec of the summaries held in
 vLLM's pages; none: the model's dtype). Refused with one line: ``pin``/``span`` (per-request pins: vLLM's attention
-metadata carries no request identity to keep them by), ``rest=mean``, ``prefill=select``, ``store=disk``/``dir``,
+metadata carries no request identity to keep them by; kvslim's ``recall`` pins by default, the plugin reads a
+recipe without ``pin=`` as ``pin=0``), ``rest=mean``, ``prefill=select``, ``store=disk``/``dir``,
 ``wq=1`` and ``full_first`` (not implemented here). The cold array's size comes from ``cold_bytes``
 (``--additional-config '{"kvslim": {"format": "recall-fp8", "cold_bytes": 4294967296}}'`` or
 ``KVSLIM_VLLM_COLD_BYTES``; default :data:`DEFAULT_COLD_BYTES`).
@@ -83,7 +84,11 @@ def parse_recall(fmt: str) -> RecallFormat:
     from kvslim.cache.recipe import parse_recipe
 
     text = fmt.strip()
-    recipe = parse_recipe(PRESETS.get(text, text))
+    body = PRESETS.get(text, text)
+    head, plus, codec = body.partition("+")
+    if "pin=" not in head:  # kvslim's recall pins blocks by default (auto); the plugin cannot keep pins: off unless asked
+        head += ",pin=0" if ":" in head else ":pin=0"
+    recipe = parse_recipe(head + plus + codec)
     if recipe.kind != "recall":
         raise InvalidInput(f"kvslim format {fmt!r} is not a recall recipe")
     p = dict(recipe.params)

@@ -141,7 +141,11 @@ for i, c in enumerate(spec["cells"]):
         print("Traceback (most recent call last):\nValueError: boom in the engine", flush=True)
         sys.exit(1)
     toks = c["answer_ids"] + stop[:1] if i % 2 == 0 else [c["answer_ids"][0] + 1] * 3
-    print("KVSLIM-CELL " + json.dumps({{"i": i, "tokens": toks, "logprob": -0.25 * (i + 1), "seconds": 0.5}}), flush=True)
+    cell = {{"i": i, "tokens": toks, "logprob": -0.25 * (i + 1), "seconds": 0.5}}
+    if (spec["format"] or "").startswith("recall"):  # run_cells' tier figures of a recall format
+        cell["recall"] = {{"decode_tokens": 4.0, "fetched_bytes_per_token": 1000.0, "read_bytes_per_token": 3000.0,
+                          "fetched_share": 0.05, "cold_bytes_per_token": 12240.0}}
+    print("KVSLIM-CELL " + json.dumps(cell), flush=True)
 '''
 
 
@@ -241,3 +245,39 @@ def test_run_cells_protocol_matches_harness():
 
     assert run.CELL_LINE == vllm_engine.CELL_LINE and run.ENGINE_LINE == vllm_engine.ENGINE_LINE
     assert os.path.basename(run.__file__) == "run.py"
+
+
+def test_recall_rows_parse_and_are_checked():
+    rows = parse_vllm_recipes(["vllm:recall-fp8", "vllm:recall:k=0", "vllm:recall:k=8,cold=fp8+fp8"], _fmt)
+    assert [r.format for r in rows] == ["recall-fp8", "recall:k=0", "recall:k=8,cold=fp8+fp8"]
+    with pytest.raises(InvalidInput, match="does not support pin=4") as e:  # pins need per-request state
+        parse_vllm_recipes(["vllm:recall:k=12,pin=4"], _fmt)
+    assert "\n" not in str(e.value)
+    with pytest.raises(InvalidInput, match="tq2.5.*head size 62"):  # the summaries' codec at the head size
+        check_vllm_format("recall:k=8+tq2.5", 62)
+
+
+def test_recall_records_carry_the_cold_tier(tmp_path, fake_engine):
+    pair = tiny_pair("tiny-llama")
+    out = tmp_path / "out"
+    run_vllm_grid(_grid(["vllm:recall-fp8"]), out, check_format=check_vllm_format, python=str(fake_engine),
+                  progress=False, pair=pair, model_folder=tmp_path)
+    recs = _records(out)
+    assert len(recs) == 4
+    for r in recs:
+        assert r["format"] == "recall-fp8"
+        assert r["kv_bytes"] == -(-r["prompt_tokens"] // 16) * 16 * 138  # vLLM's pages: the summaries
+        assert r["cold_bytes"] == -(-r["prompt_tokens"] // 16) * 16 * 12240  # the cold array's rows of the prompt
+        assert r["recall"]["fetched_share"] == 0.05 and r["recall"]["fetched_bytes_per_token"] == 1000.0
+
+
+def test_tier_delta_is_per_decode_token_of_one_group():
+    from kvslim.vllm.run import _tier_delta
+
+    before = {"decode_calls": 60.0, "context_rows": 1000.0, "fetched_rows": 50.0, "window_rows": 100.0,
+              "fetched_bytes": 5000.0, "window_bytes": 10000.0, "layers": 30.0, "cold_bytes_per_token": 7.0}
+    after = dict(before, decode_calls=120.0, context_rows=3000.0, fetched_rows=150.0, window_rows=300.0,
+                 fetched_bytes=15000.0, window_bytes=30000.0)
+    d = _tier_delta(before, after)  # 60 layer calls over 30 layers: 2 decode tokens
+    assert d == {"decode_tokens": 2.0, "fetched_bytes_per_token": 5000.0, "read_bytes_per_token": 15000.0,
+                 "fetched_share": 0.05, "cold_bytes_per_token": 7.0}

@@ -139,7 +139,13 @@ def check_vllm_format(fmt: str, head_size: int) -> None:
     """Refuse a kvslim format the vLLM plugin cannot serve at ``head_size`` with its one-line message
     (:mod:`kvslim.vllm.layout`: unknown names, KIVI, head sizes the codec cannot take)."""
     from ..vllm.layout import make_codec
+    from ..vllm.recall_spec import is_recall, parse_recall
 
+    if is_recall(fmt):  # tiered recall: its recipe, and the codecs of its summaries and cold rows at this head size
+        rf = parse_recall(fmt)
+        for codec in {rf.codec, rf.cold} - {"none"}:
+            make_codec(codec, head_size)
+        return
     make_codec(fmt, head_size)  # raises the plugin's one-line refusal naming the format
 
 

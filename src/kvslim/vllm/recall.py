@@ -48,7 +48,7 @@ from .backend import KvslimAttentionBackend, KvslimAttentionImpl, KvslimMetadata
 from .layout import RowLayout, _from_codes, paged_attention, write_slots
 from .recall_spec import RecallFormat, parse_recall
 
-__all__ = ["KvslimRecallBackend", "KvslimRecallImpl", "reset_stats", "stats"]
+__all__ = ["KvslimRecallBackend", "KvslimRecallImpl", "counters", "reset_stats", "stats"]
 
 _log = logging.getLogger("vllm.kvslim")  # under vLLM's logger: its handler prints it
 _FORMATS: dict[str, RecallFormat] = {}
@@ -89,6 +89,18 @@ def stats() -> dict[str, Any]:
         "fetched_share": _STATS["fetched_rows"] / ctx,
         "read_share": (_STATS["fetched_rows"] + _STATS["window_rows"]) / ctx,
     }
+
+
+def counters() -> dict[str, float]:
+    """The raw counters behind :func:`stats` (decode calls are per layer), to take differences around a batch;
+    ``layers`` and ``cold_bytes_per_token`` (the cold arrays' bytes per token slot, all layers) beside them."""
+    layers = _STATS["layers"]
+    slots = min((v["cold_tokens"] for v in layers.values()), default=0)
+    out = {k: float(_STATS[k]) for k in ("decode_calls", "context_rows", "fetched_rows", "window_rows",
+                                          "fetched_bytes", "window_bytes")}
+    out["layers"] = float(len(layers))
+    out["cold_bytes_per_token"] = sum(v["cold_bytes"] for v in layers.values()) / slots if slots else 0.0
+    return out
 
 
 def recall_format() -> RecallFormat:

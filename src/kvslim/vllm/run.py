@@ -161,9 +161,11 @@ def run_cells(llm: Any, spec: dict, emit: bool = False) -> list[dict]:
     kv_tokens = getattr(llm.llm_engine.vllm_config.cache_config, "kv_cache_size_tokens", None) or per_cell
     group = int(spec.get("group") or max(1, min(8, kv_tokens // per_cell)))
     found: list[dict] = []
+    tiers = _recall_counters()
     for g0 in range(0, len(cells), group):
         part = cells[g0:g0 + group]
         t = time.perf_counter()
+        before = tiers() if tiers else None
         greedy = [SamplingParams(temperature=0.0, max_tokens=int(c["max_tokens"]), stop_token_ids=stop,
                                  logprob_token_ids=sorted(set(c["answer_ids"])) or None) for c in part]
         res = llm.generate([TokensPrompt(prompt_token_ids=list(c["ids"])) for c in part], greedy, use_tqdm=False)
@@ -183,16 +185,45 @@ def run_cells(llm: Any, spec: dict, emit: bool = False) -> list[dict]:
         seconds = (time.perf_counter() - t) / len(part)
         for (j, i), r in zip(asks, forced, strict=True):
             logprob[j] += _logprob_of(r.outputs[0].logprobs, part[j]["answer_ids"][i], 0)
+        recall = _tier_delta(before, tiers()) if tiers else None
         for j, r in enumerate(res):
             toks = list(r.outputs[0].token_ids)
             if toks and toks[-1] in stop:
                 toks = toks[:-1]
             cell = {"i": g0 + j, "tokens": toks, "logprob": logprob[j], "seconds": seconds,
                     "cached": r.num_cached_tokens}
+            if recall is not None:
+                cell["recall"] = recall
             found.append(cell)
             if emit:
                 print(CELL_LINE + json.dumps(cell), flush=True)
     return found
+
+
+def _recall_counters() -> Any:
+    """:func:`kvslim.vllm.recall.counters` where a recall format is selected and its backend runs in this process
+    (``inproc``), else None."""
+    from kvslim.vllm import selected_format
+    from kvslim.vllm.recall_spec import is_recall
+
+    if not is_recall(selected_format()) or os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+        return None
+    from kvslim.vllm.recall import counters
+
+    return counters
+
+
+def _tier_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What one group's requests did to the recall tiers (the group's decode tokens together; per request decode
+    token, all layers): ``fetched_bytes_per_token`` (rows of the selected blocks), ``read_bytes_per_token`` (those +
+    sinks + window), ``fetched_share`` (fetched rows over the context's rows), ``cold_bytes_per_token``."""
+    d = {k: after[k] - before[k] for k in before}
+    tokens = d["decode_calls"] / after["layers"] if after["layers"] else 0.0
+    return {"decode_tokens": tokens,
+            "fetched_bytes_per_token": d["fetched_bytes"] / tokens if tokens else 0.0,
+            "read_bytes_per_token": (d["fetched_bytes"] + d["window_bytes"]) / tokens if tokens else 0.0,
+            "fetched_share": d["fetched_rows"] / d["context_rows"] if d["context_rows"] else 0.0,
+            "cold_bytes_per_token": after["cold_bytes_per_token"]}
 
 
 CELL_LINE = "KVSLIM-CELL "

@@ -61,7 +61,7 @@ DEFAULT_KV_MIB = 512
 STOCK = {"vllm": ("float32", "auto", "fp32"), "vllm:stock-bf16": ("bfloat16", "auto", "bf16"),
          "vllm:stock-fp8": ("float32", "fp8", "fp8-vllm")}
 ALIASES = {"vllm:stock": "vllm", "vllm:stock-fp32": "vllm"}
-RECIPE_HELP = "vllm (stock vLLM, fp32 KV), vllm:stock-bf16, vllm:stock-fp8 (vLLM's own fp8 KV), vllm:FORMAT (kvslim's packed FORMAT through the plugin, e.g. vllm:fp32, vllm:tq4)"
+RECIPE_HELP = "vllm (stock vLLM, fp32 KV), vllm:stock-bf16, vllm:stock-fp8 (vLLM's own fp8 KV), vllm:FORMAT (kvslim's packed FORMAT through the plugin, e.g. vllm:fp32, vllm:tq4, vllm:recall-fp8)"
 
 
 @dataclass(frozen=True)
@@ -109,9 +109,10 @@ def parse_vllm_recipes(names: list[str], check_format: Callable[[str], Any]) -> 
         if fmt.startswith("stock"):
             raise InvalidInput(f"unknown stock vLLM row {name!r}: use vllm (fp32 KV), vllm:stock-bf16 or "
                                "vllm:stock-fp8")  # fmt: skip
-        if not fmt or any(c in fmt for c in ",:=+ "):
+        recall = fmt == "recall" or fmt.startswith(("recall:", "recall+", "recall-"))
+        if not fmt or (not recall and any(c in fmt for c in ",:=+ ")):
             raise InvalidInput(f"{name!r} is not a vLLM recipe: write vllm:FORMAT with one kvslim format, e.g. "
-                               "vllm:tq4 (parameters are not taken)")  # fmt: skip
+                               "vllm:tq4 (parameters are taken by recall only: vllm:recall:k=8+fp8)")  # fmt: skip
         check_format(fmt)
         out.setdefault(f"{ENGINE}:{fmt}", VllmRecipe(f"{ENGINE}:{fmt}", fmt))
     if not out:
@@ -174,6 +175,10 @@ def cell_record(cell: Cell, prompt: Any, task: Any, tokenizer: Any, model: Any, 
                 "kv_pool_tokens": engine.get("kv_tokens"), "kv_bytes_per_token": per_token, "block_size": block})
     if recipe.format is None:
         rec["model_dtype"] = recipe.dtype
+    tiers = result.get("recall")
+    if tiers:  # the recall format: kv_bytes is vLLM's pages (summaries); the rows sit in the backend's cold array
+        rec["cold_bytes"] = int(round(math.ceil(len(prompt) / block) * block * float(tiers["cold_bytes_per_token"])))
+        rec["recall"] = {k: round(float(v), 4) for k, v in tiers.items()}
     return rec
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import pytest
 
 from kvslim.vllm.run import find_model_folder
@@ -14,3 +18,19 @@ def smol_folder() -> str:
         pytest.skip("no SmolLM2 safetensors folder: run `.venv/bin/python -m kvslim.vllm.run --model-folder` once "
                     "(or set KVSLIM_VLLM_MODEL)")
     return str(folder)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_tmpdir():
+    """vLLM leaves its rendezvous file (``vllm_dist_<uuid>``) and IPC sockets in the temp folder when an engine is
+    stopped from outside (the serve test) or fails at startup (the refusal tests): every process these tests start
+    gets a private temp folder, removed at the end of the session."""
+    tmp = tempfile.mkdtemp(prefix="kvslim-vllm-tests-")
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = tmp
+    yield tmp
+    if old is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -77,20 +77,29 @@ class KvslimAttentionBackend(AttentionBackend):
     @classmethod
     def supports_head_size(cls, head_size: int) -> bool:
         try:
-            layout_for(head_size)
+            cls._check_head_size(head_size)
         except InvalidInput:
             return False
         return True
 
     @classmethod
+    def _check_head_size(cls, head_size: int) -> None:
+        """Raise ``InvalidInput`` where the selected format cannot store ``head_size``."""
+        layout_for(head_size)
+
+    @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        """Pages of packed rows: ``uint8`` cells of ``2 * row_bytes`` per (KV head, token)."""
+        """Pages of ``uint8`` cells of :meth:`_cell_bytes` per (KV head, token)."""
         if spec.state_content_bytes is not None:
             return spec
         if spec.head_size_v != spec.head_size:
             raise InvalidInput(f"kvslim: keys of {spec.head_size} and values of {spec.head_size_v} channels differ")
-        row = layout_for(spec.head_size).row_bytes
-        return replace(spec, dtype=torch.uint8, state_content_bytes=2 * row)
+        return replace(spec, dtype=torch.uint8, state_content_bytes=cls._cell_bytes(spec))
+
+    @classmethod
+    def _cell_bytes(cls, spec: AttentionSpec) -> int:
+        """Bytes per (KV head, token) of a page: one packed ``[key row | value row]``."""
+        return 2 * layout_for(spec.head_size).row_bytes
 
 
 @dataclass

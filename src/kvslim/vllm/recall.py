@@ -34,7 +34,6 @@ issue counts as hot).
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -126,28 +125,19 @@ class KvslimRecallBackend(KvslimAttentionBackend):
         return KvslimRecallImpl
 
     @classmethod
-    def supports_head_size(cls, head_size: int) -> bool:
-        try:
-            rf = recall_format()
-            _layout(rf.summary_format("float32"), head_size)
-            _layout(rf.cold_format("float32"), head_size)
-        except InvalidInput:
-            return False
-        return True
+    def _check_head_size(cls, head_size: int) -> None:
+        rf = recall_format()
+        _layout(rf.summary_format("float32"), head_size)
+        _layout(rf.cold_format("float32"), head_size)
 
     @classmethod
-    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        """Pages of summaries: ``uint8`` cells, one block's summary per KV head spread over its ``m`` cells."""
-        if spec.state_content_bytes is not None:
-            return spec
-        if spec.head_size_v != spec.head_size:
-            raise InvalidInput(f"kvslim: keys of {spec.head_size} and values of {spec.head_size_v} channels differ")
+    def _cell_bytes(cls, spec: AttentionSpec) -> int:
+        """Pages of summaries: one block's summary per KV head spread over its ``m`` cells."""
         rf = recall_format()
         if spec.block_size != rf.m:
             raise InvalidInput(f"kvslim format {rf.text!r}: vLLM's block size is {spec.block_size}, the recipe's "
                                f"block m={rf.m}; leave --block-size out (the plugin sets it) or give m={spec.block_size}")  # fmt: skip
-        srow = _layout(rf.summary_format(spec.dtype), spec.head_size).row_bytes
-        return replace(spec, dtype=torch.uint8, state_content_bytes=rf.cell_bytes(srow))
+        return rf.cell_bytes(_layout(rf.summary_format(spec.dtype), spec.head_size).row_bytes)
 
 
 class KvslimRecallImpl(KvslimAttentionImpl):

@@ -282,27 +282,20 @@ def run_grid(
     for recipe in grid.recipes:  # a recipe the model cannot take fails here, before any cell runs
         job.plans[recipe] = prefill_plan(job.recipes.get(recipe, recipe), job.factory(recipe)(model), prefill_chunk,
                                          chunk_where_invariant, factories, pool)
-    store.lock()  # one writer per folder (the first thing written): a second run on it is refused here
     try:
-        store.claim(grid.config(), force=force)
-        store.repair()
-        found = store.read()
-        for msg in found.messages(store.results):
-            say(msg)
-        done = {cell_key(r) for r in found.records}
-        cells = list(plan_cells(grid))
-        todo = [(c, prompts[(c.length, c.depth, c.seed)]) for c in cells if c.key not in done]
-        executor = make_executor(ray, workers=workers, pair=(model, tokenizer), batch=batch)
-        with _progress(progress, len(cells), len(cells) - len(todo), grid) as advance:
-            for record in executor.run(job, todo):
-                store.append(record)
-                if on_record:
-                    on_record(record)
-                advance(record)
+        with store.writing(grid.config(), say, force=force) as done:  # one writer per folder: a second run is refused
+            cells = list(plan_cells(grid))
+            todo = [(c, prompts[(c.length, c.depth, c.seed)]) for c in cells if c.key not in done]
+            executor = make_executor(ray, workers=workers, pair=(model, tokenizer), batch=batch)
+            with _progress(progress, len(cells), len(cells) - len(todo), grid) as advance:
+                for record in executor.run(job, todo):
+                    store.append(record)
+                    if on_record:
+                        on_record(record)
+                    advance(record)
     finally:
         if pool is not None:
             pool.clear()  # the last recording's memory
-        store.unlock()
     return {"ran": len(todo), "skipped": len(cells) - len(todo), "total": len(cells), "out": str(store.results)}
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +139,22 @@ class ResultStore:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing drops the flock; the file stays (deleting it would race a new locker)
             self._lock_fd = None
+
+    @contextmanager
+    def writing(self, config: dict[str, Any], say: Callable[[str], None], force: bool = False) -> Iterator[set[tuple]]:
+        """A run's write session: become the only writer (:meth:`lock`, the first thing written), record ``config``
+        (:meth:`claim`), cut a half-written last line (:meth:`repair`), pass every problem found in the stored lines
+        to ``say`` and yield the keys (:func:`cell_key`) of the cells already done; unlock at the end."""
+        self.lock()
+        try:
+            self.claim(config, force=force)
+            self.repair()
+            found = self.read()
+            for msg in found.messages(self.results):
+                say(msg)
+            yield {cell_key(r) for r in found.records}
+        finally:
+            self.unlock()
 
     # -- configuration -------------------------------------------------------------------------------------------
     def read_config(self) -> dict[str, Any] | None:

@@ -46,8 +46,8 @@ from .caches import FULL, stored_recipe_key
 from .engine import eos_ids, score_answer
 from .executors import MAX_THREADS, make_record
 from .loading import load_pair
-from .runner import Cell, Grid, _max_context, _progress, _warn, build_prompts
-from .store import ResultStore, cell_key
+from .runner import Cell, Grid, _max_context, _progress, _warn, build_prompts, plan_cells
+from .store import ResultStore
 
 __all__ = ["VllmRecipe", "parse_vllm_recipes", "is_vllm_recipe", "find_vllm_python", "has_vllm", "run_vllm_grid",
            "cell_record", "PYTHON_ENV", "ENGINE"]
@@ -234,15 +234,8 @@ def run_vllm_grid(
             check_format(r.format, head)
     folder = Path(model_folder) if model_folder is not None else _model_folder(checked.model)
     stop = sorted(eos_ids(tokenizer, model))
-    store.lock()
-    try:
-        store.claim(checked.config(), force=force)
-        store.repair()
-        found = store.read()
-        for msg in found.messages(store.results):
-            say(msg)
-        done = {cell_key(r) for r in found.records}
-        cells = [c for c in _plan(checked)]
+    with store.writing(checked.config(), say, force=force) as done:
+        cells = list(plan_cells(checked))
         todo = [c for c in cells if c.key not in done]
         with _progress(progress, len(cells), len(cells) - len(todo), checked) as advance:
             for name in checked.recipes:
@@ -264,21 +257,11 @@ def run_vllm_grid(
                                       result, engine)
                     store.append(rec)
                     advance(rec)
-    finally:
-        store.unlock()
     return {"ran": len(todo), "skipped": len(cells) - len(todo), "total": len(cells), "out": str(store.results)}
 
 
 def _no_transformers_cache(model: Any) -> Any:  # a vLLM row has no transformers cache (validation only)
     raise InvalidInput("a vLLM recipe runs only with --engine vllm")
-
-
-def _plan(grid: Grid) -> Iterator[Cell]:
-    for recipe in grid.recipes:
-        for seed in grid.seeds:
-            for length in grid.lengths:
-                for depth in grid.depths:
-                    yield Cell(grid.task, grid.model, recipe, length, depth, seed)
 
 
 def _model_folder(name: str) -> Path:

@@ -248,10 +248,11 @@ def test_run_cells_protocol_matches_harness():
 
 
 def test_recall_rows_parse_and_are_checked():
-    rows = parse_vllm_recipes(["vllm:recall-fp8", "vllm:recall:k=0", "vllm:recall:k=8,cold=fp8+fp8"], _fmt)
-    assert [r.format for r in rows] == ["recall-fp8", "recall:k=0", "recall:k=8,cold=fp8+fp8"]
-    with pytest.raises(InvalidInput, match="does not support pin=4") as e:  # pins need per-request state
-        parse_vllm_recipes(["vllm:recall:k=12,pin=4"], _fmt)
+    rows = parse_vllm_recipes(["vllm:recall-fp8", "vllm:recall:k=0", "vllm:recall:k=8,cold=fp8+fp8",
+                               "vllm:recall:k=12,pin=4"], _fmt)
+    assert [r.format for r in rows] == ["recall-fp8", "recall:k=0", "recall:k=8,cold=fp8+fp8", "recall:k=12,pin=4"]
+    with pytest.raises(InvalidInput, match="does not support prefill=select") as e:  # not in the plugin
+        parse_vllm_recipes(["vllm:recall:k=12,prefill=select"], _fmt)
     assert "\n" not in str(e.value)
     with pytest.raises(InvalidInput, match="tq2.5.*head size 62"):  # the summaries' codec at the head size
         check_vllm_format("recall:k=8+tq2.5", 62)

@@ -17,36 +17,10 @@ import pytest
 
 pytest.importorskip("vllm.v1.kv_cache_interface", reason="vLLM is not installed here: `make vllm` builds .venv-vllm")
 
-
-def engine_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("KVSLIM_VLLM_FORMAT", None)
-    env.update(OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="nobind", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def run_engine(spec: dict, tmp_path: Path, name: str, timeout: int = 900) -> dict:
-    """Run one offline engine configuration (:mod:`kvslim.vllm.run`) in a fresh process; its result dict."""
-    spec_file, out_file = tmp_path / f"{name}.json", tmp_path / f"{name}.out.json"
-    spec_file.write_text(json.dumps(spec))
-    r = subprocess.run([sys.executable, "-m", "kvslim.vllm.run", str(spec_file), str(out_file)],
-                       env=engine_env(), capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise AssertionError(f"engine run {name} failed ({r.returncode}):\n" + r.stderr[-4000:])
-    return json.loads(out_file.read_text())
-
+from _engine_helpers import BATCHES, engine_env, run_engine  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-PREFIX = (
-    "The lighthouse keeper wrote in his log every evening. He noted the wind, the colour of the sea, the ships that "
-    "passed and the birds that rested on the gallery rail. Over forty years the log grew to nineteen volumes. "
-) * 5
-BATCHES = [
-    [PREFIX + "On the last page of the final volume he wrote:"],
-    [PREFIX + "The first volume begins with the words", PREFIX + "Visitors who read the log were surprised that",
-     "List three colours of the sea:"],
-]
 BASE = {"kv_bytes": 256 << 20, "max_model_len": 4096, "max_num_batched_tokens": 64, "max_num_seqs": 8,
         "max_tokens": 16, "ignore_eos": True, "batches": BATCHES}
 

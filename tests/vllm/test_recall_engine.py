@@ -5,50 +5,20 @@ capped by ``cold_bytes`` that forces preemption against an uncapped one; refusal
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("vllm.v1.kv_cache_interface", reason="vLLM is not installed here: `make vllm` builds .venv-vllm")
 
+from _engine_helpers import BATCHES, PREFIX, engine_env, run_engine  # noqa: E402
+
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-PREFIX = (
-    "The lighthouse keeper wrote in his log every evening. He noted the wind, the colour of the sea, the ships that "
-    "passed and the birds that rested on the gallery rail. Over forty years the log grew to nineteen volumes. "
-) * 5
-BATCHES = [
-    [PREFIX + "On the last page of the final volume he wrote:"],
-    [PREFIX + "The first volume begins with the words", PREFIX + "Visitors who read the log were surprised that",
-     "List three colours of the sea:"],
-]
 BASE = {"kv_bytes": 64 << 20, "max_model_len": 1024, "max_num_batched_tokens": 64, "max_num_seqs": 8,
         "max_tokens": 16, "ignore_eos": True, "batches": BATCHES}
 COLD_BLOCK_16 = 30 * 3 * 16 * 2 * 4 * 64  # cold bytes per 16-token block: 30 layers x 3 KV heads x fp32 [K|V] rows
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    for k in ("KVSLIM_VLLM_FORMAT", "KVSLIM_VLLM_COLD_BYTES"):
-        env.pop(k, None)
-    env.update(OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="nobind", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def run_engine(spec: dict, tmp_path: Path, name: str) -> dict:
-    spec_file, out_file = tmp_path / f"{name}.json", tmp_path / f"{name}.out.json"
-    spec_file.write_text(json.dumps(spec))
-    r = subprocess.run([sys.executable, "-m", "kvslim.vllm.run", str(spec_file), str(out_file)], env=_env(),
-                       capture_output=True, text=True, timeout=900)
-    if r.returncode != 0:
-        raise AssertionError(f"engine run {name} failed ({r.returncode}):\n" + r.stderr[-4000:])
-    out = json.loads(out_file.read_text())
-    out["log"] = r.stdout + r.stderr
-    return out
 
 
 def _spec(folder: str, **kw) -> dict:
@@ -73,16 +43,18 @@ def test_recall_k0_is_token_identical_to_stock_vllm(smol_folder, tmp_path):
 
 
 def test_selecting_recall_with_prefix_hits_matches_one_shot_prefills(smol_folder, tmp_path):
-    """k=2 blocks of 16 per KV head out of ~12 (window 32, 4 sinks): requests that share a cached prefix each
-    read their own rows of it (its blocks' cold rows, written once) and give the tokens of one-shot prefills
+    """k=4 blocks of 16 per KV head out of ~12 (window 32, 4 sinks), one pinned with the block after it: requests
+    that share a cached prefix each read their own rows of it (its blocks' cold rows, written once) and their own
+    pins (stamped by their own last prompt row, in their own tail blocks) and give the tokens of one-shot prefills
     without any cache, one prompt at a time."""
-    fmt = "recall:m=16,k=2,w=32"
+    fmt = "recall:m=16,k=4,w=32,pin=1,span=2"
     shared = run_engine(_spec(smol_folder, format=fmt), tmp_path, "shared")
     alone = run_engine(_spec(smol_folder, format=fmt, max_num_batched_tokens=1024, prefix_caching=False,
                              batches=[[p] for b in BATCHES for p in b]), tmp_path, "alone")
     assert [t for b in shared["tokens"] for t in b] == [b[0] for b in alone["tokens"]]
     assert min(shared["cached"][1][:2]) >= 160
     assert 0 < shared["recall"]["fetched_share"] < 0.5  # blocks were selected, not everything read
+    assert shared["recall"]["pin_stamps"] > 0 and shared["recall"]["pinned_decodes"] > 0
 
 
 def test_preempted_requests_resume_to_the_same_tokens(smol_folder, tmp_path):
@@ -107,7 +79,7 @@ def _startup_error(folder: str, additional_config: dict) -> str:
         f"LLM(model={folder!r}, dtype='float32', max_model_len=4096, kv_cache_memory_bytes=64 << 20, "
         f"enforce_eager=True, additional_config={additional_config!r})\n"
     )
-    env = _env()
+    env = engine_env()
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0, "the engine started with a bad kvslim selection"
@@ -115,7 +87,7 @@ def _startup_error(folder: str, additional_config: dict) -> str:
 
 
 @pytest.mark.parametrize("config, words", [
-    ({"format": "recall:k=8,pin=2"}, ["SelectionError", "pin=2"]),
+    ({"format": "recall:k=8,prefill=select"}, ["SelectionError", "prefill=select"]),
     ({"format": "recall-fp8", "cold_bytes": 1 << 20}, ["SelectionError", "cold_bytes=1048576", "4096-token"]),
     ({"format": "tq4", "cold_bytes": 1 << 30}, ["SelectionError", "cold_bytes", "'tq4'"]),
 ])

@@ -207,9 +207,10 @@ def _size_recall(fmt: str, vllm_config: Any, cold_bytes: int | None) -> None:
                            f"tokens ({cold_block} B each, {cfmt} rows), fewer than one {mc.max_model_len}-token "
                            f"request needs ({need}); raise cold_bytes or lower max_model_len")  # fmt: skip
     cc.num_gpu_blocks_override = int(blocks)
-    _log.info("kvslim recall %s: hot (vLLM's pages): %s block summaries, %d B per token (all layers); cold array: "
-              "%s rows, %d B per token (all layers); cold_bytes=%d holds %d blocks%s; vLLM's pool: %d blocks of %d "
-              "tokens (%d tokens)", rf.recipe, sfmt, hot_block // rf.m, cfmt, cold_block // rf.m, cold,
+    _log.info("kvslim recall %s: hot (vLLM's pages): %s block summaries + pin stamps (%d B per block and KV head), "
+              "%d B per token (all layers); cold array: %s rows, %d B per token (all layers); cold_bytes=%d holds %d "
+              "blocks%s; vLLM's pool: %d blocks of %d tokens (%d tokens)", rf.recipe, sfmt, rf.stamp_bytes,
+              hot_block // rf.m, cfmt, cold_block // rf.m, cold,
               cold // cold_block, f", the KV budget of {budget} B {budget // hot_block}" if budget else "", blocks,
               rf.m, blocks * rf.m)
 

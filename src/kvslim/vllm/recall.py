@@ -25,6 +25,20 @@ Selected with a ``recall`` format (:mod:`kvslim.vllm.recall_spec`: ``recall-fp8`
   the top ``k`` (``nbr`` neighbours each side), gathers those blocks' rows plus the ``sinks`` first and the ``w``
   most recent tokens from the cold array and attends exactly. With ``k=0`` (or ``k`` at least the number of
   blocks) every row is attended: the plain paged attention of the lossless layout.
+* **Pins** (``pin=P``, ``span``, ``pinw``; kvslim's ``recall`` rule): at every step where a request has two or more
+  query rows (a prefill chunk), the chunk's last row scores the request's blocks wholly before its window exactly
+  (per KV head the log-sum-exp of its logits over each block's rows, read from the cold array, the sinks left out,
+  the group's query heads combined by max) and its ``P`` best blocks per KV head are written as a **stamp** into the
+  page of the block that holds that row, after the summary (``int32 [1 + P]`` per KV head: the row's offset in the
+  block + 1, then the ``P`` block indices of the request, -1 for none). A decode step reads the stamps of all its
+  blocks and takes, per KV head, the one at the largest position (its latest multi-row step: a later prompt's pins
+  supersede an earlier one's, as in kvslim's transformers cache); the pinned blocks (each with the ``span - 1`` after
+  it) are fetched first, as ``P x span`` of its ``k``. A stamp lives in vLLM's page, so it lives exactly as long as
+  the block: the stamps of a block are cleared when its first slot is written (a fresh or reused block), so a stale
+  stamp is never read; a block shared through the prefix cache holds the same tokens after the same prefix, so a
+  stamp in it is what that row computed for every request sharing it, and each request's own later rows (its own
+  blocks) carry its own pins. vLLM's attention metadata carries no request identity (``req_idx`` is the runner's
+  batch slot, reused across requests), which is why the pins live in the pages.
 
 Counting (:func:`stats`): the pool's bytes (vLLM's pages), the cold arrays' bytes, and per decode step the cold rows
 and bytes of the fetched blocks, and of the sinks + window (read from the cold array on this CPU path, which the
@@ -58,7 +72,7 @@ _STATS: dict[str, Any] = {}
 def reset_stats() -> None:
     _STATS.clear()
     _STATS.update(layers={}, decode_calls=0, prefill_calls=0, context_rows=0, fetched_rows=0, window_rows=0,
-                  fetched_bytes=0, window_bytes=0, step_fetched_bytes_max=0)
+                  fetched_bytes=0, window_bytes=0, step_fetched_bytes_max=0, pin_stamps=0, pinned_decodes=0)
 
 
 reset_stats()
@@ -70,7 +84,8 @@ def stats() -> dict[str, Any]:
     ``pool_bytes``: vLLM's pages (summaries) of every layer; ``cold_bytes``: the cold arrays; ``decode_tokens``:
     request decode steps (one query each); per decode token over all layers ``fetched_bytes_per_token`` (the rows
     of the selected blocks) and ``window_bytes_per_token`` (sinks + window rows, read from the cold array on this
-    path); ``fetched_share`` / ``read_share``: those rows over the context's rows."""
+    path); ``fetched_share`` / ``read_share``: those rows over the context's rows; ``pin_stamps`` (stamps written)
+    and ``pinned_decodes`` (decode steps that fetched pinned blocks), per layer."""
     layers = _STATS["layers"]
     n = max(1, len(layers))
     tokens = _STATS["decode_calls"] / n
@@ -87,6 +102,8 @@ def stats() -> dict[str, Any]:
         "window_bytes_per_token": _STATS["window_bytes"] / tokens if tokens else 0.0,
         "fetched_share": _STATS["fetched_rows"] / ctx,
         "read_share": (_STATS["fetched_rows"] + _STATS["window_rows"]) / ctx,
+        "pin_stamps": _STATS["pin_stamps"] / n,
+        "pinned_decodes": _STATS["pinned_decodes"] / n,
     }
 
 
@@ -169,9 +186,10 @@ class KvslimRecallImpl(KvslimAttentionImpl):
         _STATS["layers"][self.key] = {"pool_bytes": kv_cache.numel() * kv_cache.element_size(),
                                       "cold_bytes": self.cold.numel(), "cold_tokens": nb * bs}
         if first:
-            _log.info("kvslim recall %s: vLLM's pages hold block summaries (%s, %d B per token and KV head; %d B "
-                      "per layer); the cold array holds every row (%s, %d B per token and KV head; %d B per layer, "
-                      "%d tokens, on %s)", rf.recipe, self.slay.fmt, kv_cache.shape[3],
+            _log.info("kvslim recall %s: vLLM's pages hold block summaries (%s) and pin stamps (%d B per block and "
+                      "KV head), %d B per token and KV head; %d B per layer; the cold array holds every row (%s, %d B "
+                      "per token and KV head; %d B per layer, %d tokens, on %s)", rf.recipe, self.slay.fmt,
+                      rf.stamp_bytes, kv_cache.shape[3],
                       _STATS["layers"][self.key]["pool_bytes"], self.clay.fmt, 2 * self.clay.row_bytes,
                       self.cold.numel(), nb * bs, kv_cache.device)
         return self.cold
@@ -185,28 +203,83 @@ class KvslimRecallImpl(KvslimAttentionImpl):
         write_slots(cold, self.clay, key[:n], value[:n], slot_mapping)
         bs = self.rf.m
         slots = slot_mapping[slot_mapping >= 0].to(torch.long)
+        if self.rf.pin:  # blocks whose first slot was written: fresh or reused, any stamp in them is stale
+            fresh = torch.unique(slots[slots % bs == 0] // bs)
+            if fresh.numel():
+                self._write_pages(kv_cache, fresh, self._stamp_at, torch.zeros(1, dtype=torch.uint8))
         done = torch.unique(slots[slots % bs == bs - 1] // bs)  # blocks whose last slot was written: complete
         if done.numel():
             self._summarize(kv_cache, cold, done)
 
-    def _summarize(self, kv_cache: torch.Tensor, cold: torch.Tensor, blocks: torch.Tensor) -> None:
-        """Summaries of complete ``blocks`` (from their cold keys) into their pages."""
-        rf, r = self.rf, self.clay.row_bytes
+    @property
+    def _stamp_at(self) -> slice:
+        """The bytes of a block's pin stamp in its page, per KV head (after the summary)."""
+        at = self.rf.vectors * self.slay.row_bytes
+        return slice(at, at + self.rf.stamp_bytes)
+
+    @staticmethod
+    def _write_pages(kv_cache: torch.Tensor, blocks: torch.Tensor, where: slice, data: torch.Tensor) -> None:
+        """Write ``data`` (broadcast to ``[n, H, bytes]``) into bytes ``where`` of each KV head's region of the pages
+        of ``blocks``, the other bytes kept."""
         n, h, bs, c = blocks.numel(), kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[3]
+        pages = kv_cache[blocks].reshape(n, h, bs * c)
+        pages[..., where] = data
+        kv_cache[blocks] = pages.reshape(n, h, bs, c)
+
+    def _summarize(self, kv_cache: torch.Tensor, cold: torch.Tensor, blocks: torch.Tensor) -> None:
+        """Summaries of complete ``blocks`` (from their cold keys) into their pages (their pin stamps kept)."""
+        rf, r = self.rf, self.clay.row_bytes
+        n, h = blocks.numel(), kv_cache.shape[1]
         keys = self.clay.decode(cold[blocks][..., :r])  # [n, H, bs, d] float32
         summ = summarize(rf.summary, keys.permute(1, 0, 2, 3)[None], None, rf.r)[0]  # [H, n, v, d]
         rows = self.slay.encode(summ.permute(1, 0, 2, 3))  # [n, H, v, Rs]
-        cells = torch.zeros(n, h, bs * c, dtype=torch.uint8, device=kv_cache.device)
-        cells[..., : rf.vectors * self.slay.row_bytes] = rows.reshape(n, h, -1)
-        kv_cache[blocks] = cells.reshape(n, h, bs, c)
+        self._write_pages(kv_cache, blocks, slice(0, rf.vectors * self.slay.row_bytes), rows.reshape(n, h, -1))
 
-    def _summaries(self, kv_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """Summaries ``[1, H, n, v, d]`` (float32) of ``blocks`` read from their pages."""
+    def _summaries(self, pages: torch.Tensor) -> torch.Tensor:
+        """Summaries ``[1, H, n, v, d]`` (float32) from the pages ``[n, H, bs * C]`` of ``n`` blocks."""
         v, rs = self.rf.vectors, self.slay.row_bytes
-        pages = kv_cache[blocks.to(torch.long)]  # [n, H, bs, C]
-        rows = pages.reshape(pages.shape[0], pages.shape[1], -1)[..., : v * rs]
-        summ = self.slay.decode(rows.reshape(pages.shape[0], pages.shape[1], v, rs))  # [n, H, v, d]
+        summ = self.slay.decode(pages[..., : v * rs].reshape(pages.shape[0], pages.shape[1], v, rs))  # [n, H, v, d]
         return summ.permute(1, 0, 2, 3)[None]
+
+    def stamps(self, pages: torch.Tensor) -> torch.Tensor:
+        """The pin stamps ``int32 [n, H, 1 + pin]`` in the pages ``[n, H, bs * C]`` of ``n`` blocks."""
+        return pages[..., self._stamp_at].contiguous().view(torch.int32)
+
+    def pins(self, pages: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A request's pins ``(blocks [H, pin], ok [H, pin])`` from the pages ``[n, H, bs * C]`` of its blocks (in
+        its block table's order): per KV head the stamp at the largest position before ``length``."""
+        st = self.stamps(pages)  # [n, H, 1 + P]
+        off = st[..., 0].to(torch.long)
+        pos = torch.arange(st.shape[0], device=st.device)[:, None] * self.rf.m + off - 1
+        pos = torch.where((off > 0) & (off <= self.rf.m) & (pos < length), pos, -1)  # [n, H]
+        best = pos.argmax(0)  # [H]
+        pinned = st[best, torch.arange(st.shape[1], device=st.device), 1:].to(torch.long)  # [H, P]
+        ok = (pos.amax(0) >= 0)[:, None] & (pinned >= 0)
+        return pinned.clamp_min(0), ok
+
+    def pick_pins(self, q: torch.Tensor, cold: torch.Tensor, blocks: torch.Tensor, length: int
+                  ) -> torch.Tensor | None:
+        """The stamp ``int32 [H, 1 + pin]`` of a request whose last query row ``q [Hq, d]`` is at ``length - 1``:
+        its ``pin`` blocks per KV head of highest exact log-sum-exp (over each block's rows but the sinks, the
+        group's heads by max) among the blocks wholly before its window (``pinw=1``: every whole block), at most
+        as many as there are of those; ``None`` when none is out of the window."""
+        rf, m = self.rf, self.rf.m
+        nt = max(0, (length - rf.w) // m)
+        if not rf.pin or nt == 0:
+            return None
+        upto = length // m if rf.pinw else nt
+        h, d = self.num_kv_heads, self.head_size
+        keys = self.clay.decode(cold[blocks[:upto].to(torch.long)][..., : self.clay.row_bytes])  # [upto, H, m, d]
+        qf = q.to(torch.float32).reshape(h, self.num_heads // h, d)
+        logits = torch.einsum("hgd,jhmd->hgjm", qf, keys) * self.scale
+        pos = torch.arange(upto * m, device=q.device).reshape(upto, m)
+        logits = logits.masked_fill(pos < rf.sinks, float("-inf"))
+        lse = torch.logsumexp(logits, -1).amax(1)  # [H, upto]
+        top = lse.topk(min(rf.pin, nt), dim=-1)
+        stamp = torch.full((h, 1 + rf.pin), -1, dtype=torch.int32, device=q.device)
+        stamp[:, 0] = (length - 1) % m + 1
+        stamp[:, 1 : 1 + top.indices.shape[-1]] = torch.where(torch.isfinite(top.values), top.indices, -1).to(torch.int32)
+        return stamp
 
     # ---- attention ---------------------------------------------------------------------------------------------
     def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -239,6 +312,15 @@ class KvslimRecallImpl(KvslimAttentionImpl):
         if any(dense):
             paged_attention(q, cold, self.clay, m.block_table, torch.tensor(dense), m.query_start_loc, self.scale,
                             out=out, from_codes=self.from_codes and cold.device.type == "cpu")
+        if self.rf.pin:  # each multi-row request's last row pins; the stamp goes to the page of that row's block
+            for i, length in enumerate(lens):
+                if qsl[i + 1] - qsl[i] < 2 or length <= 0:
+                    continue
+                stamp = self.pick_pins(q[qsl[i + 1] - 1], cold, m.block_table[i], length)
+                if stamp is not None:
+                    home = m.block_table[i, (length - 1) // self.rf.m].to(torch.long).reshape(1)
+                    self._write_pages(kv_cache, home, self._stamp_at, stamp.view(torch.uint8)[None])
+                    _STATS["pin_stamps"] += 1
         return output
 
     def _select(self, q: torch.Tensor, kv_cache: torch.Tensor, blocks: torch.Tensor, length: int
@@ -249,8 +331,20 @@ class KvslimRecallImpl(KvslimAttentionImpl):
         nt = max(0, (length - rf.w) // bs)  # blocks wholly before the recent window
         if nt == 0 or rf.k == 0 or rf.k * (2 * rf.nbr + 1) >= nt:
             return None
-        summ = self._summaries(kv_cache, blocks[:nt])
+        na = -(-length // bs) if rf.pin else nt  # pins: the stamps of every block of the request
+        h, c = kv_cache.shape[1], kv_cache.shape[3]
+        pages = kv_cache[blocks[:na].to(torch.long)].reshape(na, h, bs * c)
+        summ = self._summaries(pages[:nt])
         scores = score_blocks(rf.summary, q.to(torch.float32)[None, :, None, :], summ, rf.gqa)  # [1, H, 1, nt]
+        if rf.pin:  # pinned blocks (each with the span - 1 after it) first: above every summary score
+            pinned, ok = self.pins(pages, length)
+            if bool(ok.any()):
+                marks = torch.zeros(h, nt + 1, dtype=torch.bool, device=q.device)
+                for o in range(min(rf.span, nt)):
+                    marks.scatter_(1, torch.where(ok, (pinned + o).clamp_max(nt), nt), True)
+                top = scores.abs().amax(-1, keepdim=True) + 1.0
+                scores = torch.where(marks[None, :, None, :nt], 2 * top + scores.abs(), scores)
+                _STATS["pinned_decodes"] += 1
         visible = torch.ones(1, 1, 1, nt, dtype=torch.bool, device=q.device)
         idx, ok = select_blocks(scores, visible, rf.k, rf.nbr)
         return idx[0, :, 0], ok[0, :, 0]

@@ -1,14 +1,14 @@
 """The ``recall`` formats of the vLLM plugin: kvslim's recipe grammar read into what the recall backend needs.
 
-``recall-fp8`` (this plugin's preset: ``recall:k=12,cold=fp8+fp8``) or any ``recall:key=value,...[+CODEC]`` of
-kvslim's grammar (``kvslim recipes``): ``m`` tokens per block (vLLM's block size is set to it), ``k`` blocks fetched
-per KV head and decode step (``0``: every block, lossless), ``w`` recent tokens and ``sinks`` first tokens always
-attended, ``summary`` (``mean`` | ``bbox`` | ``reps`` with ``r``), ``gqa``, ``nbr``, ``cold`` (the codec of the
-rows in the cold array; ``none``: the model's dtype, exact) and ``+CODEC`` (the codec of the summaries held in
-vLLM's pages; none: the model's dtype). Refused with one line: ``pin``/``span`` (per-request pins: vLLM's attention
-metadata carries no request identity to keep them by; kvslim's ``recall`` pins by default, the plugin reads a
-recipe without ``pin=`` as ``pin=0``), ``rest=mean``, ``prefill=select``, ``store=disk``/``dir``,
-``wq=1`` and ``full_first`` (not implemented here). The cold array's size comes from ``cold_bytes``
+``recall-fp8`` (this plugin's preset: ``recall:k=12,pin=4,span=2,cold=fp8+fp8``, kvslim's ``recall-fp8`` with fp8
+cold rows) or any ``recall:key=value,...[+CODEC]`` of kvslim's grammar (``kvslim recipes``): ``m`` tokens per block
+(vLLM's block size is set to it), ``k`` blocks fetched per KV head and decode step (``0``: every block, lossless),
+``w`` recent tokens and ``sinks`` first tokens always attended, ``summary`` (``mean`` | ``bbox`` | ``reps`` with
+``r``), ``gqa``, ``nbr``, ``pin`` / ``span`` / ``pinw`` (pins, as kvslim's ``recall``: the default ``pin=-1`` is
+auto, 4 pins with span 2 where ``k >= 8``; held as stamps in vLLM's pages, :mod:`kvslim.vllm.recall`), ``cold`` (the
+codec of the rows in the cold array; ``none``: the model's dtype, exact) and ``+CODEC`` (the codec of the summaries
+held in vLLM's pages; none: the model's dtype). Refused with one line: ``rest=mean``, ``prefill=select``,
+``store=disk``/``dir``, ``wq=1`` and ``full_first`` (not implemented here). The cold array's size comes from ``cold_bytes``
 (``--additional-config '{"kvslim": {"format": "recall-fp8", "cold_bytes": 4294967296}}'`` or
 ``KVSLIM_VLLM_COLD_BYTES``; default :data:`DEFAULT_COLD_BYTES`).
 
@@ -28,9 +28,9 @@ __all__ = ["COLD_ENV", "DEFAULT_COLD_BYTES", "PRESETS", "RecallFormat", "cold_by
 
 COLD_ENV = "KVSLIM_VLLM_COLD_BYTES"
 DEFAULT_COLD_BYTES = 4 << 30
-#: the plugin's presets (kvslim's own ``recall-fp8`` pins blocks, which needs per-request state: see the module doc)
-PRESETS = {"recall-fp8": "recall:k=12,cold=fp8+fp8"}
-_REFUSED = {"pin": 0, "span": 1, "rest": "none", "prefill": "dense", "store": "ram", "dir": "", "wq": 0}
+#: the plugin's presets: kvslim's ``recall-fp8`` (``recall:k=12,pin=4,span=2+fp8``) with fp8 rows in the cold array
+PRESETS = {"recall-fp8": "recall:k=12,pin=4,span=2,cold=fp8+fp8"}
+_REFUSED = {"rest": "none", "prefill": "dense", "store": "ram", "dir": "", "wq": 0}
 _TWIN = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -54,6 +54,9 @@ class RecallFormat:
     gqa: str
     cold: str  # "none": the model's dtype
     codec: str  # of the summaries; "none": the model's dtype
+    pin: int = 0  # blocks per KV head pinned by the last query row of a multi-row step
+    span: int = 1  # blocks fetched from each pinned block on
+    pinw: int = 0  # 1: pins ranked over the whole blocks still in the window too
 
     @property
     def vectors(self) -> int:
@@ -66,10 +69,16 @@ class RecallFormat:
     def summary_format(self, dtype_name: str) -> str:
         return self.codec if self.codec != "none" else _twin(dtype_name)
 
+    @property
+    def stamp_bytes(self) -> int:
+        """Bytes of one block's pin stamp per KV head (after its summary in the page): ``int32 [1 + pin]``, the
+        offset + 1 in the block of the query row that pinned (0: none) and its ``pin`` block indices (-1: none)."""
+        return 4 * (1 + self.pin) if self.pin else 0
+
     def cell_bytes(self, summary_row_bytes: int) -> int:
-        """Bytes per (KV head, token) of vLLM's page: one block's summary (``vectors x row``) over its ``m`` cells,
-        rounded up to whole bytes per cell."""
-        return math.ceil(self.vectors * summary_row_bytes / self.m)
+        """Bytes per (KV head, token) of vLLM's page: one block's summary (``vectors x row``) and pin stamp over its
+        ``m`` cells, rounded up to whole bytes per cell."""
+        return math.ceil((self.vectors * summary_row_bytes + self.stamp_bytes) / self.m)
 
 
 def _twin(dtype_name: str) -> str:
@@ -86,8 +95,6 @@ def parse_recall(fmt: str) -> RecallFormat:
     text = fmt.strip()
     body = PRESETS.get(text, text)
     head, plus, codec = body.partition("+")
-    if "pin=" not in head:  # kvslim's recall pins blocks by default (auto); the plugin cannot keep pins: off unless asked
-        head += ",pin=0" if ":" in head else ":pin=0"
     recipe = parse_recipe(head + plus + codec)
     if recipe.kind != "recall":
         raise InvalidInput(f"kvslim format {fmt!r} is not a recall recipe")
@@ -97,11 +104,11 @@ def parse_recall(fmt: str) -> RecallFormat:
         bad.append(f"full_first={recipe.full_first}")
     if bad:
         raise InvalidInput(f"kvslim format {fmt!r}: the vLLM plugin's recall does not support {', '.join(bad)} "
-                           "(pins need per-request state vLLM's attention metadata does not carry; rest, select "
-                           "prefill, the disk store, wq and full_first are not implemented here)")
+                           "(rest, select prefill, the disk store, wq and "
+                           "full_first are not implemented here)")
     return RecallFormat(text=text, recipe=str(recipe), m=p["m"], k=p["k"], w=p["w"], sinks=p["sinks"],
                         summary=p["summary"], r=p["r"], nbr=p["nbr"], gqa=p["gqa"], cold=p["cold"],
-                        codec=recipe.codec)
+                        codec=recipe.codec, pin=p["pin"], span=p["span"], pinw=p["pinw"])
 
 
 def cold_bytes_setting(value: object = None) -> int:

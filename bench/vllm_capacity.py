@@ -38,6 +38,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from kvslim.cache.recipe import split_recipe_list
+
 ROOT = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x")
 
@@ -162,7 +164,7 @@ def throughput(model: str, budget: int, formats: list[str], n: int, prompt: int,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="safetensors folder (default: kvslim's SmolLM2-135M folder)")
-    ap.add_argument("--formats", default="bf16,fp8,int8,tq4,tq3.5,tq3,tq2.5", help="kvslim formats, comma-separated")
+    ap.add_argument("--formats", default="bf16,fp8,int8,tq4,tq3.5,tq3,tq2.5", help="kvslim formats, comma-separated (a recipe's own key=value commas stay in it)")
     ap.add_argument("--capacity-mib", type=int, default=256, help="KV budget of the capacity rows (MiB)")
     ap.add_argument("--max-model-len", type=int, default=4096, help="max_model_len of the capacity rows")
     ap.add_argument("--cold-bytes", type=int, default=None,
@@ -183,7 +185,7 @@ def main() -> None:
     model = a.model or str(find_model_folder() or "")
     if not model:
         raise SystemExit("no SmolLM2 folder: run `.venv/bin/kvslim models --hf-folder smollm2-135m` once")
-    formats = [f.strip() for f in a.formats.split(",") if f.strip()]
+    formats = [f for f in split_recipe_list(a.formats) if f]  # "recall:k=12,pin=4,cold=fp8+fp8" stays one item
     result: dict = {"model": model, "capacity_budget_bytes": a.capacity_mib << 20}
     with tempfile.TemporaryDirectory(prefix="kvslim-vllm-bench-") as tmp:
         if not a.no_capacity:
@@ -203,7 +205,7 @@ def main() -> None:
                 print(f"| {r['row']} | {r['kv_tokens']:,} | {r['tokens_per_gib']:,.0f} | {_x(r['x_fp32'])} | "
                       f"{_x(r['x_stock_bf16'])} | {_x(r['x_vllm_fp8'])} |{x_tq4} {r['max_concurrency']:.2f} | {cold} |")
         if a.requests:
-            tf = [f.strip() for f in a.throughput_formats.split(",") if f.strip()]
+            tf = [f for f in split_recipe_list(a.throughput_formats) if f]
             print(f"\nthroughput at {a.budget_mib} MiB: {a.requests} requests x {a.prompt} prompt + {a.gen} "
                   "generated tokens:", flush=True)
             stock_rows = [] if a.no_stock else [r.strip() for r in a.stock_rows.split(",") if r.strip()]

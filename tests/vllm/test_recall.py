@@ -189,6 +189,17 @@ def test_summaries_are_written_when_a_block_completes_and_rewritten_when_it_is_r
     torch.testing.assert_close(got, new.amin(0))
 
 
+FP8_COLD = "recall:k=12,pin=4,span=2,cold=fp8+fp8"  # the preset with fp8 rows in the cold tier
+
+
+def test_the_plugin_preset_is_kvslims_own_recipe():
+    from kvslim.cache.recipe import PRESETS as KVSLIM_PRESETS
+    from kvslim.vllm.recall_spec import PRESETS, parse_recall
+
+    assert PRESETS["recall-fp8"] == KVSLIM_PRESETS["recall-fp8"][0]
+    assert parse_recall("recall-fp8").cold == "none" and parse_recall(FP8_COLD).cold == "fp8"
+
+
 def _config(block_size=128, user_block=False, kv_bytes=256 << 20, max_len=8192, override=None):
     from types import SimpleNamespace
 
@@ -202,14 +213,17 @@ def _config(block_size=128, user_block=False, kv_bytes=256 << 20, max_len=8192, 
 def test_pool_is_capped_by_the_cold_tier_and_the_block_size_is_m(monkeypatch):
     monkeypatch.setenv("KVSLIM_VLLM_COLD_BYTES", "1")  # restored after the test (the hook sets it)
     cfg = _config()
-    plugin._size_recall("recall-fp8", cfg, 1 << 30)  # fp8 rows: 30 x 3 x 32 x 136 B = 391,680 B per block
+    plugin._size_recall(FP8_COLD, cfg, 1 << 30)  # fp8 rows: 30 x 3 x 32 x 136 B = 391,680 B per block
     assert cfg.cache_config.block_size == 32 and cfg.cache_config.user_specified_block_size
     assert cfg.cache_config.num_gpu_blocks_override == (1 << 30) // 391_680  # the cold tier is the limit
     assert os.environ["KVSLIM_VLLM_COLD_BYTES"] == str(1 << 30)  # spawned engine processes size the same way
     cfg = _config(kv_bytes=8 << 20)  # hot: 30 x 3 x 32 x 5 B = 14,400 B per block -> 582 blocks
-    plugin._size_recall("recall-fp8", cfg, 1 << 30)
+    plugin._size_recall(FP8_COLD, cfg, 1 << 30)
     assert cfg.cache_config.num_gpu_blocks_override == (8 << 20) // 14_400
-    with pytest.raises(InvalidInput, match=r"cold_bytes=10000000 holds 25 blocks .* fewer than one 8192-token"):
+    cfg = _config()  # the preset keeps exact rows (the model's float32): 30 x 3 x 32 x 512 B = 1,474,560 B per block
+    plugin._size_recall("recall-fp8", cfg, 1 << 30)
+    assert cfg.cache_config.num_gpu_blocks_override == (1 << 30) // 1_474_560
+    with pytest.raises(InvalidInput, match=r"cold_bytes=10000000 holds 6 blocks .* fewer than one 8192-token"):
         plugin._size_recall("recall-fp8", _config(), 10_000_000)
     with pytest.raises(InvalidInput, match="--block-size 16 differs from the recipe's block m=32"):
         plugin._size_recall("recall-fp8", _config(block_size=16, user_block=True), 1 << 30)

@@ -1,7 +1,8 @@
 """The ``recall`` formats of the vLLM plugin: kvslim's recipe grammar read into what the recall backend needs.
 
-``recall-fp8`` (this plugin's preset: ``recall:k=12,pin=4,span=2,cold=fp8+fp8``, kvslim's ``recall-fp8`` with fp8
-cold rows) or any ``recall:key=value,...[+CODEC]`` of kvslim's grammar (``kvslim recipes``): ``m`` tokens per block
+``recall-fp8`` (the plugin's preset: kvslim's own ``recall:k=12,pin=4,span=2+fp8``, exact cold rows; fp8 cold rows,
+a quarter of fp32's host bytes at a measured accuracy cost, are ``recall:k=12,pin=4,span=2,cold=fp8+fp8``) or any
+``recall:key=value,...[+CODEC]`` of kvslim's grammar (``kvslim recipes``): ``m`` tokens per block
 (vLLM's block size is set to it), ``k`` blocks fetched per KV head and decode step (``0``: every block, lossless),
 ``w`` recent tokens and ``sinks`` first tokens always attended, ``summary`` (``mean`` | ``bbox`` | ``reps`` with
 ``r``), ``gqa``, ``nbr``, ``pin`` / ``span`` / ``pinw`` (pins, as kvslim's ``recall``: the default ``pin=-1`` is
@@ -28,8 +29,9 @@ __all__ = ["COLD_ENV", "DEFAULT_COLD_BYTES", "PRESETS", "RecallFormat", "cold_by
 
 COLD_ENV = "KVSLIM_VLLM_COLD_BYTES"
 DEFAULT_COLD_BYTES = 4 << 30
-#: the plugin's presets: kvslim's ``recall-fp8`` (``recall:k=12,pin=4,span=2+fp8``) with fp8 rows in the cold array
-PRESETS = {"recall-fp8": "recall:k=12,pin=4,span=2,cold=fp8+fp8"}
+#: the plugin's presets: kvslim's own (``recall-fp8`` = ``recall:k=12,pin=4,span=2+fp8``: exact rows in the cold array,
+#: the model's dtype), so a preset names the same recipe on both engines (kvslim.cache.recipe.PRESETS)
+PRESETS = {"recall-fp8": "recall:k=12,pin=4,span=2+fp8"}
 _REFUSED = {"rest": "none", "prefill": "dense", "store": "ram", "dir": "", "wq": 0}
 _TWIN = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 

@@ -11,9 +11,11 @@ KIVI keys share scales per 32 tokens and are refused. ``tq2.5`` / ``tq3.5`` run 
 are the fixed first ``d/4`` / ``d/2``: calibration would depend on whichever request came first). ``int8`` is this
 plugin's own per-token layout (:class:`Int8Codec`: symmetric codes + one fp32 scale, ``d + 4`` bytes).
 
-:func:`paged_attention` is the pure-torch attention over such a pool (any device): for each request it gathers the
-rows of its blocks through the block table, decodes them with the codec and runs causal SDPA in float32. It is the
-reference the tests compare against, and the path the backend runs.
+:func:`paged_attention` is the attention the backend runs over such a pool. Its pure-torch path (any device): for
+each request it gathers the rows of its blocks through the block table, decodes them with the codec and runs causal
+SDPA in float32 (the reference the tests compare against). On CPU, decodes and short chunks of TurboQuant-MSE and fp8
+rows go to kvslim's paged kernel (:func:`kvslim.quant.kernels.paged_attend`, ``kv_paged_attend`` in
+``lut_kernel.c``): one call per layer for all those requests, reading the rows in place through the block table.
 """
 
 from __future__ import annotations

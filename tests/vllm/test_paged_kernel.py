@@ -27,7 +27,8 @@ BS = 16
 LENS = [1, 16, 17, 33, 50, 7]
 NEWS = [1, 1, 3, 1, 16, 0]  # query rows this step (the last request: none)
 
-needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C compiler: kvslim's kernel is not built")
+needs_kernel = pytest.mark.skipif(not kernels.available(),
+                                  reason="kvslim's kernel is not available (no C compiler, or KVSLIM_KERNELS=0)")
 
 
 def _pool(fmt: str, d: int, hkv: int, seed: int = 0):

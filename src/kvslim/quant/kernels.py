@@ -4,7 +4,9 @@
 block of ``blk`` channels (``x~[t, j] = lut[code[t, j]] * scale[t, j // blk]``), the scores ``q . x~`` and the mixes
 ``sum_t w_t x~_t`` without forming ``x~`` in memory: 16 codes at a time are unpacked and looked up in registers
 (AVX-512 where the CPU has it, a portable C loop elsewhere). TurboQuant (in its rotated basis), FP8 and KIVI all
-reduce to this (see their ``score_f32`` / ``mix_f32``).
+reduce to this (see their ``score_f32`` / ``mix_f32``). :func:`paged_attend` is the vLLM plugin's whole attention
+step over a paged pool of packed rows (scores, causal softmax and mix of every head of a batch of requests, the
+pages read in place through the block table), for TurboQuant-MSE and FP8 rows.
 
 The C source ships with the package and is compiled once per machine with the system C compiler (``$CC``, else
 ``cc``; ``-O3 -march=native``) into ``<kvslim cache>/kernels/``, keyed by a hash of the source, the compiler and the

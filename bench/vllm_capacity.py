@@ -22,7 +22,8 @@ generating ``--gen`` tokens (ignore_eos, greedy), submitted at once. Reported pe
 ``prompt + gen`` tokens per request (kv tokens / (prompt + gen)), the requests actually running at once (the most
 [scheduled, last token] intervals of vLLM's per-request stats that overlap), preemptions, the end-to-end seconds
 and generated tokens per second from the first request's first token to the last request's last token (decode
-time, prefills of later requests interleaved in it). One engine thread per row (``OMP_NUM_THREADS=1``).
+time, prefills of later requests interleaved in it), the engine process's CPU seconds (start-up included) and the
+load average after the row. One engine thread per row (``OMP_NUM_THREADS=1``).
 Prints a table and one JSON line; writes ``results/vllm_capacity.json``.
 """
 
@@ -33,6 +34,7 @@ import json
 import os
 import random
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -59,17 +61,24 @@ def rows(formats: list[str], stock: bool | list[str] = True) -> list[tuple[str, 
 
 
 def run(spec: dict, name: str, work: Path) -> tuple[dict, str]:
+    """Run one engine configuration in a fresh process; the result gets ``cpu_s`` (the process's CPU seconds, start-up
+    included: less moved than wall time by other jobs on a shared machine) and ``load`` (1-minute load average after)."""
     spec_file, out_file = work / f"{name}.json", work / f"{name}.out.json"
     spec_file.write_text(json.dumps(spec))
     env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="nobind", TOKENIZERS_PARALLELISM="false")
     env.pop("KVSLIM_VLLM_FORMAT", None)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = subprocess.run([sys.executable, "-m", "kvslim.vllm.run", str(spec_file), str(out_file)], env=env,
                        capture_output=True, text=True, cwd=ROOT)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         if TOO_SMALL in r.stderr:  # vLLM refuses a pool that cannot hold one max_model_len request
             raise TooSmall(r.stderr[r.stderr.rindex(TOO_SMALL):].splitlines()[0])
         raise SystemExit(f"{name}: engine failed\n{r.stderr[-3000:]}")
-    return json.loads(out_file.read_text()), r.stdout + r.stderr
+    res = json.loads(out_file.read_text())
+    res["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    res["load"] = os.getloadavg()[0]
+    return res, r.stdout + r.stderr
 
 
 TOO_SMALL = "To serve at least one request with the model's max seq len"
@@ -150,7 +159,8 @@ def throughput(model: str, budget: int, formats: list[str], n: int, prompt: int,
         span = max(lasts) - min(firsts)
         row = {"row": name, "kv_tokens": res["kv_tokens"], "max_concurrency": res["kv_tokens"] / (prompt + gen),
                "running_at_once": running_at_once(st), "preemptions": sum(s.get("num_preemptions") or 0 for s in st),
-               "e2e_s": res["seconds"][0], "gen_tok_s": (generated - len(st)) / span if span > 0 else None}
+               "e2e_s": res["seconds"][0], "gen_tok_s": (generated - len(st)) / span if span > 0 else None,
+               "cpu_s": res["cpu_s"], "load": res["load"]}
         if "recall" in res:  # bytes fetched from the cold tier per decode token (all layers), and their share
             rc = res["recall"]
             row.update(pool_bytes=rc["pool_bytes"], cold_bytes=rc["cold_bytes"],
@@ -217,15 +227,15 @@ def main() -> None:
             result["throughput"] = {"budget_bytes": a.budget_mib << 20, "requests": a.requests,
                                     "prompt": a.prompt, "gen": a.gen, "rows": tp}
             print("\n| row | KV tokens | max concurrency | running at once | preemptions | end-to-end s | "
-                  "generated tok/s |")
-            print("|---|---:|---:|---:|---:|---:|---:|")
+                  "generated tok/s | engine CPU s | load after |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
             for r in tp:
                 if r["kv_tokens"] is None:
                     print(f"| {r['row']} | refused: < 1 request | | | | | |")
                     continue
                 g = f"{r['gen_tok_s']:.1f}" if r["gen_tok_s"] else "-"
                 print(f"| {r['row']} | {r['kv_tokens']:,} | {r['max_concurrency']:.2f} | {r['running_at_once']} | "
-                      f"{r['preemptions']} | {r['e2e_s']:.1f} | {g} |")
+                      f"{r['preemptions']} | {r['e2e_s']:.1f} | {g} | {r['cpu_s']:.0f} | {r['load']:.1f} |")
             for r in tp:
                 if "fetched_share" in r:
                     print(f"  {r['row']}: per decode token (all layers) {r['fetched_bytes_per_token']:,.0f} B fetched "

@@ -4,7 +4,9 @@
 block of ``blk`` channels (``x~[t, j] = lut[code[t, j]] * scale[t, j // blk]``), the scores ``q . x~`` and the mixes
 ``sum_t w_t x~_t`` without forming ``x~`` in memory: 16 codes at a time are unpacked and looked up in registers
 (AVX-512 where the CPU has it, a portable C loop elsewhere). TurboQuant (in its rotated basis), FP8 and KIVI all
-reduce to this (see their ``score_f32`` / ``mix_f32``).
+reduce to this (see their ``score_f32`` / ``mix_f32``). :func:`paged_attend` is the vLLM plugin's whole attention
+step over a paged pool of packed rows (scores, causal softmax and mix of every head of a batch of requests, the
+pages read in place through the block table), for TurboQuant-MSE and FP8 rows.
 
 The C source ships with the package and is compiled once per machine with the system C compiler (``$CC``, else
 ``cc``; ``-O3 -march=native``) into ``<kvslim cache>/kernels/``, keyed by a hash of the source, the compiler and the
@@ -27,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "bucket_count", "kth_largest", "library", "lookup_mix", "lookup_score", "lut_mix", "lut_score", "table_mix", "table_score"]
+__all__ = ["available", "bucket_count", "kth_largest", "library", "lookup_mix", "lookup_score", "lut_mix", "lut_score",
+           "bind", "paged_attend", "table_mix", "table_score"]
 
 _SOURCE = Path(__file__).with_name("lut_kernel.c")
 _FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
@@ -49,7 +52,7 @@ def _compile(cc: str, src: str, out: Path) -> bool:
     for flags in (_FLAGS, _FALLBACK_FLAGS):
         with tempfile.TemporaryDirectory() as tmp:
             tmp_out = Path(tmp) / out.name
-            r = subprocess.run([cc, *flags, "-o", str(tmp_out), src], capture_output=True, timeout=120)
+            r = subprocess.run([cc, *flags, "-o", str(tmp_out), src, "-lm"], capture_output=True, timeout=120)
             if r.returncode == 0:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(tmp_out), out.with_suffix(".tmp"))
@@ -81,6 +84,12 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError):
         return None
+    return bind(lib)
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the argument and return types of the kernel library's functions (on a library loaded elsewhere too:
+    the tests load a portable build of the same source)."""
     lib.kv_score.argtypes = [_I, _I, _I, _I, _I, _P, _P, _L, _I, _P, _L, _I, _P, _L, _I, _I, _P]
     lib.kv_mix.argtypes = [_I, _I, _I, _I, _I, _P, _P, _P, _L, _I, _P, _L, _I, _I, _P]
     lib.kv_score.restype = lib.kv_mix.restype = None
@@ -89,6 +98,9 @@ def library() -> ctypes.CDLL | None:
     lib.kv_kth_largest.restype = None
     lib.kv_bucket.argtypes = [_L, _P, _I, _P, _P]
     lib.kv_bucket.restype = None
+    lib.kv_paged_attend.argtypes = [_I, _P, _P, _P, _P, _L, _P, _L, _L, _I, _L, _I, _I, _I, _I, _P, _I, _I, _I, _I, _I,
+                                    _I, _I, _P, _L, ctypes.c_float, _P, _L]
+    lib.kv_paged_attend.restype = _I
     return lib
 
 
@@ -165,6 +177,41 @@ def lut_mix(w: torch.Tensor, codes: torch.Tensor, bits: int, lut: torch.Tensor, 
     lib.kv_mix(h, g, t, d, bits, lut.data_ptr(), wf.data_ptr(), c.data_ptr(), c.stride(0), nb, _ptr(sc),
                0 if sc is None else sc.stride(0), nblk, blk or d, out.data_ptr())  # fmt: skip
     return out.reshape(*lead, g, d)
+
+
+def paged_attend(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                 query_start_loc: torch.Tensor, reqs: torch.Tensor, groups: int, bits: int, lut: torch.Tensor,
+                 nbytes: int, kind: int, scale_offset: int, nblk: int, blk: int, value_offset: int, sm_scale: float,
+                 out: torch.Tensor, e4m3: bool = False) -> None:
+    """Causal attention of the query rows of requests ``reqs`` (int32) over packed rows read in place through the
+    block table (``kv_paged_attend`` in ``lut_kernel.c``): ``q`` / ``out`` float32 ``[T, Hkv * groups, d]`` (rows
+    contiguous; ``q`` in the codec's basis, ``out`` left in it), ``cache`` uint8 ``[blocks, Hkv, block_size, cell]``
+    (unit stride on the cell's bytes), ``block_table`` ``[reqs, max blocks]`` and ``seq_lens`` / ``query_start_loc``
+    int32. A cell is ``[key row | value row]`` from byte 0 and ``value_offset``; a row is ``nbytes`` codes of
+    ``bits`` bits through ``lut`` and, at ``scale_offset``, its scale (``kind`` 0 none, 1 one fp16 per token, 2
+    ``nblk`` fp32 per ``blk`` channels). ``e4m3``: 8-bit codes that are FP8 e4m3 bytes (``lut`` their 256 values),
+    converted arithmetically by the AVX-512 path. Call only when :func:`available`."""
+    lib = library()
+    t, hq, d = q.shape
+    hkv = cache.shape[1]
+    if (q.dtype != torch.float32 or out.dtype != torch.float32 or q.stride(2) != 1 or q.stride(1) != d
+            or out.stride(2) != 1 or out.stride(1) != d or cache.dtype != torch.uint8 or cache.stride(3) != 1
+            or hq != hkv * groups):
+        raise ValueError("paged_attend: q/out float32 [T, H, d] with contiguous rows, cache uint8 with unit byte stride")
+    bt = block_table if block_table.dtype == torch.int32 else block_table.to(torch.int32)
+    if bt.stride(-1) != 1:
+        bt = bt.contiguous()
+    lens = seq_lens.to(torch.int32).contiguous()
+    qsl = query_start_loc.to(torch.int32).contiguous()
+    reqs = reqs.to(torch.int32).contiguous()
+    lut = _f32(lut)
+    rc = lib.kv_paged_attend(reqs.numel(), reqs.data_ptr(), qsl.data_ptr(), lens.data_ptr(), bt.data_ptr(),
+                             bt.stride(0), cache.data_ptr(), cache.stride(0), cache.stride(1), cache.shape[2],
+                             cache.stride(2), hkv, groups, d, bits, lut.data_ptr(), int(e4m3), nbytes, kind, scale_offset, nblk,
+                             blk, value_offset, q.data_ptr(), q.stride(0), float(sm_scale), out.data_ptr(),
+                             out.stride(0))  # fmt: skip
+    if rc != 0:
+        raise MemoryError("paged_attend: the kernel could not allocate its scratch buffers")
 
 
 # ---- the same sums in PyTorch (fallback without a compiler; the tests' reference for the kernel) ----------------

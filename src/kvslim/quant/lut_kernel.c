@@ -15,6 +15,7 @@
    mix stay in registers. Without AVX-512 (or when d is not a multiple of 16) a portable scalar loop computes the
    same sums. The order of the float additions differs from a matmul's, so results match to float tolerance. */
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -388,4 +389,364 @@ void kv_bucket(long n, const float *y, int nt, const float *thr, uint8_t *out) {
             for (long i = a; i < e; i++) out[i] += (uint8_t)(y[i] > t);
         }
     }
+}
+
+/* ---- paged attention: query rows over packed rows walked in place through vLLM's block table ---------------------
+
+   kv_paged_attend handles requests reqs[0..nreq) of a step in one call. Request r owns query rows qsl[r]..qsl[r+1]
+   (n rows: its newest tokens) and lens[r] cached tokens (this step's included); query row j sits at position
+   L - n + j and attends to tokens 0..L-n+j. Query head h*G+g reads KV head h. Token t's cell is
+   cache + btab[r * bts + t / bs] * bstride + h * hstride + (t % bs) * cell (bytes); its key row starts at byte 0 of
+   the cell, its value row at voff; a row is nbytes of codes (`bits` per code, the lookup table `lut`) followed, at
+   byte scoff of the row, by its scale: kind 1 one fp16 per token (TurboQuant's norm), kind 2 nblk fp32 per blk
+   channels (FP8), kind 0 none. e4m3: the 8-bit codes are FP8 e4m3 bytes and lut their 256 values (the AVX-512
+   path converts them arithmetically instead of looking them up). q / out: float32 rows of Hkv*G heads of d channels (row strides qrs / ors elements),
+   q already in the codec's basis (TurboQuant: rotated), out left in it. Scores are scaled by sm, the softmax is
+   float32 with the row maximum subtracted, the mix normalised: attention equal to decode + softmax(q k^T) v to
+   float tolerance, without copying or decoding the pages. */
+
+static inline float half_to_float(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, ex = (h >> 10) & 0x1fu, man = h & 0x3ffu, f;
+    float out;
+    if (ex == 0) {  /* zero or subnormal: man * 2^-24 */
+        out = (float)man * (1.0f / 16777216.0f);
+        return (h & 0x8000u) ? -out : out;
+    }
+    f = ex == 31 ? (sign | 0x7f800000u | (man << 13)) : (sign | ((ex + 112u) << 23) | (man << 13));
+    memcpy(&out, &f, 4);
+    return out;
+}
+
+static inline float f32_at(const uint8_t *p) { float v; memcpy(&v, p, 4); return v; }
+
+/* the scale of channel block c / blk of a row (1 without a scale) */
+static inline float row_scale(const uint8_t *row, int kind, int scoff, int c, int blk) {
+    if (kind == 1) return half_to_float(row + scoff);
+    if (kind == 2) return f32_at(row + scoff + 4 * (c / blk));
+    return 1.0f;
+}
+
+typedef struct {
+    int d, bits, nbytes, kind, scoff, nblk, blk, voff, e4m3;
+    const float *lut;
+} paged_fmt;
+
+/* portable: scores s[i][t] of nv query vectors qv[i][d] over the L key rows rp[t] */
+static void pscore_scalar(const paged_fmt *f, int L, int nv, const uint8_t *const *rp, const float *qv, float sm,
+                          float *s, float *y) {
+    for (int t = 0; t < L; t++) {
+        const uint8_t *row = rp[t];
+        for (int j = 0; j < f->d; j++)
+            y[j] = f->lut[code_at(row, f->nbytes, j, f->bits)] * row_scale(row, f->kind, f->scoff, j, f->blk);
+        for (int i = 0; i < nv; i++) {
+            float acc = 0.0f;
+            for (int j = 0; j < f->d; j++) acc += qv[(long)i * f->d + j] * y[j];
+            s[(long)i * L + t] = acc * sm;
+        }
+    }
+}
+
+/* portable: acc[i][d] = sum_t w[i][t] x~_t over the L value rows rp[t] + voff */
+static void pmix_scalar(const paged_fmt *f, int L, int nv, const uint8_t *const *rp, const float *w, float *acc,
+                        float *y) {
+    memset(acc, 0, sizeof(float) * (size_t)nv * f->d);
+    for (int t = 0; t < L; t++) {
+        const uint8_t *row = rp[t] + f->voff;
+        for (int j = 0; j < f->d; j++)
+            y[j] = f->lut[code_at(row, f->nbytes, j, f->bits)] * row_scale(row, f->kind, f->scoff, j, f->blk);
+        for (int i = 0; i < nv; i++) {
+            float wi = w[(long)i * L + t];
+            if (wi == 0.0f) continue;
+            for (int j = 0; j < f->d; j++) acc[(long)i * f->d + j] += wi * y[j];
+        }
+    }
+}
+
+static void softmax_scalar(float *s, int n) {
+    float m = s[0];
+    for (int t = 1; t < n; t++) m = s[t] > m ? s[t] : m;
+    float sum = 0.0f;
+    for (int t = 0; t < n; t++) { s[t] = expf(s[t] - m); sum += s[t]; }
+    float inv = 1.0f / sum;
+    for (int t = 0; t < n; t++) s[t] *= inv;
+}
+
+#ifdef __AVX512F__
+/* exp(x) for x <= 0 (scores minus their maximum): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p the degree-6
+   Taylor polynomial (relative error about 1e-7); below -87 it returns 0 (as expf underflows there). */
+static inline __m512 exp512(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.0f);
+    __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_max_ps(x, lo);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_mov_ps((__mmask16)~tiny, _mm512_scalef_ps(p, n));
+}
+
+static void softmax512(float *s, int n) {
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    int t = 0;
+    for (; t + 16 <= n; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + t));
+    if (t < n) mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), (__mmask16)((1u << (n - t)) - 1u), s + t));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+    __m512 sum = _mm512_setzero_ps();
+    for (t = 0; t + 16 <= n; t += 16) {
+        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), m));
+        _mm512_storeu_ps(s + t, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if (t < n) {
+        __mmask16 k = (__mmask16)((1u << (n - t)) - 1u);
+        __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + t), m)));
+        _mm512_mask_storeu_ps(s + t, k, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (t = 0; t + 16 <= n; t += 16) _mm512_storeu_ps(s + t, _mm512_mul_ps(_mm512_loadu_ps(s + t), inv));
+    if (t < n) {
+        __mmask16 k = (__mmask16)((1u << (n - t)) - 1u);
+        _mm512_mask_storeu_ps(s + t, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + t), inv));
+    }
+}
+
+/* 16 values of lane chunk ch of a row: wide (2/4 bits, lane order of lane_order), FP8 e4m3 bytes converted
+   arithmetically (bits 9 here: the exponent rebased from 7 to 127, subnormals m * 2^-9; the same values as the
+   table, without a gather), or natural order through the table (deq16) */
+static inline __attribute__((always_inline)) __m512 chunk16(const uint8_t *row, int ch, const int bits, const int wide,
+                                                            __m512 lut16, const float *lut) {
+    if (bits == 9) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + ch * 16)));
+        const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7f));
+        const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
+        __m512 v = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(mag, 20), _mm512_set1_epi32(120 << 23)));
+        const __mmask16 sub = _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(8));
+        v = _mm512_mask_mul_ps(v, sub, _mm512_cvtepi32_ps(mag), _mm512_set1_ps(1.0f / 512.0f));
+        return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
+    }
+    if (wide) {
+        const int per = 8 / bits;
+        return wide16(bytes16(row, (ch / per) * 16 * per, bits), ch % per, bits, lut16);
+    }
+    return deq16(row, ch * 16, bits, lut16, lut);
+}
+
+static inline __attribute__((always_inline)) int chunk_base(int ch, const int bits, const int wide) {
+    return wide ? (ch / (8 / bits)) * 16 * (8 / bits) : ch * 16;
+}
+
+/* Sums of 16 vectors at once: lane i of the result is the sum of the lanes of v[HSLOT[i]] (four levels of
+   shuffle-and-add, about 2 operations per vector instead of a reduction chain each). */
+static const int HSLOT[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+
+static inline __attribute__((always_inline)) __m512 hsum16(const __m512 *v) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(v[i], v[i + 8], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 4], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(a[i], a[i + 4], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[i], b[i + 2], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(b[i], b[i + 2], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_ps(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* scores of ng (a constant after inlining: the loops over queries unroll, accumulators stay in registers) query
+   vectors qq[ng][d] over the L key rows, into s[g * L + t] */
+static inline __attribute__((always_inline)) void pscore_ng(const paged_fmt *f, const int bits, const int wide,
+        const int ng, int L, const uint8_t *const *rp, const float *qq, float sm, float *s, __m512 lut16) {
+    const int d = f->d, nch = d / 16, kind = f->kind, per_token = kind != 2 || f->nblk == 1;
+    __m512 buf[MAXG][16];
+    float st[16];
+    for (int t0 = 0; t0 < L; t0 += 16) {  /* 16 tokens: their 16-lane partial sums, then one hsum16 per query */
+        const int nt = L - t0 < 16 ? L - t0 : 16;
+        for (int u = 0; u < 16; u++) {
+            __m512 acc[MAXG];
+            for (int g = 0; g < ng; g++) acc[g] = _mm512_setzero_ps();
+            st[u] = 0.0f;
+            if (u < nt) {
+                const uint8_t *row = rp[t0 + u];
+                for (int ch = 0; ch < nch; ch++) {
+                    __m512 v = chunk16(row, ch, bits, wide, lut16, f->lut);
+                    if (!per_token) v = _mm512_mul_ps(v, _mm512_set1_ps(f32_at(row + f->scoff + 4 * (chunk_base(ch, bits, wide) / f->blk))));
+                    for (int g = 0; g < ng; g++) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qq + (long)g * d + ch * 16), v, acc[g]);
+                }
+                st[u] = sm * (per_token ? row_scale(row, kind, f->scoff, 0, f->blk) : 1.0f);
+            }
+            const int slot = HSLOT[u];
+            for (int g = 0; g < ng; g++) buf[g][slot] = acc[g];
+        }
+        const __m512 stv = _mm512_loadu_ps(st);
+        const __mmask16 k = (__mmask16)(nt == 16 ? 0xFFFFu : (1u << nt) - 1u);
+        for (int g = 0; g < ng; g++) _mm512_mask_storeu_ps(s + (long)g * L + t0, k, _mm512_mul_ps(hsum16(buf[g]), stv));
+    }
+}
+
+/* mixes of ng query vectors: acc[g][d] = sum_t w[g * L + t] x~_t over the L value rows (w holds the per-token
+   value scales already: kind 1, or kind 2 with one block) */
+static inline __attribute__((always_inline)) void pmix_ng(const paged_fmt *f, const int bits, const int wide,
+        const int ng, int L, const uint8_t *const *rp, const float *w, float *accb, __m512 lut16) {
+    const int d = f->d, nch = d / 16, per_token = f->kind != 2 || f->nblk == 1;
+    for (int t0 = 0; t0 < L; t0 += TBLOCK) {
+        const int t1 = t0 + TBLOCK < L ? t0 + TBLOCK : L;
+        for (int ch = 0; ch < nch; ch++) {
+            __m512 acc[MAXG];
+            for (int g = 0; g < ng; g++) acc[g] = _mm512_loadu_ps(accb + (long)g * d + ch * 16);
+            for (int t = t0; t < t1; t++) {
+                const uint8_t *row = rp[t] + f->voff;
+                __m512 v = chunk16(row, ch, bits, wide, lut16, f->lut);
+                if (!per_token) v = _mm512_mul_ps(v, _mm512_set1_ps(f32_at(row + f->scoff + 4 * (chunk_base(ch, bits, wide) / f->blk))));
+                for (int g = 0; g < ng; g++) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(w[(long)g * L + t]), v, acc[g]);
+            }
+            for (int g = 0; g < ng; g++) _mm512_storeu_ps(accb + (long)g * d + ch * 16, acc[g]);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void pscore512(const paged_fmt *f, const int bits, const int wide, int L,
+        int nv, const uint8_t *const *rp, const float *qv, float sm, float *s, __m512 lut16) {
+    for (int g0 = 0; g0 < nv; g0 += MAXG) {
+        const float *qq = qv + (long)g0 * f->d;
+        float *sg = s + (long)g0 * L;
+        switch (nv - g0 < MAXG ? nv - g0 : MAXG) {
+#define NG(n) case n: pscore_ng(f, bits, wide, n, L, rp, qq, sm, sg, lut16); break
+        NG(1); NG(2); NG(3); NG(4); NG(5); NG(6); NG(7); default: NG(8);
+#undef NG
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void pmix512(const paged_fmt *f, const int bits, const int wide, int L,
+        int nv, const uint8_t *const *rp, const float *w, float *accb, __m512 lut16) {
+    memset(accb, 0, sizeof(float) * (size_t)nv * f->d);
+    for (int g0 = 0; g0 < nv; g0 += MAXG) {
+        const float *wg = w + (long)g0 * L;
+        float *ag = accb + (long)g0 * f->d;
+        switch (nv - g0 < MAXG ? nv - g0 : MAXG) {
+#define NG(n) case n: pmix_ng(f, bits, wide, n, L, rp, wg, ag, lut16); break
+        NG(1); NG(2); NG(3); NG(4); NG(5); NG(6); NG(7); default: NG(8);
+#undef NG
+        }
+    }
+}
+
+static void paged_simd(const paged_fmt *f, int wide, int L, int nv, const uint8_t *const *rp, const float *qv,
+                       float sm, float *s, float *accb, int phase) {
+    float tab[16] = {0};
+    if (f->bits <= 4) memcpy(tab, f->lut, sizeof(float) * (size_t)(1 << f->bits));
+    const __m512 lut16 = _mm512_loadu_ps(tab);
+#define PAGED(B, W) do {                                                  \
+        if (phase == 0) pscore512(f, B, W, L, nv, rp, qv, sm, s, lut16);  \
+        else pmix512(f, B, W, L, nv, rp, s, accb, lut16);                 \
+        return;                                                           \
+    } while (0)
+    if (wide) { if (f->bits == 4) PAGED(4, 1); PAGED(2, 1); }
+    if (f->e4m3) PAGED(9, 0);
+    switch (f->bits) {
+    case 1: PAGED(1, 0);
+    case 2: PAGED(2, 0);
+    case 3: PAGED(3, 0);
+    case 4: PAGED(4, 0);
+    default: PAGED(8, 0);
+    }
+#undef PAGED
+}
+#endif
+
+int kv_paged_attend(int nreq, const int32_t *reqs, const int32_t *qsl, const int32_t *lens, const int32_t *btab,
+                    long bts, const uint8_t *cache, long bstride, long hstride, int bs, long cell, int Hkv, int G,
+                    int d, int bits, const float *lut, int e4m3, int nbytes, int kind, int scoff, int nblk, int blk,
+                    int voff, const float *q, long qrs, float sm, float *out, long ors) {
+    paged_fmt f = {d, bits, nbytes, kind, scoff, nblk, blk, voff, e4m3 && bits == 8, lut};
+    int lmax = 0, nmax = 0;
+    for (int k = 0; k < nreq; k++) {
+        int r = reqs[k], n = qsl[r + 1] - qsl[r];
+        if (lens[r] > lmax) lmax = lens[r];
+        if (n > nmax) nmax = n;
+    }
+    if (lmax <= 0 || nmax <= 0) return 0;
+    const int nvmax = nmax * G;
+    int *perm = (int *)malloc(sizeof(int) * (size_t)d);
+    for (int c = 0; c < d; c++) perm[c] = c;
+#ifdef __AVX512F__
+    int simd, wide;
+    simd = d % 16 == 0 && (kind != 2 || nblk == 1 || blk % 16 == 0) && (bits <= 4 || bits == 8);
+    wide = simd && (bits == 2 || bits == 4) && d % (16 * (8 / bits)) == 0
+           && (kind != 2 || nblk == 1 || blk % (16 * (8 / bits)) == 0);
+    if (wide) lane_order(d, bits, perm);
+#endif
+    const uint8_t **rp = (const uint8_t **)malloc(sizeof(uint8_t *) * (size_t)lmax);
+    float *s = (float *)malloc(sizeof(float) * (size_t)nvmax * lmax);
+    float *qv = (float *)malloc(sizeof(float) * (size_t)nvmax * d);
+    float *accb = (float *)malloc(sizeof(float) * (size_t)nvmax * d);
+    float *vs = (float *)malloc(sizeof(float) * (size_t)lmax);
+    float *y = (float *)malloc(sizeof(float) * (size_t)d);
+    if (!rp || !s || !qv || !accb || !vs || !y) {
+        free(perm); free(rp); free(s); free(qv); free(accb); free(vs); free(y);
+        return -1;
+    }
+    const int per_token = kind != 2 || nblk == 1;
+    for (int k = 0; k < nreq; k++) {
+        const int r = reqs[k], qs = qsl[r], n = qsl[r + 1] - qs, L = lens[r];
+        if (n <= 0 || L <= 0) continue;
+        const int nv = n * G;
+        const int32_t *blocks = btab + (long)r * bts;
+        for (int h = 0; h < Hkv; h++) {
+            for (int t = 0; t < L; t++)
+                rp[t] = cache + (long)blocks[t / bs] * bstride + (long)h * hstride + (long)(t % bs) * cell;
+            for (int i = 0; i < nv; i++) {  /* vector i: query row i / G, head h * G + i % G */
+                const float *src = q + (long)(qs + i / G) * qrs + (long)(h * G + i % G) * d;
+                for (int c = 0; c < d; c++) qv[(long)i * d + c] = src[perm[c]];
+            }
+#ifdef __AVX512F__
+            if (simd) paged_simd(&f, wide, L, nv, rp, qv, sm, s, accb, 0);
+            else
+#endif
+            pscore_scalar(&f, L, nv, rp, qv, sm, s, y);
+            if (per_token)
+                for (int t = 0; t < L; t++) vs[t] = row_scale(rp[t] + voff, kind, scoff, 0, blk);
+            for (int i = 0; i < nv; i++) {  /* causal: row j sees tokens 0 .. L - n + j */
+                const int lim = L - n + i / G + 1;
+                float *si = s + (long)i * L;
+                if (lim < 1) { memset(si, 0, sizeof(float) * (size_t)L); continue; }
+#ifdef __AVX512F__
+                if (simd) softmax512(si, lim);
+                else
+#endif
+                softmax_scalar(si, lim);
+                if (per_token)
+                    for (int t = 0; t < lim; t++) si[t] *= vs[t];
+                for (int t = lim; t < L; t++) si[t] = 0.0f;
+            }
+#ifdef __AVX512F__
+            if (simd) paged_simd(&f, wide, L, nv, rp, qv, sm, s, accb, 1);
+            else
+#endif
+            {
+                /* the portable mix applies per-token scales through the weights too: undo row_scale there */
+                paged_fmt g = f;
+                if (per_token) g.kind = 0;
+                pmix_scalar(&g, L, nv, rp, s, accb, y);
+            }
+            for (int i = 0; i < nv; i++) {
+                float *dst = out + (long)(qs + i / G) * ors + (long)(h * G + i % G) * d;
+                for (int c = 0; c < d; c++) dst[perm[c]] = accb[(long)i * d + c];
+            }
+        }
+    }
+    free(perm); free(rp); free(s); free(qv); free(accb); free(vs); free(y);
+    return 0;
 }

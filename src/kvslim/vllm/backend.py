@@ -5,8 +5,9 @@ Page layout (``customize_spec``): the spec's dtype becomes ``uint8`` and each (h
 so vLLM's own KV sizing (and its "KV cache size: N tokens" line) counts the format's bytes per token. vLLM owns the
 slots: ``do_kv_cache_update`` encodes the step's new K/V with the kvslim codec and writes them at ``slot_mapping``;
 ``forward`` reads every request's rows through its block table and attends in float32
-(:func:`~kvslim.vllm.layout.paged_attention`): on CPU, codecs that attend from codes (TurboQuant, fp8) score and mix
-straight from the packed rows with kvslim's compiled lookup kernel; the others (and every format on another device,
+(:func:`~kvslim.vllm.layout.paged_attention`): on CPU, TurboQuant-MSE and fp8 rows of decodes and short chunks go
+to one call per layer of kvslim's paged kernel (``kv_paged_attend``: it walks the block table in place, no gather),
+other codecs that attend from codes score and mix from gathered rows; the rest (and every format on another device,
 or with ``KVSLIM_VLLM_DECODE=1``) decode the rows with the codec and run SDPA in pure torch. Chunked prefill, prefix-cache hits, batches
 and preemption need nothing else: they only change which slots and blocks vLLM hands over.
 """

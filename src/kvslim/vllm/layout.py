@@ -11,9 +11,11 @@ KIVI keys share scales per 32 tokens and are refused. ``tq2.5`` / ``tq3.5`` run 
 are the fixed first ``d/4`` / ``d/2``: calibration would depend on whichever request came first). ``int8`` is this
 plugin's own per-token layout (:class:`Int8Codec`: symmetric codes + one fp32 scale, ``d + 4`` bytes).
 
-:func:`paged_attention` is the pure-torch attention over such a pool (any device): for each request it gathers the
-rows of its blocks through the block table, decodes them with the codec and runs causal SDPA in float32. It is the
-reference the tests compare against, and the path the backend runs.
+:func:`paged_attention` is the attention the backend runs over such a pool. Its pure-torch path (any device): for
+each request it gathers the rows of its blocks through the block table, decodes them with the codec and runs causal
+SDPA in float32 (the reference the tests compare against). On CPU, decodes and short chunks of TurboQuant-MSE and fp8
+rows go to kvslim's paged kernel (:func:`kvslim.quant.kernels.paged_attend`, ``kv_paged_attend`` in
+``lut_kernel.c``): one call per layer for all those requests, reading the rows in place through the block table.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ import torch
 
 from kvslim import formats
 from kvslim.errors import InvalidInput
+from kvslim.quant import kernels
 from kvslim.quant.base import Codec, Packed
+from kvslim.quant.fp8 import FP8Codec
+from kvslim.quant.tq_mse import TurboQuantMSE
 
-__all__ = ["FORMATS_REFUSED", "Int8Codec", "RowLayout", "make_codec", "paged_attention", "supported_formats"]
+__all__ = ["FORMATS_REFUSED", "Int8Codec", "RowLayout", "make_codec", "paged_attention", "paged_kernel_ok",
+           "supported_formats"]
 
 # formats a codec writes whose rows are not independent per token (why, for the refusal line)
 FORMATS_REFUSED = {
@@ -116,10 +122,28 @@ class RowLayout:
         if self.row_bytes != expected:  # the byte contract of kvslim.formats, checked once per layout
             raise InvalidInput(f"kvslim format {fmt!r}: packed row is {self.row_bytes} B, contract says {expected} B")
         self.lossless = bool(getattr(self.codec, "lossless", False))
+        self.paged = self._paged_spec()
+
+    def _paged_spec(self) -> dict | None:
+        """What the paged kernel (:func:`kvslim.quant.kernels.paged_attend`) needs to read this layout's rows in
+        place: TurboQuant-MSE (codes + one fp16 norm, scored in the rotated basis) and FP8 (codes + fp32 block
+        scales); None for the other codecs (they take the gather path)."""
+        names = [(n, dt) for n, dt, _ in self.fields]
+        nbytes = self.fields[0][2]
+        if type(self.codec) is TurboQuantMSE and names == [("codes", torch.uint8), ("norm", torch.float16)]:
+            c = self.codec
+            return {"bits": c.bits, "lut": c.centroids, "nbytes": nbytes, "kind": 1, "nblk": 1, "blk": c.dim,
+                    "rotation": c.rotation, "e4m3": False}
+        if type(self.codec) is FP8Codec and names == [("codes", torch.uint8), ("scale", torch.float32)]:
+            c = self.codec
+            return {"bits": 8, "lut": c.table, "nbytes": nbytes, "kind": 2, "nblk": c.nblocks, "blk": c.block,
+                    "rotation": None, "e4m3": True}
+        return None
 
     def to(self, device: torch.device | str) -> RowLayout:
         if self.codec.device != torch.device(device):
             self.codec.to(device)
+            self.paged = self._paged_spec()  # the codec's tables moved with it
         return self
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +181,8 @@ def write_slots(cache: torch.Tensor, layout: RowLayout, key: torch.Tensor, value
     keep = slot_mapping >= 0
     if not bool(keep.all()):
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
-    rows = torch.cat([layout.encode(key), layout.encode(value)], dim=-1)  # [T, H, 2R]
+    t, h = key.shape[0], key.shape[1]
+    rows = layout.encode(torch.stack([key, value], dim=2)).reshape(t, h, 2 * layout.row_bytes)  # [T, H, 2R]: one encode
     bs = cache.shape[2]
     slots = slot_mapping.to(torch.long)
     cache[slots // bs, :, slots % bs, :] = rows
@@ -213,20 +238,55 @@ def _decodes_from_codes(query: torch.Tensor, cache: torch.Tensor, layout: RowLay
     out[[qsl[i] for i in reqs]] = o.reshape(len(reqs), hq, d).to(out.dtype)
 
 
+def _paged_from_codes(query: torch.Tensor, cache: torch.Tensor, layout: RowLayout, block_table: torch.Tensor,
+                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, qsl: list[int], reqs: list[int],
+                      scale: float, out: torch.Tensor) -> None:
+    """Requests ``reqs`` in one call of kvslim's paged kernel: it walks each request's blocks in place (no gather
+    copy), scores, softmaxes and mixes all heads of all the requests from the codes."""
+    spec = layout.paged
+    hq = query.shape[1]
+    q = query.to(torch.float32)
+    rot = spec["rotation"]
+    if rot is not None:  # TurboQuant scores in the rotated basis: <q, x~> = n <Pi q, c[idx]>
+        q = rot.forward(q)
+    q = q.contiguous()
+    o = torch.empty_like(q)
+    r = layout.row_bytes
+    kernels.paged_attend(q, cache, block_table, seq_lens, query_start_loc, torch.tensor(reqs, dtype=torch.int32),
+                         hq // cache.shape[1], spec["bits"], spec["lut"], spec["nbytes"], spec["kind"],
+                         spec["nbytes"], spec["nblk"], spec["blk"], r, scale, o, spec["e4m3"])  # fmt: skip
+    if sum(qsl[i + 1] - qsl[i] for i in reqs) == query.shape[0]:  # every row of the step (a decode-only step)
+        out.copy_(rot.inverse(o) if rot is not None else o)
+        return
+    rows = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in reqs])
+    o = o.index_select(0, rows)
+    out[rows] = (rot.inverse(o) if rot is not None else o).to(out.dtype)
+
+
+def paged_kernel_ok(layout: RowLayout, cache: torch.Tensor) -> bool:
+    """True where :func:`paged_attention` can run kvslim's paged kernel: a TurboQuant-MSE or FP8 layout, a CPU pool
+    with unit byte stride, and the compiled kernel available (not ``KVSLIM_KERNELS=0``)."""
+    return (layout.paged is not None and cache.device.type == "cpu" and cache.dim() == 4 and cache.stride(3) == 1
+            and kernels.available())  # fmt: skip
+
+
 def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: RowLayout, block_table: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
-                    out: torch.Tensor | None = None, from_codes: bool = False) -> torch.Tensor:
+                    out: torch.Tensor | None = None, from_codes: bool = False, paged: bool = True) -> torch.Tensor:
     """Causal attention of ``query [T, Hq, d]`` over each request's cached tokens, in float32.
 
     Request ``i`` owns query rows ``query_start_loc[i]:query_start_loc[i+1]`` (its newest tokens: the last of them
     sits at position ``seq_lens[i] - 1``) and its first ``seq_lens[i]`` cached tokens (written already, this step's
     included) through ``block_table[i]``. Chunked prefill, prefix-cache hits and decode are all this one case.
     ``from_codes``: codecs with ``attends_from_codes`` (TurboQuant, fp8) score and mix straight from the codes
-    (:func:`_from_codes`) instead of decoding K/V first, for requests with at most ``FROM_CODES_MAX_QUERIES`` query
-    rows in this step (decodes, short chunks); longer chunks decode once and run SDPA, which is faster there
-    (tq4, 1k cached tokens, one thread: 1 query 0.45 ms from the codes against 11 ms decoding; 512 queries 330 ms
-    against 92 ms); the one-query requests of a step (decodes) go in one batched call. The same sums, in another
-    order.
+    instead of decoding K/V first, for requests with at most ``FROM_CODES_MAX_QUERIES`` query rows in this step
+    (decodes, short chunks); longer chunks decode once and run SDPA, which is faster there (tq4, 1k cached tokens,
+    one thread: 1 query 0.45 ms from the codes against 11 ms decoding; 512 queries 330 ms against 92 ms). Where
+    :func:`paged_kernel_ok` (TurboQuant-MSE / FP8 rows on CPU with the compiled kernel, and ``paged``), those
+    requests all go to one call of kvslim's paged kernel (:func:`kvslim.quant.kernels.paged_attend`: the pages
+    walked in place through the block table); otherwise the one-query requests (decodes) go in one batched call of
+    the codec's ``score_f32`` / ``mix_f32`` over their gathered pages (:func:`_decodes_from_codes`) and the others
+    one by one (:func:`_from_codes`). The same sums, in another order.
     Returns ``out`` (``[T, Hq, d]``, allocated in ``query``'s dtype when not given)."""
     codes = from_codes and layout.codec.attends_from_codes
     hq, d = query.shape[1], query.shape[2]
@@ -236,10 +296,17 @@ def paged_attention(query: torch.Tensor, cache: torch.Tensor, layout: RowLayout,
         out = torch.empty_like(query)
     qsl = query_start_loc.tolist()
     lens = seq_lens.tolist()
-    single = [i for i, n in enumerate(lens) if n > 0 and qsl[i + 1] - qsl[i] == 1] if codes else []
-    if len(single) > 1:  # every one-query request (decodes) in one from-codes call
-        _decodes_from_codes(query, cache, layout, block_table, lens, qsl, single, scale, out)
-    done = set(single) if len(single) > 1 else set()
+    done: set[int] = set()
+    if codes and paged and paged_kernel_ok(layout, cache):
+        short = [i for i, n in enumerate(lens) if n > 0 and 0 < qsl[i + 1] - qsl[i] <= FROM_CODES_MAX_QUERIES]
+        if short:
+            _paged_from_codes(query, cache, layout, block_table, seq_lens, query_start_loc, qsl, short, scale, out)
+            done = set(short)
+    else:
+        single = [i for i, n in enumerate(lens) if n > 0 and qsl[i + 1] - qsl[i] == 1] if codes else []
+        if len(single) > 1:  # every one-query request (decodes) in one from-codes call
+            _decodes_from_codes(query, cache, layout, block_table, lens, qsl, single, scale, out)
+            done = set(single)
     for i, length in enumerate(lens):
         qs, qe = qsl[i], qsl[i + 1]
         n = qe - qs

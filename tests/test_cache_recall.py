@@ -304,3 +304,73 @@ def test_pinw_ranks_window_blocks_too_and_a_pin_waits_for_its_block(models):
         assert [x.nbytes(include_codec_state=False) for x in c1.layers] == predict_nbytes(shape, recipe, 60)
     with pytest.raises(InvalidInput, match="pinw=1"):
         make_cache(model, "recall:pin=0,pinw=1")
+
+
+def test_hold_keeps_the_blocks_the_last_query_attended_most(models):
+    """hold=H (issue 24, part 4): H blocks per KV head are held for the next decode step, which fetches them before
+    any block chosen by summary: after a multi-token call the H best out of the window by its last query's exact
+    block log-sum-exp (the pins and their spans aside), after a decode step the H fetched blocks (pins aside) its
+    query attended most (per KV head the largest over its query heads of the exact log-sum-exp over each block's
+    tokens). Fetched bytes per step are those of the same k without hold; hot bytes = predict (H indices per KV
+    head); a later multi-token call holds what a one-shot prefill of the same tokens holds."""
+    from kvslim.cache.methods.recall.segments import block_lse
+
+    model = models["llama"]
+    ids = _ids(70)
+    recipe = f"recall:{SMALL},k=4,pin=1,hold=2"
+    shape = ModelShape.from_model(model)
+
+    def top_held(layer, lse, exclude):  # the 2 best blocks per KV head, those in `exclude` aside
+        return [sorted(sorted((j for j in lse[h] if j not in exclude[h]), key=lambda j: -lse[h][j])[:2])
+                for h in range(layer.heads)]  # fmt: skip
+
+    def held(layer):
+        return [sorted(j for j, ok in zip(layer.held[0, h].tolist(), layer.held_ok[0, h].tolist(), strict=True) if ok)
+                for h in range(layer.heads)]  # fmt: skip
+
+    with compressed(model, recipe) as c, compressed(model, f"recall:{SMALL},k=4,pin=1") as c0, \
+            compressed(model, recipe) as c3:  # fmt: skip
+        layer = c.layers[0]
+        last = []
+        pin = layer._pin
+        layer._pin = lambda q, *a: last.append(q.clone()) or pin(q, *a)
+        _logits(model, c, ids[:, :50], [50])
+        _logits(model, c0, ids[:, :50], [50])
+        nb, m = layer.n_blocks, layer.m
+        lse = block_lse(last[0], layer.cold_k.read(0, nb * m), None, m, layer.dim**-0.5)[0]  # [h, nb]
+        pins = [set(layer.pinned[0, h].tolist()) for h in range(layer.heads)]
+        assert held(layer) == top_held(layer, [dict(enumerate(lse[h].tolist())) for h in range(layer.heads)], pins)
+        fetched, queries = [], []
+        fetch = layer.cold_k.fetch
+        layer.cold_k.fetch = lambda idx: fetched.append(idx.clone()) or fetch(idx)
+        attend = layer._decode_segments
+        layer._decode_segments = lambda q, *a: queries.append(q.clone()) or attend(q, *a)
+        g = layer.heads and model.config.num_attention_heads // layer.heads
+        for t in range(50, 56):
+            before = held(layer)
+            _logits(model, c, ids[:, t : t + 1], [1])
+            _logits(model, c0, ids[:, t : t + 1], [1])
+            assert c.tier_nbytes()["fetched"] == c0.tier_nbytes()["fetched"]
+            blocks = [set((fetched[-1][0, h] // m).tolist()) for h in range(layer.heads)]
+            assert all(set(before[h]) <= blocks[h] for h in range(layer.heads)), t  # what was held is fetched now
+            q, keys = queries[-1], layer.cold_k.read(0, layer.n_blocks * m)
+            lse = [{j: max(float(torch.logsumexp(keys[0, h, j * m : j * m + m].float() @ q[0, h * g + i, 0].float()
+                                                 * layer.dim**-0.5, 0)) for i in range(g)) for j in blocks[h]}
+                   for h in range(layer.heads)]  # fmt: skip
+            assert held(layer) == top_held(layer, lse, pins), t
+        assert [x.nbytes(include_codec_state=False) for x in c.layers] == predict_nbytes(shape, recipe, 56)
+        _logits(model, c, ids[:, 56:], [14])  # a new prompt holds from its own last query
+        _logits(model, c3, ids, [70])
+        assert all(torch.equal(a.held, b.held) and torch.equal(a.held_ok, b.held_ok)
+                   for a, b in zip(c.layers, c3.layers, strict=True))  # fmt: skip
+    for bad in ("recall:k=4,pin=1,span=2,hold=3", "recall:k=0,hold=1"):
+        with pytest.raises(InvalidInput, match="hold="):
+            make_cache(model, bad)
+
+
+def test_hold_is_lossless_with_every_block_fetched(models):
+    model = models["llama"]
+    ids = _ids(45)
+    ref = _greedy(model, ids, DynamicCache(config=model.config))
+    with compressed(model, f"recall:{SMALL},k=100,pin=2,hold=2") as c:
+        assert torch.equal(_greedy(model, ids, c), ref)

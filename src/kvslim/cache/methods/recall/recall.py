@@ -70,6 +70,9 @@ class RecallParams(Params):
     pinw: int = param(0, "1: pins are ranked over the whole blocks still in the window too (such a pin takes effect "
                       "when its block leaves the window while the answer is decoded); 0: over blocks out of it",
                       choices=(0, 1))  # fmt: skip
+    hold: int = param(0, "blocks per KV head held for the next decode step (of the k, fetched before those chosen by "
+                      "summary): those the previous query attended most, exactly (a prefill's last query: the best "
+                      "after the pins; a decode step: the best of its fetched blocks, pins aside)", lo=0)  # fmt: skip
     rest: str = param("none", "blocks not fetched: none (left out) | mean (one entry each: mean key and value, "
                       "weighted by its token count)", choices=("none", "mean"))  # fmt: skip
     gqa: str = param("max", "combine a KV group's query heads: max | sum | union (each head's top blocks in turn)",
@@ -102,6 +105,9 @@ class RecallParams(Params):
         if self.pin and (self.prefill != "dense" or (self.k and self.pin * self.span > self.k)):
             raise InvalidInput(f"recall: pin={self.pin} needs prefill=dense and pin x span <= k "
                                f"(span={self.span}, k={self.k})")  # fmt: skip
+        if self.hold and (not self.k or self.pin * self.span + self.hold > self.k):
+            raise InvalidInput(f"recall: hold={self.hold} needs k > 0 and pin x span + hold <= k "
+                               f"(pin={self.pin}, span={self.span}, k={self.k})")  # fmt: skip
         if self.pinw and not self.pin:
             raise InvalidInput("recall: pinw=1 chooses where pins may fall; add pin=P (or leave pin to auto)")
         if self.rest != "none" and self.prefill != "dense":
@@ -189,6 +195,16 @@ class RecallLayer(BaseLayer):
         if p.pin:  # blocks pinned by the last prefill query [b, h, min(pin, blocks)] and which slots hold one
             self.pinned = torch.zeros(self.batch, self.heads, 0, dtype=torch.long, device=self.device)
             self.pin_ok = torch.zeros(self.batch, self.heads, 0, dtype=torch.bool, device=self.device)
+        if p.hold:  # blocks held from the previous query [b, h, min(hold, blocks)] and which slots hold one
+            self.held = torch.zeros(self.batch, self.heads, 0, dtype=torch.long, device=self.device)
+            self.held_ok = torch.zeros(self.batch, self.heads, 0, dtype=torch.bool, device=self.device)
+
+    def _grow_held(self, n_blocks: int) -> None:
+        """Hold slots for ``min(hold, n_blocks)`` blocks (new slots hold nothing), as :meth:`_grow_pins`."""
+        add = min(self.spec.p.hold, n_blocks) - self.held.shape[-1]
+        if add > 0:
+            self.held = torch.cat([self.held, self.held.new_zeros(self.batch, self.heads, add)], -1)
+            self.held_ok = torch.cat([self.held_ok, self.held_ok.new_zeros(self.batch, self.heads, add)], -1)
 
     def _grow_pins(self, n_blocks: int) -> None:
         """Pin slots for ``min(pin, n_blocks)`` blocks (no more blocks than exist can be pinned: a huge ``pin``
@@ -203,7 +219,9 @@ class RecallLayer(BaseLayer):
         return [*super().stores(), self.summ, *([self.rest_k, self.rest_v] if self.spec.p.rest == "mean" else [])]
 
     def side_tensors(self) -> list[str]:
-        return [*super().side_tensors(), "blk_valid", "cold_valid", *(["pinned", "pin_ok"] if self.spec.p.pin else [])]
+        p = self.spec.p
+        return [*super().side_tensors(), "blk_valid", "cold_valid", *(["pinned", "pin_ok"] if p.pin else []),
+                *(["held", "held_ok"] if p.hold else [])]  # fmt: skip
 
     def stored_length(self) -> int:  # every token can be attended (fetched from the cold tier)
         return self.seen if self.is_initialized else 0
@@ -239,7 +257,8 @@ class RecallLayer(BaseLayer):
         cold = stream_nbytes(shape, cold_fmt, d, c["units"] * p.m, batch)
         fetched_tokens = min(c["units"], (p.k or c["units"]) * (2 * p.nbr + 1)) * p.m
         fetched = stream_nbytes(shape, cold_fmt, d, fetched_tokens, batch)
-        side = batch * (c["sinks"] + c["tail"] + c["units"] + shape.kv_heads * min(p.pin, c["units"]) * 9)  # pins: int64 + flag
+        side = batch * (c["sinks"] + c["tail"] + c["units"]
+                        + shape.kv_heads * (min(p.pin, c["units"]) + min(p.hold, c["units"])) * 9)  # pins, held: int64 + flag
         attended = c["sinks"] + c["tail"] + fetched_tokens
         return {"stored": hot + summ + side, "read": hot + summ + fetched, "cold": cold, "fetched": fetched,
                 "flops": 4 * batch * shape.heads * d * attended}  # fmt: skip
@@ -279,6 +298,8 @@ class RecallLayer(BaseLayer):
         self.n_blocks = upto
         if self.spec.p.pin:
             self._grow_pins(upto)
+        if self.spec.p.hold:
+            self._grow_held(upto)
         self.trim(upto)
 
     def _summaries(self, upto: int, tail_k: torch.Tensor | None) -> torch.Tensor:
@@ -315,7 +336,9 @@ class RecallLayer(BaseLayer):
             out = self._decode_step(query, scaling, softcap, sinks, tail)
         else:
             out = self._prefill(query, view.p0, view.n_next, scaling, softcap, sinks, tail)
-            if self.spec.p.pin and view.n_next > 0:
+            if self.spec.p.hold:  # a new prompt (a question): what the last answer attended is held no more
+                self.held_ok.zero_()
+            if (self.spec.p.pin or self.spec.p.hold) and self.spec.p.prefill == "dense" and view.n_next > 0:
                 self._pin(query[:, :, -1:], view.n_next, view.tail_k, scaling, softcap)
         return out.transpose(1, 2)
 
@@ -325,9 +348,9 @@ class RecallLayer(BaseLayer):
 
     def _decode_step(self, query, scaling, softcap, sinks, tail) -> torch.Tensor:
         """One decode query over :meth:`_decode_segments`, one softmax over them all -> ``[b, h*g, 1, d]``."""
-        return self._attend_decode(query, self._decode_segments(query, sinks, tail), scaling, softcap)
+        return self._attend_decode(query, self._decode_segments(query, sinks, tail, scaling, softcap), scaling, softcap)
 
-    def _decode_segments(self, query, sinks, tail) -> list[Segment]:
+    def _decode_segments(self, query, sinks, tail, scaling: float = 1.0, softcap: float | None = None) -> list[Segment]:
         """What a decode query attends to, masks ``[b, h, 1, n]``: the sinks, the exact tokens of the blocks it
         fetches from the cold tier (top ``k`` by summary score, pinned blocks first), with ``rest=mean`` one entry
         per block not fetched (``meta``: its token count), and the window."""
@@ -339,12 +362,17 @@ class RecallLayer(BaseLayer):
         nt = self.n_out(self.seen - 1)
         if nt > 0:
             scores = score_blocks(p.summary, query, self._summaries(nt, None), p.gqa)
+            top = scores.abs().amax(-1, keepdim=True) + 1.0  # above every summary score
             if p.pin:  # pinned blocks first: above every summary score
                 pins = torch.zeros(b, h, nt + 1, dtype=torch.bool, device=query.device)
                 for o in range(min(p.span, nt)):  # each pinned block and the span - 1 after it (those out of the window)
                     pins.scatter_(2, torch.where(self.pin_ok, (self.pinned + o).clamp_max(nt), nt), True)
-                top = scores.abs().amax(-1, keepdim=True) + 1.0
                 scores = torch.where(pins[:, :, None, :nt], 2 * top + scores.abs(), scores)
+            if p.hold:  # blocks held from the previous step next: below the pins, above every summary score
+                held = torch.zeros(b, h, nt + 1, dtype=torch.bool, device=query.device)
+                held.scatter_(2, torch.where(self.held_ok, self.held.clamp_max(nt), nt), True)
+                mark = held[:, :, None, :nt] & (scores < top)  # a pinned block stays pinned
+                scores = torch.where(mark, top + scores.abs() / (2 * top), scores)
             idx, ok = select_blocks(scores, self.blk_valid[:, None, None, :nt], p.k or nt, p.nbr)  # [b, h, 1, K]
             rows = (idx[:, :, 0, :, None] * m + torch.arange(m, device=idx.device)).reshape(b, h, -1)
             before = self.cold_k.fetched_bytes + self.cold_v.fetched_bytes
@@ -355,6 +383,9 @@ class RecallLayer(BaseLayer):
             if self.cold_valid is not None:
                 tok_ok = tok_ok & self.cold_valid.gather(1, rows.reshape(b, -1)).reshape(b, h, 1, -1)
             segs.append(Segment(fk, fv, tok_ok, name="fetched"))
+            if p.hold:
+                self._hold(query, fk, tok_ok, idx[:, :, 0], ok[:, :, 0], pins[:, :, :nt] if p.pin else None,
+                           scaling, softcap)
             if p.rest == "mean":
                 rest_ok = self.blk_valid[:, None, :nt] & ~torch.zeros(b, h, nt, dtype=torch.bool, device=query.device
                                                                       ).scatter_(2, idx[:, :, 0], ok[:, :, 0])
@@ -365,6 +396,27 @@ class RecallLayer(BaseLayer):
         if tail[0] is not None:
             segs.append(Segment(*tail, self.tail_valid[:, None, None, :].expand(b, h, 1, -1), name="window"))
         return segs
+
+    def _hold(self, query, fk, tok_ok, idx, ok, pins, scaling, softcap) -> None:
+        """Hold, for the next decode step, the ``hold`` fetched blocks (pinned ones aside) this step's query attends
+        most: per KV head the largest over its query heads of the exact log-sum-exp over each block's fetched tokens
+        (the step's scaling and softcap)."""
+        b, h, nk = idx.shape
+        m = self.m
+        g = query.shape[1] // h
+        logits = torch.matmul(query.float().reshape(b, h, g, -1), fk.float().transpose(-1, -2)) * scaling  # [b,h,g,nk*m]
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        logits = logits.masked_fill(~tok_ok[:, :, 0][:, :, None], float("-inf"))
+        lse = torch.logsumexp(logits.reshape(b, h, g, nk, m), -1).amax(2)  # [b, h, nk]
+        cand = ok if pins is None else ok & ~pins.gather(2, idx)
+        lse = lse.masked_fill(~cand, float("-inf"))
+        top = lse.topk(min(self.held.shape[-1], nk), dim=-1)
+        self.held.zero_()
+        self.held_ok.zero_()
+        n = top.indices.shape[-1]
+        self.held[..., :n] = idx.gather(2, top.indices)
+        self.held_ok[..., :n] = torch.isfinite(top.values)
 
     def _attend_decode(self, query, segs, scaling, softcap) -> torch.Tensor:
         """The decode query over ``segs`` joined: sdpa with an additive mask (and, for the ``rest`` entries, the log
@@ -405,12 +457,23 @@ class RecallLayer(BaseLayer):
         if fresh:
             parts.append(block_lse(q, tail_k[:, :, :fresh], self.tail_valid[:, :fresh], m, scaling, softcap))
         lse = torch.cat(parts, -1)  # [b, h, upto]
-        top = lse.topk(min(self.spec.p.pin, n_next), dim=-1)  # as many pins as blocks out of the window (the slots)
-        self._grow_pins(n_next)
-        self.pinned.zero_()
-        self.pin_ok.zero_()
-        self.pinned[..., : top.indices.shape[-1]] = top.indices
-        self.pin_ok[..., : top.indices.shape[-1]] = torch.isfinite(top.values)
+        p = self.spec.p
+        if p.pin:
+            top = lse.topk(min(p.pin, n_next), dim=-1)  # as many pins as blocks out of the window (the slots)
+            self._grow_pins(n_next)
+            self.pinned.zero_()
+            self.pin_ok.zero_()
+            self.pinned[..., : top.indices.shape[-1]] = top.indices
+            self.pin_ok[..., : top.indices.shape[-1]] = torch.isfinite(top.values)
+        if p.hold:  # the first decode step holds the next best blocks out of the window (pins and spans aside)
+            rest = torch.cat([lse[..., :n_next], lse.new_zeros(*lse.shape[:-1], 1)], -1)
+            if p.pin:
+                for o in range(p.span):
+                    rest.scatter_(-1, torch.where(self.pin_ok, (self.pinned + o).clamp_max(n_next), n_next), float("-inf"))
+            self._grow_held(n_next)
+            held = rest[..., :n_next].topk(min(self.held.shape[-1], n_next), dim=-1)
+            self.held[..., : held.indices.shape[-1]] = held.indices
+            self.held_ok[..., : held.indices.shape[-1]] = torch.isfinite(held.values)
 
     def _prefill(self, query, p0, n_next, scaling, softcap, sinks, tail) -> torch.Tensor:
         b, hq, q, d = query.shape

@@ -45,7 +45,8 @@ def test_pages_hold_only_block_summaries(select):
 
 @pytest.mark.parametrize("text, words", [("recall:prefill=select", ["prefill=select"]),
                                          ("recall:k=8,pin=3,span=3", ["pin=3"]), ("recall:store=disk", ["store=disk"]),
-                                         ("recall:zz=1", ["unknown key 'zz'"]), ("recall-fp9", ["unknown"])])
+                                         ("recall:zz=1", ["unknown key 'zz'"]), ("recall-fp9", ["unknown"]),
+                                         ("recall:k=12,hold=2", ["hold=2"])])
 def test_unsupported_recall_recipes_are_refused_in_one_line(text, words):
     with pytest.raises(InvalidInput) as e:
         parse_recall(text)

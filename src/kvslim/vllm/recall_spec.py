@@ -9,7 +9,7 @@ a quarter of fp32's host bytes at a measured accuracy cost, are ``recall:k=12,pi
 auto, 4 pins with span 2 where ``k >= 8``; held as stamps in vLLM's pages, :mod:`kvslim.vllm.recall`), ``cold`` (the
 codec of the rows in the cold array; ``none``: the model's dtype, exact) and ``+CODEC`` (the codec of the summaries
 held in vLLM's pages; none: the model's dtype). Refused with one line: ``rest=mean``, ``prefill=select``,
-``store=disk``/``dir``, ``wq=1`` and ``full_first`` (not implemented here). The cold array's size comes from ``cold_bytes``
+``store=disk``/``dir``, ``wq=1``, ``hold`` and ``full_first`` (not implemented here). The cold array's size comes from ``cold_bytes``
 (``--additional-config '{"kvslim": {"format": "recall-fp8", "cold_bytes": 4294967296}}'`` or
 ``KVSLIM_VLLM_COLD_BYTES``; default :data:`DEFAULT_COLD_BYTES`).
 
@@ -32,7 +32,7 @@ DEFAULT_COLD_BYTES = 4 << 30
 #: the plugin's presets: kvslim's own (``recall-fp8`` = ``recall:k=12,pin=4,span=2+fp8``: exact rows in the cold array,
 #: the model's dtype), so a preset names the same recipe on both engines (kvslim.cache.recipe.PRESETS)
 PRESETS = {"recall-fp8": "recall:k=12,pin=4,span=2+fp8"}
-_REFUSED = {"rest": "none", "prefill": "dense", "store": "ram", "dir": "", "wq": 0}
+_REFUSED = {"rest": "none", "prefill": "dense", "store": "ram", "dir": "", "wq": 0, "hold": 0}
 _TWIN = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -106,8 +106,8 @@ def parse_recall(fmt: str) -> RecallFormat:
         bad.append(f"full_first={recipe.full_first}")
     if bad:
         raise InvalidInput(f"kvslim format {fmt!r}: the vLLM plugin's recall does not support {', '.join(bad)} "
-                           "(rest, select prefill, the disk store, wq and "
-                           "full_first are not implemented here)")
+                           "(rest, select prefill, the disk store, wq, hold (blocks kept from one decode step to "
+                           "the next, per-request state) and full_first are not implemented here)")
     return RecallFormat(text=text, recipe=str(recipe), m=p["m"], k=p["k"], w=p["w"], sinks=p["sinks"],
                         summary=p["summary"], r=p["r"], nbr=p["nbr"], gqa=p["gqa"], cold=p["cold"],
                         codec=recipe.codec, pin=p["pin"], span=p["span"], pinw=p["pinw"])

@@ -51,6 +51,15 @@ def test_round_trip(kind, codec, full_first, data):
             params["pin"] = 1
         if params.get("pin", 0) * span > k:
             params["pin"], params["span"] = min(params["pin"], k), 1
+        if params.get("pinw") or params.get("hold"):  # rules on pin/span as resolved (auto included)
+            rest = {key: v for key, v in params.items() if key not in ("pinw", "hold")}
+            got = dict(parse_recipe("recall:" + ",".join(f"{key}={v}" for key, v in rest.items()) if rest
+                                    else "recall").params)
+            if not got["pin"]:  # pinw places pins: refused without any
+                params["pinw"] = 0
+            if params.get("hold"):  # hold needs k > 0 and pin x span + hold <= k
+                room = got["k"] - got["pin"] * got["span"] if got["k"] else 0
+                params["hold"] = max(0, min(params["hold"], room))
     text = kind + (":" + ",".join(f"{k}={v}" for k, v in params.items()) if params else "")
     if full_first:
         text += ("," if ":" in text else ":") + f"full_first={full_first}"
